@@ -1,0 +1,249 @@
+"""The trainer: in-memory batching on the device, Adam, a NaN/Inf guard, and a step-level API a UI can drive.
+
+    t = Trainer(TrainConfig(dataset="digits", epochs=20), ModelConfig(latent_dim=2))
+    t.fit()                      # or: while not t.done: t.step()   (pause/stop between steps)
+    t.history["epoch"]["test_elbo"]
+
+Seeded runs are deterministic on the CPU: the model init, the shuffling and the reparameterisation noise all come
+from the seed, through generators owned by the trainer (never the global RNG, so threads do not interfere).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+
+import torch
+
+from .config import ModelConfig, TrainConfig
+from .data import Dataset, load_dataset
+from .device import resolve_device
+from .diagnostics import evaluate
+from .losses import elbo_terms
+from .model import VAE
+from .schedules import make_schedule
+
+_INIT_LOCK = threading.Lock()  # model init uses the global RNG: seed it under a lock, then restore it
+
+STEP_KEYS = ("step", "epoch", "loss", "recon", "kl", "elbo", "beta", "lr")
+EPOCH_KEYS = ("epoch", "step", "train_loss", "train_elbo", "train_recon", "train_kl", "test_elbo", "test_recon",
+              "test_kl", "test_kl_per_dim", "active_units", "beta", "samples_per_s", "time_s")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients became NaN/Inf. The model holds the last good weights."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+def new_history() -> dict:
+    return {"step": {k: [] for k in STEP_KEYS}, "epoch": {k: [] for k in EPOCH_KEYS}, "events": []}
+
+
+def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
+    """Adam, fused where this torch supports it for the device, else the foreach implementation."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+def default_model_config(data: Dataset, **overrides) -> ModelConfig:
+    """A model config that fits a dataset: its dimension, image shape and usual likelihood."""
+    kw = dict(input_dim=data.dim, image_shape=data.image_shape, likelihood=data.info.default_likelihood)
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def build_model(config: ModelConfig, seed: int) -> VAE:
+    """A freshly initialised VAE, the same for the same seed, without touching the global RNG state."""
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VAE(config)
+
+
+class Trainer:
+    def __init__(self, train_config: TrainConfig | None = None, model_config: ModelConfig | None = None,
+                 train_data: Dataset | None = None, test_data: Dataset | None = None, model: VAE | None = None):
+        cfg = self.config = train_config or TrainConfig()
+        self.device = resolve_device(cfg.device)
+        self.train_data = train_data or load_dataset(cfg.dataset, "train", cfg.data_root, binarize=cfg.binarize,
+                                                     max_examples=cfg.max_examples)
+        self.test_data = test_data or load_dataset(cfg.dataset, "test", cfg.data_root, binarize=cfg.binarize)
+        if model is None:
+            model_config = model_config or default_model_config(self.train_data)
+            if model_config.input_dim != self.train_data.dim:
+                raise ValueError(f"input_dim={model_config.input_dim} does not match dataset '{cfg.dataset}' "
+                                 f"(D={self.train_data.dim}); leave input_dim out to take the dataset's")
+            model = build_model(model_config, cfg.seed)
+        self.model = model.to(self.device)
+        self.x_train = self.train_data.x.to(self.device)
+        self.x_test = self.test_data.x.to(self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.optimizer = make_optimizer(self.model.parameters(), cfg.lr)
+        self.steps_per_epoch = math.ceil(self.x_train.shape[0] / cfg.batch_size)
+        self.schedule = make_schedule(cfg, self.steps_per_epoch)
+        self.history = new_history()
+        self.step_count = 0  # optimiser steps taken
+        self.epoch = 0  # completed epochs
+        self._perm = None
+        self._pos = 0
+        self._reset_epoch_sums()
+        self._last_good = self._snapshot()
+
+    # ---- state ------------------------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.config.epochs
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.epochs * self.steps_per_epoch
+
+    def _snapshot(self):
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}, \
+            self._clone_optimizer_state()
+
+    def _clone_optimizer_state(self):
+        sd = self.optimizer.state_dict()
+        return {"state": {k: {n: (t.clone() if torch.is_tensor(t) else t) for n, t in s.items()}
+                          for k, s in sd["state"].items()}, "param_groups": sd["param_groups"]}
+
+    def _restore_last_good(self):
+        weights, opt = self._last_good
+        self.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(opt)
+
+    def _reset_epoch_sums(self):
+        self._sums = {"n": 0, "loss": 0.0, "recon": 0.0, "kl": 0.0, "compute_s": 0.0}
+
+    # ---- changes while running ----------------------------------------------------------------------------------
+    def update(self, **changes) -> str:
+        """Change lr, beta or the schedule's settings mid-run (validated). Returns the event text, also recorded."""
+        new_cfg = dataclasses.replace(self.config, **changes)  # runs TrainConfig validation
+        text = ", ".join(f"{k}: {getattr(self.config, k)!r} -> {v!r}" for k, v in changes.items()
+                         if getattr(self.config, k) != v)
+        self.config = new_cfg
+        if "lr" in changes:
+            for group in self.optimizer.param_groups:
+                group["lr"] = new_cfg.lr
+        self.schedule = make_schedule(new_cfg, self.steps_per_epoch)
+        if text:
+            self.history["events"].append({"step": self.step_count, "epoch": self.epoch, "text": text})
+        return text
+
+    # ---- one optimiser step ------------------------------------------------------------------------------------
+    def step(self) -> dict:
+        """One batch: forward, backward, guard, Adam. Ends the epoch (with a test evaluation) on its last batch."""
+        if self.done:
+            raise RuntimeError(f"training is finished ({self.epoch} epochs); raise epochs to go on")
+        t0 = time.perf_counter()
+        cfg, n = self.config, self.x_train.shape[0]
+        if self._perm is None:
+            self._perm = torch.randperm(n, generator=self.generator, device=self.device)
+            self._pos = 0
+        idx = self._perm[self._pos:self._pos + cfg.batch_size]
+        xb = self.x_train.index_select(0, idx)
+        beta = self.schedule.beta(self.step_count)
+        capacity = self.schedule.capacity(self.step_count)
+        self.model.train()
+        terms = elbo_terms(self.model, xb, beta=beta, free_bits=cfg.free_bits, capacity=capacity,
+                           generator=self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        checks = [terms.loss.detach(), terms.recon.detach(), terms.kl.detach()]
+        if cfg.grad_clip > 0:
+            checks.append(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        vals = torch.stack(checks).tolist()
+        if not all(math.isfinite(v) for v in vals):
+            self._restore_last_good()
+            what = "gradient norm" if all(math.isfinite(v) for v in vals[:3]) else "loss"
+            raise TrainingDiverged(self.step_count, (
+                f"the {what} became {vals[0] if what == 'loss' else vals[3]} at step {self.step_count} "
+                f"(epoch {self.epoch + 1}); the weights from the end of epoch {self.epoch} are kept. "
+                f"Try a lower lr (now {cfg.lr:g}), gradient clipping, or a smaller beta"))
+        self.optimizer.step()
+        loss, recon, kl = vals[:3]
+        self.step_count += 1
+        self._pos += xb.shape[0]
+        b = xb.shape[0]
+        s = self._sums
+        s["n"] += b
+        s["loss"] += loss * b
+        s["recon"] += recon * b
+        s["kl"] += kl * b
+        s["compute_s"] += time.perf_counter() - t0
+        rec = {"step": self.step_count, "epoch": self.epoch + self._pos / n, "loss": loss, "recon": recon,
+               "kl": kl, "elbo": -(recon + kl), "beta": beta, "lr": cfg.lr}
+        for k in STEP_KEYS:
+            self.history["step"][k].append(rec[k])
+        rec["epoch_end"] = self._pos >= n
+        if rec["epoch_end"]:
+            self._end_epoch(beta)
+        return rec
+
+    def _end_epoch(self, beta):
+        s = self._sums
+        self.epoch += 1
+        self._perm = None
+        test = evaluate(self.model, self.x_test, seed=self.config.seed)
+        rec = {"epoch": self.epoch, "step": self.step_count, "train_loss": s["loss"] / s["n"],
+               "train_elbo": -(s["recon"] + s["kl"]) / s["n"], "train_recon": s["recon"] / s["n"],
+               "train_kl": s["kl"] / s["n"], "test_elbo": test["elbo"], "test_recon": test["recon"],
+               "test_kl": test["kl"], "test_kl_per_dim": test["kl_per_dim"], "active_units": test["active_units"],
+               "beta": beta, "samples_per_s": s["n"] / max(s["compute_s"], 1e-9),
+               "time_s": s["compute_s"]}
+        for k in EPOCH_KEYS:
+            self.history["epoch"][k].append(rec[k])
+        self._reset_epoch_sums()
+        self._last_good = self._snapshot()
+        return rec
+
+    def run_epoch(self, on_step=None, should_stop=None) -> dict | None:
+        """Steps to the end of the current epoch. on_step(record) after each step; should_stop() -> True stops
+        between steps (returns None then). Returns the epoch record."""
+        while not self.done:
+            rec = self.step()
+            if on_step is not None:
+                on_step(rec)
+            if rec["epoch_end"]:
+                return self.last_epoch()
+            if should_stop is not None and should_stop():
+                return None
+        return None
+
+    def fit(self, on_step=None, on_epoch=None, should_stop=None) -> dict:
+        """Train for the configured epochs. Returns final_metrics()."""
+        while not self.done:
+            rec = self.run_epoch(on_step, should_stop)
+            if rec is None:
+                break
+            if on_epoch is not None:
+                on_epoch(rec)
+        return self.final_metrics()
+
+    def last_epoch(self) -> dict | None:
+        h = self.history["epoch"]
+        if not h["epoch"]:
+            return None
+        return {k: v[-1] for k, v in h.items()}
+
+    def final_metrics(self) -> dict:
+        """Test-split figures of the current weights, in nats per example (the ELBO is negative)."""
+        test = evaluate(self.model, self.x_test, seed=self.config.seed)
+        sps = self.history["epoch"]["samples_per_s"]
+        return {"test_elbo": test["elbo"], "test_recon": test["recon"], "test_kl": test["kl"],
+                "test_kl_per_dim": test["kl_per_dim"], "active_units": test["active_units"],
+                "samples_per_s": sum(sps) / len(sps) if sps else None, "epochs": self.epoch,
+                "steps": self.step_count}
+
+    def checkpoint(self) -> dict:
+        """Everything a checkpoint file holds (see vae.checkpoint.save_checkpoint)."""
+        from .checkpoint import make_checkpoint
+
+        return make_checkpoint(self.model, train_config=self.config, history=self.history,
+                               metrics=self.final_metrics(), dataset=self.config.dataset)
