@@ -241,6 +241,25 @@ class Trainer:
                 "samples_per_s": sum(sps) / len(sps) if sps else None, "epochs": self.epoch,
                 "steps": self.step_count}
 
+    # ---- resumable state (autosave) -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly at an epoch boundary: weights, Adam state, counters, RNG, history.
+        Plain tensors and containers only, so it loads with weights_only=True."""
+        return {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "step_count": self.step_count, "epoch": self.epoch,
+                "generator": self.generator.get_state(), "history": self.history,
+                "train_config": self.config.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count, self.epoch = int(state["step_count"]), int(state["epoch"])
+        self.generator.set_state(state["generator"])
+        self.history = state["history"]
+        self._perm, self._pos = None, 0
+        self._reset_epoch_sums()
+        self._last_good = self._snapshot()
+
     def checkpoint(self) -> dict:
         """Everything a checkpoint file holds (see vae.checkpoint.save_checkpoint)."""
         from .checkpoint import make_checkpoint

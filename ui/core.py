@@ -1,0 +1,325 @@
+"""Shared Streamlit helpers: the job registry, cached model loaders, the sidebar model picker, presentation mode,
+image grids and errors. Pages import from here; nothing here is copied per page.
+
+Caching: models with st.cache_resource keyed by (checkpoint path, modification time, device) or (run id, weights
+version, device); arrays with st.cache_data keyed by the model's cache key.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+import torch
+
+from vae import CheckpointError, DatasetUnavailable, load_dataset
+from vae.checkpoint import list_checkpoints, model_from_checkpoint, read_checkpoint, save_checkpoint
+from vae.config import ModelConfig
+from vae.device import available_devices, resolve_device
+from vae.jobs import JobRegistry
+from vae.model import VAE
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINTS = ROOT / "checkpoints"
+SHIPPED_DIRS = (CHECKPOINTS, CHECKPOINTS / "sweep")
+USER_DIR = Path(os.environ.get("VAE_USER_CHECKPOINTS", CHECKPOINTS / "user"))
+AUTOSAVE_DIR = Path(os.environ.get("VAE_AUTOSAVE_DIR", CHECKPOINTS / "autosave"))
+DEFAULT_MODEL = "file:checkpoints/digits-z2.pt"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+# ---- the process-wide job registry -------------------------------------------------------------------------------
+@st.cache_resource
+def get_registry() -> JobRegistry:
+    return JobRegistry(autosave_dir=AUTOSAVE_DIR)
+
+
+# ---- models ------------------------------------------------------------------------------------------------------
+@st.cache_resource(max_entries=32, show_spinner=False)
+def _load_file_model(path: str, mtime: float, device: str):
+    """Keyed by path + modification time + device: a changed file is reloaded, never served stale."""
+    ckpt = read_checkpoint(path)
+    model = model_from_checkpoint(ckpt, path).to(device).eval()
+    info = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    return model, info
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _load_run_model(run_id: str, version: int, device: str, _config: dict, _state: dict):
+    model = VAE(ModelConfig.from_dict(_config))
+    model.load_state_dict(_state)
+    return model.to(device).eval()
+
+
+@dataclass
+class Selection:
+    ref: str  # "file:<path relative to the repo>" or "run:<id>"
+    label: str
+    model: VAE | None = None
+    info: dict = field(default_factory=dict)  # dataset, train_config, history, metrics, ...
+    key: str = ""  # identifies these exact weights: a cache key for derived arrays
+    device: str = "cpu"
+    job: object | None = None  # the vae.jobs.Job for live runs
+    error: str | None = None
+
+    @property
+    def dataset(self) -> str:
+        return self.info.get("dataset") or "digits"
+
+    @property
+    def config(self) -> ModelConfig | None:
+        return self.model.config if self.model is not None else None
+
+
+def file_ref(path: Path) -> str:
+    try:
+        return "file:" + path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return "file:" + str(path)
+
+
+def safe_checkpoint_path(ref: str) -> Path:
+    """The file a file: ref names, refusing anything outside checkpoints/ (refs come from URLs)."""
+    rel = ref[len("file:"):]
+    p = (ROOT / rel).resolve()
+    allowed = [CHECKPOINTS.resolve(), USER_DIR.resolve()]
+    if not any(p == a or a in p.parents for a in allowed) or p.suffix != ".pt":
+        raise ValueError(f"model {rel!r} is not a checkpoint inside checkpoints/: pick one from the list")
+    return p
+
+
+def model_options() -> dict[str, str]:
+    """ref -> label for every model the picker offers: shipped, saved, uploaded and live runs."""
+    opts: dict[str, str] = {}
+    for folder in SHIPPED_DIRS:
+        for s in list_checkpoints(folder):
+            if s.error is None:
+                opts[file_ref(Path(s.path))] = f"shipped: {Path(s.path).relative_to(CHECKPOINTS).with_suffix('')}"
+    for s in list_checkpoints(USER_DIR):
+        if s.error is None:
+            opts[file_ref(Path(s.path))] = f"saved: {s.name}"
+    for job in get_registry().jobs():
+        if job.trainer is not None:
+            opts[f"run:{job.id}"] = f"run: {job.name} ({job.state})"
+    return opts
+
+
+def load_selection(ref: str, device: str) -> Selection:
+    """Load what a ref names. Errors come back in Selection.error (one line), never raised."""
+    try:
+        if ref.startswith("run:"):
+            job = get_registry().get(ref[4:])
+            if job is None:
+                raise ValueError(f"run {ref[4:]!r} is not on this server (it may have been removed); pick another")
+            w = job.latest_weights()
+            if w is None:
+                raise ValueError(f"run {job.name!r} has no weights yet: wait for it to start")
+            cfg, state, version = w
+            model = _load_run_model(job.id, version, device, cfg, state)
+            snap = job.snapshot()
+            info = {"dataset": snap.train_config.get("dataset"), "train_config": snap.train_config,
+                    "history": snap.history, "metrics": {}, "model_config": cfg}
+            return Selection(ref, f"run: {job.name}", model, info, f"run:{job.id}:{version}:{device}", device, job)
+        path = safe_checkpoint_path(ref)
+        if not path.is_file():
+            raise ValueError(f"checkpoint {path.name} no longer exists; pick another model")
+        mtime = path.stat().st_mtime
+        model, info = _load_file_model(str(path), mtime, device)
+        return Selection(ref, path.stem, model, info, f"{path}:{mtime}:{device}", device)
+    except (ValueError, CheckpointError) as exc:
+        return Selection(ref, ref, error=str(exc), device=device)
+
+
+# ---- datasets ----------------------------------------------------------------------------------------------------
+def get_dataset(name: str, split: str = "test", binarize: bool = False):
+    """(dataset, None) or (None, one-line message). Never raises for a missing dataset."""
+    try:
+        return load_dataset(name, split, binarize=binarize), None
+    except DatasetUnavailable as exc:
+        return None, str(exc)
+    except ValueError as exc:
+        return None, str(exc)
+
+
+def selection_data(sel: Selection, split: str = "test"):
+    tc = sel.info.get("train_config") or {}
+    return get_dataset(sel.dataset, split, bool(tc.get("binarize", False)))
+
+
+# ---- images ------------------------------------------------------------------------------------------------------
+def to_images(x, shape) -> np.ndarray:
+    """(N, D) in [0, 1] -> (N, H, W) uint8."""
+    x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+    return (np.clip(x, 0, 1).reshape(len(x), *shape) * 255).round().astype(np.uint8)
+
+
+def tile(x, shape, ncols: int = 8, pad: int = 1, scale: int | None = None, target_px: int = 640) -> np.ndarray:
+    """A grid image of N examples, upscaled by an integer factor with nearest-neighbour pixels (crisp, no blur)."""
+    imgs = to_images(x, shape)
+    n, h, w = imgs.shape
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad), 80, np.uint8)
+    for i, im in enumerate(imgs):
+        r, c = divmod(i, ncols)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = im
+    scale = scale or max(1, target_px // grid.shape[1])
+    return np.kron(grid, np.ones((scale, scale), np.uint8))
+
+
+def upscale(img: np.ndarray, target_px: int = 320) -> np.ndarray:
+    s = max(1, target_px // max(img.shape[:2]))
+    return np.kron(img, np.ones((s, s), np.uint8))
+
+
+# ---- checkpoint names and uploads ------------------------------------------------------------------------------
+def validate_name(name: str) -> str:
+    """A checkpoint name that cannot leave checkpoints/user: letters, digits, . _ - only."""
+    name = (name or "").strip()
+    if name.endswith(".pt"):
+        name = name[:-3]
+    if not NAME_RE.match(name) or ".." in name:
+        raise ValueError(f"name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return name
+
+
+def save_user_checkpoint(name: str, ckpt: dict, overwrite: bool = False) -> Path:
+    name = validate_name(name)
+    path = USER_DIR / f"{name}.pt"
+    if path.exists() and not overwrite:
+        raise ValueError(f"a checkpoint named {name!r} already exists: choose another name or tick overwrite")
+    return save_checkpoint(path, ckpt)
+
+
+def accept_upload(filename: str, data: bytes) -> Path:
+    """Validate an uploaded checkpoint (weights_only) in a temp file; only a good one is kept in checkpoints/user."""
+    import tempfile
+
+    name = validate_name(Path(filename).stem)
+    USER_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(suffix=".pt", dir=USER_DIR, delete=False) as f:
+        f.write(data)
+        tmp = Path(f.name)
+    try:
+        ckpt = read_checkpoint(tmp)
+        model_from_checkpoint(ckpt, filename)
+    except CheckpointError as exc:
+        raise CheckpointError(str(exc).replace(str(tmp), filename)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return save_user_checkpoint(name, ckpt, overwrite=True)
+
+
+# ---- presentation mode -------------------------------------------------------------------------------------------
+PRESENT_CSS = """
+<style>
+html, body, [data-testid="stAppViewContainer"] { font-size: 22px; }
+[data-testid="stMarkdownContainer"] p, [data-testid="stMarkdownContainer"] li { font-size: 1.25rem; }
+h1 { font-size: 3rem !important; } h2 { font-size: 2.3rem !important; } h3 { font-size: 1.8rem !important; }
+.katex { font-size: 1.45em !important; }
+[data-testid="stMetricValue"] { font-size: 2.6rem !important; }
+header[data-testid="stHeader"], [data-testid="stToolbar"], footer { display: none !important; }
+.block-container { padding-top: 1rem !important; max-width: 100% !important; }
+</style>
+"""
+BASE_CSS = "<style>img { image-rendering: pixelated; image-rendering: crisp-edges; }</style>"
+
+
+def presenting() -> bool:
+    return bool(st.session_state.get("present", False))
+
+
+def style_fig(fig, height: int | None = None):
+    """Common Plotly styling; bigger type in presentation mode."""
+    big = presenting()
+    fig.update_layout(font=dict(size=20 if big else 13), margin=dict(l=10, r=10, t=50, b=10),
+                      legend=dict(font=dict(size=18 if big else 12)))
+    if height:
+        fig.update_layout(height=int(height * (1.25 if big else 1)))
+    return fig
+
+
+# ---- the sidebar ---------------------------------------------------------------------------------------------------
+def sidebar() -> Selection:
+    """Draw the model, device and presentation controls (bound to the URL) and return the selected model."""
+    opts = model_options()
+    if "_pending_model" in st.session_state:  # set by select_model() before this run's widgets exist
+        st.session_state["model"] = st.session_state.pop("_pending_model")
+    wanted = st.session_state.get("model") or st.query_params.get("model")
+    if wanted not in opts:
+        if wanted:
+            st.sidebar.warning(f"model {wanted!r} is not available on this server; showing a shipped model")
+        wanted = DEFAULT_MODEL if DEFAULT_MODEL in opts else next(iter(opts), DEFAULT_MODEL)
+    st.session_state["model"] = wanted
+    with st.sidebar:
+        ref = st.selectbox("Model", list(opts), format_func=lambda r: opts.get(r, r), key="model",
+                           bind="query-params", help="Shipped checkpoints, ones you saved or uploaded, and live "
+                                                     "training runs (their latest weights)")
+        devices = ["auto", *available_devices()]
+        if st.session_state.get("device") not in devices:
+            st.session_state["device"] = "auto"
+        dev = st.selectbox("Device", devices, key="device", bind="query-params",
+                           help="auto picks cuda, then mps, then cpu; only devices this machine has are listed")
+        st.toggle("Presentation mode", key="present", bind="query-params",
+                  help="Larger type and less chrome for a projector; add ?present=true to a link")
+        with st.expander("Upload a checkpoint"):
+            _upload_box()
+    st.html(BASE_CSS)
+    if presenting():
+        st.html(PRESENT_CSS)
+    sel = load_selection(ref, str(resolve_device(dev)))
+    if sel.error:
+        st.sidebar.error(sel.error)
+    return sel
+
+
+def _upload_box():
+    up = st.file_uploader("A .pt file saved by VAE Explorer", type=["pt"], key="upload")
+    if up is None:
+        return
+    token = (up.name, up.size)
+    if st.session_state.get("_upload_done") == token:
+        return
+    try:
+        path = accept_upload(up.name, up.getvalue())
+    except (CheckpointError, ValueError) as exc:
+        st.error(str(exc))
+        return
+    st.session_state["_upload_done"] = token
+    select_model(file_ref(path))
+
+
+def select_model(ref: str):
+    """Make ref the selected model (from a button or an upload) and rerun."""
+    st.session_state["_pending_model"] = ref
+    st.rerun()
+
+
+def need_model(sel: Selection) -> bool:
+    """Show a clear message and return False when no usable model is selected."""
+    if sel.model is None:
+        st.info(sel.error or "Pick a model in the sidebar.")
+        return False
+    return True
+
+
+def current() -> Selection:
+    """The model chosen in the sidebar on this run (set by app.py before the page runs)."""
+    sel = st.session_state.get("_selection")
+    return sel if sel is not None else Selection(DEFAULT_MODEL, "none", error="Pick a model in the sidebar.")
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def recon_and_samples(key: str, _model, x: np.ndarray | None, n_samples: int = 16, seed: int = 0):
+    """Reconstructions of x (None when x is None) and prior samples, cached per model weights (key) and inputs."""
+    with torch.inference_mode():
+        recon = None
+        if x is not None:
+            recon = _model.reconstruct(torch.as_tensor(x, device=_model.device)).cpu().numpy()
+        g = torch.Generator(device=_model.device).manual_seed(seed)
+        samples = _model.sample(n_samples, generator=g).cpu().numpy()
+    return recon, samples
