@@ -13,12 +13,15 @@ st.markdown(
 left, right = st.columns([1.1, 1])
 with left:
     st.subheader("Why it trains: the ELBO")
-    st.latex(r"\log p_\theta(x) = \underbrace{\mathbb{E}_{q_\phi(z\mid x)}\!\left[\log p_\theta(x\mid z)\right]"
-             r" - \mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p(z)\right)}_{\text{ELBO}}"
-             r" + \underbrace{\mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p_\theta(z\mid x)\right)}_{\text{gap}\;\ge\;0}")
-    st.latex(r"\Rightarrow\quad \log p_\theta(x) \;\ge\; \text{ELBO}"
-             r"\qquad\text{loss} = -\text{ELBO} = \underbrace{-\mathbb{E}_q[\log p_\theta(x\mid z)]}_{\text{reconstruction}}"
-             r" + \underbrace{\beta\,\mathrm{KL}(q_\phi(z\mid x)\,\|\,p(z))}_{\text{rate}}")
+    st.latex(r"""\begin{aligned}
+\log p_\theta(x) &= \underbrace{\mathbb{E}_{q_\phi(z\mid x)}\!\left[\log p_\theta(x\mid z)\right]
+  - \mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p(z)\right)}_{\text{ELBO}}
+  + \underbrace{\mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p_\theta(z\mid x)\right)}_{\text{gap}\;\ge\;0} \\[4pt]
+\log p_\theta(x) &\ge \text{ELBO} \\[4pt]
+\text{loss} &= \underbrace{-\mathbb{E}_{q_\phi}[\log p_\theta(x\mid z)]}_{\text{reconstruction}}
+  + \beta\,\underbrace{\mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p(z)\right)}_{\text{rate}}
+  \qquad (\beta = 1:\ \text{loss} = -\text{ELBO})
+\end{aligned}""")
     st.markdown(
         "- **Reconstruction**: how well the decoder $p_\\theta$ explains $x$ from a code drawn from the encoder.\n"
         "- **KL to the prior (rate)**: how many nats the code carries about $x$. At $\\beta=1$ the loss is exactly "
