@@ -71,9 +71,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc)
+        unsafe = [ln.strip() for ln in text.splitlines() if "Unsupported global" in ln or "Unsupported class" in ln]
+        if not unsafe:  # random bytes also fail in the restricted unpickler ("Unsupported operand 103")
+            raise CheckpointError(f"{name}: the file is truncated or corrupt (not a PyTorch checkpoint); "
+                                  f"re-save or re-download it") from None
+        detail = unsafe[0].removeprefix("WeightsUnpickler error: ").split(". ")[0]  # "Unsupported global: ..."
         raise CheckpointError(f"{name}: refused to load: it holds objects other than tensors and plain data, which "
-                              f"could run code ({first[:120]})") from None
+                              f"could run code ({detail[:120]})") from None
     except (EOFError, zipfile.BadZipFile, RuntimeError, OSError, ValueError, KeyError, IndexError) as exc:
         raise CheckpointError(f"{name}: the file is truncated or corrupt ({type(exc).__name__}); "
                               f"re-save or re-download it") from None

@@ -9,6 +9,7 @@ from the seed, through generators owned by the trainer (never the global RNG, so
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import threading
@@ -117,6 +118,8 @@ class Trainer:
         weights, opt = self._last_good
         self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(opt)
+        for group in self.optimizer.param_groups:  # Adam's state goes back, but an lr set by update() stays
+            group["lr"] = self.config.lr
 
     def _reset_epoch_sums(self):
         self._sums = {"n": 0, "loss": 0.0, "recon": 0.0, "kl": 0.0, "compute_s": 0.0}
@@ -245,9 +248,10 @@ class Trainer:
     def state_dict(self) -> dict:
         """Everything needed to resume exactly at an epoch boundary: weights, Adam state, counters, RNG, history.
         Plain tensors and containers only, so it loads with weights_only=True."""
+        # copies, not views: training goes on (in place, maybe in another thread) while the state is saved
         return {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(), "step_count": self.step_count, "epoch": self.epoch,
-                "generator": self.generator.get_state(), "history": self.history,
+                "optimizer": self._clone_optimizer_state(), "step_count": self.step_count, "epoch": self.epoch,
+                "generator": self.generator.get_state(), "history": copy.deepcopy(self.history),
                 "train_config": self.config.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -255,7 +259,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count, self.epoch = int(state["step_count"]), int(state["epoch"])
         self.generator.set_state(state["generator"])
-        self.history = state["history"]
+        self.history = copy.deepcopy(state["history"])
         self._perm, self._pos = None, 0
         self._reset_epoch_sums()
         self._last_good = self._snapshot()
