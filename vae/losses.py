@@ -109,7 +109,7 @@ def iwae_bound(model, x, k: int, generator=None, chunk_size=None) -> torch.Tenso
 def iw_log_px(model, x, k: int = 1000, generator=None, chunk_size=None):
     """Importance-sampling estimate of log p(x) per example and its standard error (delta method), each (B,).
 
-    se = sqrt((K sum w^2 / (sum w)^2 - 1) / K): the relative spread of the weights over sqrt(K).
+    se = sqrt((K sum w^2 / (sum w)^2 - 1) / (K - 1)): the weights' relative spread over sqrt(K).
     """
     logw = log_importance_weights(model, x, k, generator, chunk_size)
     return log_mean_exp(logw), iw_standard_error(logw)
