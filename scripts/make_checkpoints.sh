@@ -14,3 +14,6 @@ for b in 0.1 0.5 1 2 4 8; do
   $PYTHON -m vae train "${COMMON[@]}" --latent-dim 16 --beta "$b" --out "checkpoints/sweep/digits-beta-$b.pt"
 done
 $PYTHON -m vae list checkpoints
+# moons-z2.pt: the 2-D toy set with a 2-D latent, so the Latent space page can show data space beside latent space
+$PYTHON -m vae train --dataset moons --hidden 64,64 --latent-dim 2 --epochs 200 --lr 2e-3 --batch-size 128 --seed 0 \
+  --device cpu --quiet --out checkpoints/moons-z2.pt

@@ -1,0 +1,263 @@
+"""AppTest for the Latent space and Decode pages: the projection path by latent size, a slider moving the decoded
+image, the traversal grid's shape, a kept selection, t-SNE, moons' data space, a 1-D strip, a checkpoint whose
+dataset is missing, and the encoding cache following a model's weights."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+from streamlit.testing.v1 import app_test as _app_test
+
+import ui.core
+from apptest_support import open_page
+from vae import ModelConfig, load_checkpoint, load_dataset
+from vae.checkpoint import make_checkpoint, save_checkpoint
+from vae.diagnostics import encode_dataset
+from vae.latent_ops import dims_by_kl
+from vae.projection import dimension_stats
+from vae.trainer import build_model
+
+Z2 = "file:checkpoints/digits-z2.pt"
+Z16 = "file:checkpoints/digits-z16.pt"
+MOONS = "file:checkpoints/moons-z2.pt"
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------------
+class _RecordingStorage(MemoryMediaFileStorage):
+    """AppTest's media storage, remembered so a test can read back the PNG bytes behind st.image."""
+
+    instances: list = []
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        _RecordingStorage.instances.append(self)
+
+
+@pytest.fixture
+def media(monkeypatch):
+    _RecordingStorage.instances = []
+    monkeypatch.setattr(_app_test, "MemoryMediaFileStorage", _RecordingStorage)
+
+    def read(url: str) -> np.ndarray:
+        name = url.rsplit("/", 1)[-1]
+        return np.asarray(Image.open(io.BytesIO(_RecordingStorage.instances[-1].get_file(name).content)))
+
+    return read
+
+
+def images(at, caption_part: str | None = None):
+    out = [im for im in at.get("image") if caption_part is None or any(caption_part in c for c in im.captions)]
+    return out
+
+
+def decoded_url(at) -> str:
+    [im] = images(at, "decoded by p_θ")
+    return im.value[0]
+
+
+def plotly_specs(at) -> list[dict]:
+    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def no_exception(at):
+    assert not at.exception, [e.value for e in at.exception]
+
+
+@pytest.fixture
+def user_dir(tmp_path, monkeypatch):
+    """A private checkpoints/user folder for checkpoints made in the test (the sidebar lists them)."""
+    folder = tmp_path / "user"
+    folder.mkdir()
+    monkeypatch.setattr(ui.core, "USER_DIR", folder)
+    return folder
+
+
+def _save(folder: Path, name: str, dataset: str, **model) -> str:
+    cfg = dict(input_dim=64, image_shape=(8, 8), hidden=(32,), latent_dim=3)
+    cfg.update(model)
+    path = save_checkpoint(folder / f"{name}.pt", make_checkpoint(build_model(ModelConfig(**cfg), 0), dataset=dataset))
+    return ui.core.file_ref(path)
+
+
+# ---- Latent space ----------------------------------------------------------------------------------------------
+def test_latent_pca_for_16d_and_direct_for_2d():
+    at = open_page("pages/latent.py", model=Z16)
+    no_exception(at)
+    assert at.selectbox(key="latent_method").value == "pca"
+    assert any("PCA of 16-D means" in c.value and "% of their variance" in c.value for c in at.caption)
+    scatter = plotly_specs(at)[0]
+    assert scatter["layout"]["xaxis"]["title"]["text"].startswith("PC1 (")
+    assert any(t["type"] == "scattergl" for t in scatter["data"])  # WebGL markers
+    assert any("5 of 16 dimensions active" in c.value for c in at.caption)
+
+    at = open_page("pages/latent.py", model=Z2)
+    no_exception(at)
+    assert at.selectbox(key="latent_method").value == "identity"
+    assert not any("PCA" in c.value for c in at.caption)
+    scatter = plotly_specs(at)[0]
+    assert scatter["layout"]["xaxis"]["title"]["text"] == "z1"
+    # prior contours and +-2 sigma ellipses are drawn in the plane
+    assert any(t.get("name", "").startswith("prior N(0, I)") for t in scatter["data"])
+    assert sum(t["type"] == "scatter" and t.get("mode") == "lines" for t in scatter["data"]) >= 2
+
+
+def test_latent_raw_dims_and_tsne():
+    at = open_page("pages/latent.py", model=Z16)
+    at.selectbox(key="latent_method").set_value("dims").run()
+    no_exception(at)
+    x, y = at.selectbox(key="latent_dim_x").value, at.selectbox(key="latent_dim_y").value
+    assert {x, y} == {10, 12}  # the two dimensions with the most KL: z11 and z13
+    at.selectbox(key="latent_dim_y").set_value(x).run()
+    assert any("choose two different dimensions" in w.value for w in at.warning)
+    at.selectbox(key="latent_dim_y").set_value(3).run()
+    at.selectbox(key="latent_method").set_value("tsne").run()
+    no_exception(at)
+    assert any("t-SNE of 359 points" in c.value for c in at.caption)
+    assert any("not a linear map" in i.value for i in at.info)
+
+
+def test_latent_selection_is_kept_and_shows_images():
+    at = open_page("pages/latent.py", model=Z2)
+    n = len(load_dataset("digits", "test"))
+    at.session_state["latent_selection"] = {"data": ("digits", "test", n), "rows": [3, 5, 8], "event": []}
+    at.run()
+    no_exception(at)
+    assert any("3 selected" in m.value for m in at.markdown)
+    assert images(at, "originals x") and images(at, "reconstructions")
+    at.selectbox(key="latent_method").set_value("tsne").run()  # a rerun with another projection keeps it
+    assert at.session_state["latent_selection"]["rows"] == [3, 5, 8]
+    assert any("3 selected" in m.value for m in at.markdown)
+    at.button(key="latent_clear").click().run()
+    assert at.session_state["latent_selection"]["rows"] == []
+
+
+def test_moons_data_space_beside_latent_space():
+    at = open_page("pages/latent.py", model=MOONS)
+    no_exception(at)
+    titles = [s["layout"].get("title", {}).get("text", "") for s in plotly_specs(at)]
+    assert any(t.startswith("data space") for t in titles)
+
+
+def test_one_dimensional_latent_gets_a_strip(user_dir):
+    ref = _save(user_dir, "d1", "digits", latent_dim=1)
+    at = open_page("pages/latent.py", model=ref)
+    no_exception(at)
+    assert at.selectbox(key="latent_method").value == "strip"
+    scatter = plotly_specs(at)[0]
+    assert scatter["layout"]["yaxis"]["showticklabels"] is False
+    at = open_page("pages/decode.py", model=ref)
+    no_exception(at)
+    assert [s.key for s in at.slider if s.key.startswith("dec_z_")] == ["dec_z_0"]  # one slider, one dimension
+    before = decoded_url(at)
+    at.slider(key="dec_z_0").set_value(3.0).run()
+    assert decoded_url(at) != before
+
+
+# ---- Decode ----------------------------------------------------------------------------------------------------
+def test_decode_slider_changes_image_and_orders_by_kl():
+    at = open_page("pages/decode.py", model=Z16)
+    no_exception(at)
+    m, _ = load_checkpoint("checkpoints/digits-z16.pt")
+    mu, logvar = encode_dataset(m, load_dataset("digits", "test").x)
+    stats = dimension_stats(mu.numpy(), logvar.numpy())
+    top = int(dims_by_kl(stats.kl)[0])
+    sliders = [s for s in at.slider if s.key and s.key.startswith("dec_z_")]
+    assert len(sliders) == 16
+    assert {s.key for s in sliders if "inactive: moving it changes nothing" in s.label} == \
+        {f"dec_z_{k}" for k in range(16) if not stats.active[k]}
+    before = decoded_url(at)
+    at.slider(key=f"dec_z_{top}").set_value(2.5).run()
+    no_exception(at)
+    assert decoded_url(at) != before
+    assert any(c.value.startswith("z = (") and "2.50" in c.value for c in at.caption)
+    # starting from a prior sample moves every slider to that sample
+    at.radio(key="dec_start").set_value("prior").run()
+    assert any(abs(at.slider(key=f"dec_z_{k}").value) > 0 for k in range(16))
+
+
+def test_traversal_grid_shape(media):
+    at = open_page("pages/decode.py", model=Z16)
+    at.slider(key="dec_trav_rows").set_value(3).run()
+    at.slider(key="dec_trav_cols").set_value(5).run()
+    no_exception(at)
+    assert any(c.value.startswith("3 dimensions × 5 values") for c in at.caption)
+    # the rows are labelled by dimension in KL order, and each row image holds 5 8x8 tiles
+    labels = [m.value.split("**")[1] for m in at.markdown if m.value.startswith("**z")]
+    assert labels == ["z11", "z13", "z10"]
+    i0 = [i for i, im in enumerate(at.get("image")) if "decoded by p_θ" in im.captions[0]][0]
+    rows = at.get("image")[i0 + 1:i0 + 4]
+    for im in rows:
+        px = media(im.value[0])
+        h, w = px.shape[:2]
+        scale = h // 10  # one row of 8-pixel tiles with 1-pixel padding above and below
+        assert h == 10 * scale and w == (5 * 9 + 1) * scale, (h, w)
+
+
+def test_missing_dataset_message_and_decoding_still_works(user_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("VAE_DATA_ROOT", str(tmp_path / "no-data"))
+    ref = _save(user_dir, "mnist-nodata", "mnist", input_dim=784, image_shape=(28, 28))
+    at = open_page("pages/latent.py", model=ref)
+    no_exception(at)
+    [warn] = at.warning
+    assert "dataset 'mnist' is not available" in warn.value and "Put the four files" in warn.value
+    assert any("Decode" in i.value for i in at.info)
+
+    at = open_page("pages/decode.py", model=ref)
+    no_exception(at)
+    assert any("is not available" in w.value and "still work" in w.value for w in at.warning)
+    before = decoded_url(at)
+    assert images(at, "32 samples at T = 1.0")  # prior samples need no data
+    at.slider(key="dec_temp").set_value(0.5).run()
+    assert images(at, "32 samples at T = 0.5")
+    at.slider(key="dec_z_0").set_value(-2.0).run()
+    no_exception(at)
+    assert decoded_url(at) != before
+    at.radio(key="dec_start").set_value("image").run()  # needs the data: a message, no traceback
+    no_exception(at)
+    assert any("Starting from a test image needs the dataset" in w.value for w in at.warning)
+
+
+def test_decode_moons_points():
+    at = open_page("pages/decode.py", model=MOONS)
+    no_exception(at)
+    titles = [s["layout"].get("title", {}).get("text", "") for s in plotly_specs(at)]
+    assert "E[x|z] in data space" in titles
+
+
+# ---- the encoding cache follows the weights --------------------------------------------------------------------
+def test_encoded_split_follows_the_weights_key():
+    from ui.core import Selection
+    from ui.latent import encoded_split
+
+    a = build_model(ModelConfig(hidden=(16,), latent_dim=2), 0).eval()
+    b = build_model(ModelConfig(hidden=(16,), latent_dim=2), 1).eval()
+    info = {"dataset": "digits"}
+    first, _ = encoded_split(Selection("run:t", "t", a, info, key="run:t:1:cpu"), "test")
+    again, _ = encoded_split(Selection("run:t", "t", b, info, key="run:t:1:cpu"), "test")
+    newer, _ = encoded_split(Selection("run:t", "t", b, info, key="run:t:2:cpu"), "test")
+    np.testing.assert_array_equal(first.mu, again.mu)  # same key: served from the cache
+    with torch.no_grad():
+        ref = b.encode(load_dataset("digits", "test").x)[0].numpy()
+    np.testing.assert_allclose(newer.mu, ref, rtol=1e-5, atol=1e-6)  # new weights version: re-encoded
+    assert newer.key != first.key
+
+
+def test_update_selection_keeps_rows_until_a_new_pick():
+    from ui.latent import selected_rows, update_selection
+
+    store = {"rows": [], "event": []}
+    assert update_selection(store, [4, 7])
+    assert not update_selection(store, [4, 7])  # the same event again: nothing new
+    assert not update_selection(store, [])  # a redrawn chart comes back empty: the selection is kept
+    assert store["rows"] == [4, 7]
+    store["rows"] = []  # Clear
+    assert not update_selection(store, []) and store["rows"] == []
+    event = {"selection": {"points": [{"customdata": 5}, {"customdata": [2]}, {"x": 1.0}], "point_indices": []}}
+    assert selected_rows(event) == [2, 5]
+    assert selected_rows(None) == []
