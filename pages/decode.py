@@ -7,8 +7,8 @@ import streamlit as st
 from ui.core import current, need_model, selection_data, tile, to_images, upscale
 from ui.latent import (dim_info, encoded_split, follow_live_run, points_figure, sensitivity, sensitivity_figure,
                        traversal_points_figure)
-from vae.latent_ops import (MAX_SLIDERS, SLIDER_LIMIT, compose_latent, decode_points, interpolate, prior_samples,
-                            slider_layout, start_point, traversal_grid, traversal_values)
+from vae.latent_ops import (MAX_SLIDERS, SLIDER_LIMIT, compose_latent, decode_one, decode_points, interpolate,
+                            prior_samples, slider_layout, start_point, traversal_grid, traversal_values)
 
 START_LABELS = {"zero": "zero (the prior's mean)", "prior": "a random prior sample", "image": "a test image's code"}
 IMAGE_PX = 448  # the decoded image's size on screen: integer nearest-neighbour upscaling, crisp pixels
@@ -86,7 +86,7 @@ def decoder_panel():
                        + ", ".join(f"z{k + 1}" for k in sorted(layout.held)))
     values = [st.session_state[f"dec_z_{dim}"] for dim in layout.shown]
     z = compose_latent(base, layout.shown, values)
-    x = decode_points(model, z)
+    x = decode_one(model, z)
     with right:
         if is_points:
             st.plotly_chart(points_figure(data.x.numpy() if data is not None else None,

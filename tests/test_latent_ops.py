@@ -139,3 +139,14 @@ def test_encode_decode_helpers():
     np.testing.assert_allclose(mu, ref.numpy(), rtol=1e-6)
     assert L.decode_points(m, mu[0]).shape == (64,)
     np.testing.assert_array_equal(L.inactive_by_kl([0.0, 0.5, 0.005]), [True, False, True])
+
+
+def test_decode_one_matches_and_restores_threads():
+    m = tiny(d=3, arch="conv", hidden=(16,))
+    z = L.prior_latents(1, 3, seed=2)[0]
+    before = torch.get_num_threads()
+    np.testing.assert_allclose(L.decode_one(m, z), L.decode_points(m, z[None])[0], rtol=1e-5, atol=1e-6)
+    assert torch.get_num_threads() == before
+    with L.intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

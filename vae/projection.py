@@ -75,14 +75,27 @@ def project_strip(mu, seed: int = 0) -> Projection:
                       np.zeros(1), offsets=offsets)
 
 
-def project_pca(mu) -> Projection:
+def _threads(n: int | None):
+    """Limit BLAS/OpenMP threads (threadpoolctl) for a small scikit-learn job; None leaves them alone.
+
+    On a busy 2-core CPU (a training thread, another process) OpenMP workers spin-wait for each other: t-SNE of
+    359 points took 20-40 s with 2 threads at load 6, and 2.6 s with 1."""
+    from contextlib import nullcontext
+
+    from threadpoolctl import threadpool_limits
+
+    return nullcontext() if n is None else threadpool_limits(limits=int(n))
+
+
+def project_pca(mu, threads: int | None = 1) -> Projection:
     """The first two principal components of the posterior means (scikit-learn PCA), with explained variance."""
     from sklearn.decomposition import PCA
 
     mu = _as2d(mu)
     if mu.shape[0] < 2 or mu.shape[1] < 2:
         raise ValueError(f"PCA needs at least 2 points and 2 dimensions, got shape {mu.shape}")
-    pca = PCA(n_components=2, svd_solver="full").fit(mu)
+    with _threads(threads):
+        pca = PCA(n_components=2, svd_solver="full").fit(mu)
     comps = pca.components_.astype(np.float64)  # (2, d), orthonormal rows
     center = pca.mean_.astype(np.float64)
     evr = pca.explained_variance_ratio_.astype(np.float64)
@@ -105,7 +118,8 @@ def project_dims(mu, i: int, j: int) -> Projection:
                       np.zeros(d))
 
 
-def project_tsne(mu, max_points: int = TSNE_MAX_POINTS, seed: int = 0, perplexity: float = 30.0) -> Projection:
+def project_tsne(mu, max_points: int = TSNE_MAX_POINTS, seed: int = 0, perplexity: float = 30.0,
+                 threads: int | None = 1) -> Projection:
     """t-SNE (scikit-learn) of up to max_points means (a seeded subsample beyond that). Non-linear: no ellipses."""
     from sklearn.manifold import TSNE
 
@@ -117,8 +131,9 @@ def project_tsne(mu, max_points: int = TSNE_MAX_POINTS, seed: int = 0, perplexit
     if n > max_points:
         index = np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
     perp = float(min(perplexity, (len(index) - 1) / 3))
-    coords = TSNE(n_components=2, perplexity=perp, init="pca", learning_rate="auto", random_state=seed,
-                  max_iter=500).fit_transform(mu[index].astype(np.float32)).astype(np.float64)
+    with _threads(threads):
+        coords = TSNE(n_components=2, perplexity=perp, init="pca", learning_rate="auto", random_state=seed,
+                      max_iter=500).fit_transform(mu[index].astype(np.float32)).astype(np.float64)
     note = f"t-SNE of {len(index)} of {n} points (seeded subsample)" if len(index) < n else f"t-SNE of {n} points"
     return Projection("tsne", coords, index, ("t-SNE 1", "t-SNE 2"), note=note + "; distances are not meaningful")
 

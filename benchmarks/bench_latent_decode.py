@@ -1,0 +1,237 @@
+"""Benchmark: the Decode page's slider-to-image path and the Latent space page's encoding + PCA, on this machine.
+
+    .venv/bin/python benchmarks/bench_latent_decode.py            # all figures (about a minute on 2 CPU cores)
+    .venv/bin/python benchmarks/bench_latent_decode.py --quick    # skip the AppTest rerun and t-SNE
+
+Models are MNIST-shaped (28x28, D = 784), built in-process and untrained (timings do not depend on the weights):
+the canonical MLP 784-400-20 and a conv model (d = 20). Figures:
+  1. slider -> new image, server side: the work the Decode page's fragment does on a slider move (compose z, decode
+     E[x|z], nearest-neighbour upscale to 448 px, PNG-encode as st.image does). Target: median <= 50 ms.
+  2. the same slider move as an AppTest rerun of the whole Decode page (AppTest cannot rerun a fragment alone, so
+     this is an upper bound on the fragment rerun), with fake MNIST files for the data.
+  3. encoding 10k MNIST-sized images + PCA, first time and from st.cache_data (as the Latent page calls them).
+     Target: <= 1 s the first time, instant (milliseconds) from the cache.
+  4. the 10k-point Scattergl figure: building it and serialising it to JSON (what the browser receives).
+  5. t-SNE of 359 and 3000 points (the page's spinner estimate).
+Prints a table, then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+warnings.filterwarnings("ignore")
+logging.getLogger("streamlit").setLevel(logging.ERROR)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from vae import ModelConfig  # noqa: E402
+from vae.latent_ops import compose_latent, decode_one, decode_points, slider_layout  # noqa: E402
+from vae.trainer import build_model  # noqa: E402
+
+SLIDER_TARGET_MS = 50.0
+ENCODE_TARGET_S = 1.0
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def timed(fn, repeats: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def mnist_model(arch: str):
+    hidden = (400,) if arch == "mlp" else (256,)
+    return build_model(ModelConfig(input_dim=784, image_shape=(28, 28), arch=arch, hidden=hidden, latent_dim=20),
+                       0).eval()
+
+
+def slider_move(model, rng) -> bytes:
+    """What decoder_panel() in pages/decode.py does when one slider moves."""
+    from ui.core import to_images, upscale
+
+    d = model.config.latent_dim
+    layout = slider_layout(np.linspace(1, 0, d), np.ones(d, bool))
+    z = compose_latent(np.zeros(d, np.float32), layout.shown, rng.uniform(-3, 3, len(layout.shown)))
+    x = decode_one(model, z)
+    img = upscale(to_images(x[None], (28, 28))[0], 448)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")  # st.image(output_format="PNG")
+    return buf.getvalue()
+
+
+def bench_slider(repeats: int) -> dict:
+    out = {}
+    for arch in ("mlp", "conv"):
+        model = mnist_model(arch)
+        rng = np.random.default_rng(0)
+        ts = timed(lambda: slider_move(model, rng), repeats)
+        d_only = timed(lambda: decode_one(model, rng.standard_normal(20).astype(np.float32)), repeats)
+        d_all = timed(lambda: decode_points(model, rng.standard_normal(20).astype(np.float32)), repeats)
+        out[arch] = {"median_ms": 1e3 * statistics.median(ts), "p90_ms": 1e3 * float(np.percentile(ts, 90)),
+                     "decode_only_median_ms": 1e3 * statistics.median(d_only),
+                     "decode_all_threads_median_ms": 1e3 * statistics.median(d_all)}
+    return out
+
+
+def bench_apptest(repeats: int) -> dict:
+    """Whole-page AppTest reruns of the Decode page for a 28x28 MLP model, after a slider move."""
+    import ui.core
+    from apptest_support import open_page
+    from vae.checkpoint import make_checkpoint, save_checkpoint
+    from vae.data import write_fake_mnist
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_fake_mnist(tmp / "data", n_train=64, n_test=10_000)
+        os.environ["VAE_DATA_ROOT"] = str(tmp / "data")
+        ui.core.USER_DIR = tmp / "user"
+        path = save_checkpoint(tmp / "user" / "mnist-mlp.pt", make_checkpoint(mnist_model("mlp"), dataset="mnist"))
+        at = open_page("pages/decode.py", model=ui.core.file_ref(path))
+        assert not at.exception, [e.value for e in at.exception]
+        ts = []
+        for i in range(repeats + 1):
+            at.slider(key="dec_z_0").set_value(round(-2.5 + 0.25 * (i % 20), 2))
+            t = time.perf_counter()
+            at.run()
+            ts.append(time.perf_counter() - t)
+            assert not at.exception
+        ts = ts[1:]
+    return {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts)}
+
+
+def bench_encode_pca(n: int = 10_000) -> dict:
+    from ui.core import Selection
+    from ui.latent import Codes, _encode, projected
+    from vae.diagnostics import encode_dataset
+    from vae.projection import encoding_key, project
+
+    model = mnist_model("mlp")
+    x = torch.rand(n, 784, generator=torch.Generator().manual_seed(0))
+    # raw: encode + PCA, no cache
+    raw = timed(lambda: project(encode_dataset(model, x)[0].numpy(), "pca"), 3, warmup=1)
+    # through the page's st.cache_data functions: first time (a new key), then from the cache
+    key = encoding_key(f"bench:{time.time()}", "mnist", "test")
+    t = time.perf_counter()
+    mu, logvar = _encode(key, model, x)
+    codes = Codes(key, mu, logvar, np.zeros(n, int), "mnist", "test")
+    proj = projected(codes, "pca")
+    first = time.perf_counter() - t
+
+    def cached():
+        mu2, lv2 = _encode(key, model, x)
+        projected(Codes(key, mu2, lv2, codes.y, "mnist", "test"), "pca")
+
+    hits = timed(cached, 20, warmup=1)
+    del Selection
+    return {"n": n, "raw_median_s": statistics.median(raw), "first_s": first,
+            "cached_median_ms": 1e3 * statistics.median(hits), "explained_variance": float(proj.explained_variance_ratio.sum())}
+
+
+def bench_scatter(n: int = 10_000) -> dict:
+    import plotly.io as pio
+
+    from ui.latent import Codes, scatter_figure
+    from vae.projection import project
+
+    rng = np.random.default_rng(0)
+    mu = rng.standard_normal((n, 20)).astype(np.float32)
+    codes = Codes("bench|mnist|test|grey", mu, np.full_like(mu, -2.0), rng.integers(0, 10, n), "mnist", "test")
+    proj = project(mu, "pca")
+    sizes = []
+
+    def build():
+        fig = scatter_figure(codes, proj, n_ellipses=30, selected=range(50))
+        sizes.append(len(pio.to_json(fig, validate=False)))
+
+    ts = timed(build, 5, warmup=1)
+    return {"n": n, "build_and_json_median_ms": 1e3 * statistics.median(ts), "json_mb": sizes[-1] / 1e6}
+
+
+def bench_tsne() -> dict:
+    """As the page runs it (1 BLAS/OpenMP thread), and with every thread for 359 points."""
+    from vae.projection import project_tsne
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for n in (359, 3000):
+        mu = rng.standard_normal((n, 16)).astype(np.float32)
+        t = time.perf_counter()
+        project_tsne(mu)
+        out[f"n{n}_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    project_tsne(rng.standard_normal((359, 16)).astype(np.float32), threads=None)
+    out["n359_all_threads_s"] = time.perf_counter() - t
+    return out
+
+
+def main(argv=None) -> dict:
+    for name in ("streamlit", "streamlit.runtime", "streamlit.runtime.state.session_state_proxy",
+                 "streamlit.runtime.caching.cache_data_api", "streamlit.runtime.scriptrunner_utils.script_run_context"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="skip the AppTest rerun and t-SNE")
+    ap.add_argument("--repeats", type=int, default=50)
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(True)
+    res = {"machine": f"{cpu_name()}, {os.cpu_count()} CPUs", "torch_threads": torch.get_num_threads(),
+           "load_avg": os.getloadavg()[0]}
+    res["slider"] = bench_slider(args.repeats)
+    for arch, r in res["slider"].items():
+        print(f"slider -> new image, {arch:4s} 28x28 d=20: median {r['median_ms']:.2f} ms, p90 {r['p90_ms']:.2f} ms "
+              f"(decode alone {r['decode_only_median_ms']:.2f} ms on 1 thread, "
+              f"{r['decode_all_threads_median_ms']:.2f} ms on {torch.get_num_threads()})  "
+              f"target <= {SLIDER_TARGET_MS:.0f} ms")
+    if not args.quick:
+        res["apptest_rerun"] = bench_apptest(min(args.repeats, 15))
+        print(f"AppTest rerun of the whole Decode page after a slider move (upper bound on the fragment): "
+              f"median {res['apptest_rerun']['median_ms']:.0f} ms, min {res['apptest_rerun']['min_ms']:.0f} ms")
+    res["encode_pca"] = e = bench_encode_pca()
+    print(f"encode {e['n']} MNIST-sized images + PCA: {e['raw_median_s']:.3f} s (no cache), first call through the "
+          f"page cache {e['first_s']:.3f} s, from the cache {e['cached_median_ms']:.2f} ms  "
+          f"target <= {ENCODE_TARGET_S:.0f} s first time")
+    res["scatter"] = s = bench_scatter()
+    print(f"{s['n']}-point Scattergl figure with 30 ellipses: built + serialised in {s['build_and_json_median_ms']:.0f} "
+          f"ms, {s['json_mb']:.2f} MB of JSON")
+    if not args.quick:
+        res["tsne"] = t = bench_tsne()
+        print(f"t-SNE (sklearn, 500 iterations, 1 thread as the page runs it): 359 points {t['n359_s']:.1f} s, "
+              f"3000 points {t['n3000_s']:.1f} s; 359 points with all threads {t['n359_all_threads_s']:.1f} s")
+    res["pass"] = {"slider": all(r["median_ms"] <= SLIDER_TARGET_MS for r in res["slider"].values()),
+                   "encode_pca": e["first_s"] <= ENCODE_TARGET_S}
+    print(f"machine: {res['machine']}, torch threads {res['torch_threads']}, load average {res['load_avg']:.2f}")
+    print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
