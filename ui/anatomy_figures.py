@@ -1,0 +1,134 @@
+"""Plotly figures for the ELBO anatomy page. They only draw what vae.anatomy computed; every value is in nats."""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from ui.core import style_fig
+from vae.anatomy import Anatomy, PosteriorPicture, ellipse
+
+BLUE, ORANGE, GREEN, RED, GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#7f7f7f"
+
+
+def _pm(value: float, se: float | None = None) -> str:
+    if se is None or not np.isfinite(se):
+        return f"{value:.2f}"
+    return f"{value:.2f} ± {se:.2f}"
+
+
+def decomposition_fig(a: Anatomy, height: int = 440):
+    """Stacked (waterfall) bars: E_q[log p(x|z)] - KL = ELBO, then ELBO + gap = log p(x); the right panel zooms onto
+    the last step, where the gap sits on top of the ELBO."""
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.66, 0.34], horizontal_spacing=0.1,
+                        subplot_titles=("all terms", "zoom: log p(x) = ELBO + gap"))
+    style = dict(increasing=dict(marker=dict(color=GREEN)), decreasing=dict(marker=dict(color=ORANGE)),
+                 totals=dict(marker=dict(color=BLUE)), connector=dict(line=dict(color=GREY, dash="dot")),
+                 textposition="outside", cliponaxis=False, constraintext="none")
+    fig.add_trace(go.Waterfall(
+        measure=["relative", "relative", "total", "relative", "total"],
+        x=["E_q[log p(x|z)]", "−KL(q‖p(z))", "ELBO", "+gap", "log p(x)"],
+        y=[a.expected_log_lik, -a.kl, 0.0, a.gap, 0.0],
+        text=[f"{a.expected_log_lik:.2f}", f"−{a.kl:.2f}", f"{a.elbo:.2f}", f"+{a.gap:.2f}", f"{a.log_px:.2f}"],
+        **style), 1, 1)
+    fig.add_trace(go.Waterfall(
+        measure=["absolute", "relative", "total"], x=["ELBO", "+gap", "log p(x)"], y=[a.elbo, a.gap, 0.0],
+        base=0, text=[_pm(a.elbo, a.elbo_se), "+" + _pm(a.gap, a.gap_se), _pm(a.log_px, a.log_px_se)],
+        **style), 1, 2)
+    levels = [0.0, a.expected_log_lik, a.elbo, a.log_px]  # every bar end (negative for images, any sign for points)
+    lo, hi = min(levels), max(levels)
+    pad = 0.12 * max(hi - lo, 1e-3)
+    fig.update_yaxes(title_text="nats per example", range=[lo - pad, hi + pad], row=1, col=1)
+    top, bottom = max(a.elbo, a.log_px), min(a.elbo, a.log_px)
+    pad = max(abs(a.gap), 3 * max(a.gap_se, a.elbo_se), 0.3)
+    fig.update_yaxes(range=[bottom - 1.2 * pad, top + 0.8 * pad], row=1, col=2)
+    fig.update_layout(showlegend=False, title="log p(x) = E_q[log p(x|z)] − KL(q‖p(z)) + gap  (nats)")
+    return style_fig(fig, height)
+
+
+def iwae_fig(a: Anatomy, draws=None, grid_log_px: float | None = None, height: int = 420):
+    """L_K against K on a log axis: one nested draw with its ±1 SE band, optionally the mean of several draws."""
+    ks, curve, se = a.ks, a.iwae, np.nan_to_num(a.iwae_se, nan=0.0)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=np.concatenate([ks, ks[::-1]]), y=np.concatenate([curve + se, (curve - se)[::-1]]),
+                             fill="toself", fillcolor="rgba(31,119,180,0.18)", line=dict(width=0),
+                             hoverinfo="skip", name="±1 SE (this draw)"))
+    fig.add_trace(go.Scatter(x=ks, y=curve, mode="lines+markers", line=dict(color=BLUE, width=3),
+                             marker=dict(size=5), name="L_K, one nested draw"))
+    if draws is not None:
+        dks, curves = draws
+        mean = curves.mean(0)
+        dse = curves.std(0, ddof=1) / np.sqrt(curves.shape[0]) if curves.shape[0] > 1 else np.zeros_like(mean)
+        for c in curves:
+            fig.add_trace(go.Scatter(x=dks, y=c, mode="lines", line=dict(color=GREY, width=1), opacity=0.5,
+                                     showlegend=False, hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=dks, y=mean, mode="lines", line=dict(color=ORANGE, width=3),
+                                 error_y=dict(type="data", array=dse, visible=True, thickness=1),
+                                 name=f"mean of {curves.shape[0]} draws ±1 SE"))
+    fig.add_hline(y=a.elbo, line=dict(color=GREEN, dash="dot"),
+                  annotation_text=f"ELBO (S={a.samples}) {a.elbo:.2f}", annotation_position="bottom right")
+    fig.add_hline(y=a.log_px, line=dict(color=BLUE, dash="dash"),
+                  annotation_text=f"log p(x), IS K={a.k}: {a.log_px:.2f}", annotation_position="top left")
+    if grid_log_px is not None:
+        fig.add_hline(y=grid_log_px, line=dict(color=RED, dash="dash"),
+                      annotation_text=f"log p(x), grid: {grid_log_px:.2f}", annotation_position="top right")
+    lines = [a.elbo, a.log_px, *curve] + ([grid_log_px] if grid_log_px is not None else [])
+    if draws is not None:
+        lines += list(draws[1].mean(0))
+    lo, hi = min(lines), max(lines)
+    span = max(hi - lo, 0.2)
+    fig.update_yaxes(range=[lo - 0.25 * span, hi + 0.25 * span])
+    fig.update_layout(title="The IWAE bound L_K climbs from the ELBO towards log p(x)",
+                      xaxis=dict(type="log", title="K (importance samples)"), yaxis_title="nats",
+                      legend=dict(orientation="h", y=-0.25))
+    return style_fig(fig, height)
+
+
+def posterior_fig(pp: PosteriorPicture, log_scale: bool = False, height: int = 600):
+    """The true posterior p(z|x) as a heatmap (density, or log density over 8 nats below the peak), the encoder's
+    q(z|x) as its 1σ and 2σ ellipses."""
+    if log_scale:
+        with np.errstate(divide="ignore"):
+            z = np.log(pp.density)
+        z = np.maximum(z, z.max() - 8.0)
+        title, hover = "log p(z|x)", "log density %{z:.2f}"
+    else:
+        z, title, hover = pp.density, "p(z|x)", "density %{z:.3g}"
+    fig = go.Figure(go.Heatmap(x=pp.z1, y=pp.z2, z=z, colorscale="Viridis", colorbar=dict(title=title),
+                               hovertemplate="z1 %{x:.2f}<br>z2 %{y:.2f}<br>" + hover + "<extra></extra>"))
+    for k, dash in ((1, "solid"), (2, "dash")):
+        e1, e2 = ellipse(pp.mu, pp.sigma, k)
+        fig.add_trace(go.Scatter(x=e1, y=e2, mode="lines", line=dict(color="white", width=3, dash=dash),
+                                 name=f"q_φ(z|x): {k}σ"))
+    fig.add_trace(go.Scatter(x=[pp.mu[0]], y=[pp.mu[1]], mode="markers", name="q's mean μ",
+                             marker=dict(color="white", size=11, symbol="x")))
+    fig.add_trace(go.Scatter(x=[pp.post_mean[0]], y=[pp.post_mean[1]], mode="markers", name="posterior mean",
+                             marker=dict(color=RED, size=11, symbol="circle-open", line=dict(width=3))))
+    fig.update_layout(title="True posterior p_θ(z|x) (heatmap), encoder q_φ(z|x) (ellipses)",
+                      xaxis=dict(title="z1", range=[pp.z1[0], pp.z1[-1]]),
+                      yaxis=dict(title="z2", range=[pp.z2[0], pp.z2[-1]], scaleanchor="x", scaleratio=1),
+                      legend=dict(orientation="h", y=-0.2))
+    style_fig(fig, height)
+    fig.update_layout(legend=dict(bgcolor="rgba(60,60,60,0.9)", font=dict(color="white")))  # white lines show
+    return fig
+
+
+def history_fig(hist: dict, current: dict | None = None, height: int = 400):
+    """ELBO per epoch from the history; log p(x) only for the current weights (a single point)."""
+    fig = go.Figure()
+    if "train_elbo" in hist:
+        fig.add_trace(go.Scatter(x=hist["epoch"], y=hist["train_elbo"], mode="lines", name="train ELBO",
+                                 line=dict(color=GREY)))
+    if "test_elbo" in hist:
+        fig.add_trace(go.Scatter(x=hist["epoch"], y=hist["test_elbo"], mode="lines", name="test ELBO",
+                                 line=dict(color=GREEN, width=3)))
+    if current is not None:
+        e = hist["epoch"][-1]
+        fig.add_trace(go.Scatter(x=[e], y=[current["log_px"]], mode="markers", name=current["label_log_px"],
+                                 marker=dict(color=BLUE, size=14, symbol="diamond"),
+                                 error_y=dict(type="data", array=[2 * current["log_px_se"]], visible=True)))
+        fig.add_trace(go.Scatter(x=[e], y=[current["elbo"]], mode="markers", name=current["label_elbo"],
+                                 marker=dict(color=GREEN, size=12, symbol="circle")))
+    fig.update_layout(title="ELBO per epoch (log p(x) only for the current weights)", xaxis_title="epoch",
+                      yaxis_title="nats per example", legend=dict(orientation="h", y=-0.25))
+    return style_fig(fig, height)
