@@ -7,11 +7,17 @@ st.cache_resource and polls snapshots).
     snap = job.snapshot()          # a consistent copy, taken under the job's lock
 
 Each job runs in its own daemon thread that never touches the UI. The registry caps how many run at once; jobs over
-the cap wait in a FIFO queue (never dropped) and start as others end. Every finished epoch is autosaved atomically,
-so a server restart loses at most one epoch: restored jobs come back as "interrupted" and can be resumed.
+the cap wait in a FIFO queue (never dropped) and start as others end. Every finished epoch is autosaved atomically
+by a background writer (the training thread only copies the state), so a server restart loses at most one epoch:
+restored jobs come back as "interrupted" and can be resumed; ended ones keep their weights.
+
+CPU threads: each job thread sets its own torch thread count (an OpenMP setting of the calling thread), by default
+the machine's cores shared out between the concurrent jobs and the UI, so that two jobs and the web server do not
+oversubscribe a small machine (OpenMP spin-waits make that many times slower). Override with $VAE_JOB_THREADS.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 import os
@@ -22,6 +28,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .checkpoint import CheckpointError, make_checkpoint, read_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig
 from .trainer import Trainer, TrainingDiverged
@@ -30,6 +38,11 @@ QUEUED, RUNNING, PAUSED, FINISHED, STOPPED, FAILED, INTERRUPTED = (
     "queued", "running", "paused", "finished", "stopped", "failed", "interrupted")
 ACTIVE = (QUEUED, RUNNING, PAUSED)
 MAX_JOBS_ENV = "VAE_MAX_JOBS"
+THREADS_ENV = "VAE_JOB_THREADS"
+RATE_WINDOW = 64  # steps over which the live samples/s (and so the ETA) is measured
+# settings that may change while a run goes on (Trainer.update validates the values)
+LIVE_SETTINGS = ("beta", "beta_schedule", "warmup_epochs", "cycles", "cycle_ratio", "capacity_max", "free_bits",
+                 "lr", "grad_clip")
 
 
 @dataclass
@@ -43,7 +56,7 @@ class JobSnapshot:
     total_steps: int
     epochs: int
     steps_per_epoch: int
-    samples_per_s: float | None
+    samples_per_s: float | None  # live wall-clock rate over the last steps (pauses excluded), else the last epoch's
     eta_s: float | None
     queue_position: int | None  # 1-based place in the queue while queued
     delay_s: float
@@ -62,6 +75,29 @@ class JobSnapshot:
     @property
     def progress(self) -> float:
         return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
+
+
+def copy_history(h: dict) -> dict:
+    """A consistent copy of a trainer history, fast: the trainer only appends to its lists and never changes an item
+    after appending it, so copying the lists (not the floats and per-dim lists in them) is enough. Far cheaper than
+    deepcopy, which matters because the copy is taken under the job's lock while training waits."""
+    return {"step": {k: list(v) for k, v in h.get("step", {}).items()},
+            "epoch": {k: list(v) for k, v in h.get("epoch", {}).items()},
+            "events": list(h.get("events", []))}
+
+
+def default_threads(max_concurrent: int) -> int:
+    """torch CPU threads per job: $VAE_JOB_THREADS, else the cores shared between the jobs and the UI (>= 1)."""
+    env = os.environ.get(THREADS_ENV)
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"${THREADS_ENV}={env!r} is not allowed: give a whole number of threads >= 1") from None
+        if n < 1:
+            raise ValueError(f"${THREADS_ENV}={env!r} is not allowed: give a whole number of threads >= 1")
+        return n
+    return max(1, (os.cpu_count() or 1) // (max_concurrent + 1))
 
 
 class Job:
@@ -87,8 +123,11 @@ class Job:
         self._weights_version = 0
         self._thread: threading.Thread | None = None
         self._occupies_slot = False  # True from start until the worker is done: what the concurrency cap counts
-        self._resume_state: dict | None = None
+        self._resume_state: dict | None = None  # a restored trainer state, attached lazily (see _ensure_trainer)
+        self._attach_tried = False
         self._t_started: float | None = None
+        self._t_ended: float | None = None
+        self._rate = collections.deque(maxlen=RATE_WINDOW)  # (time, step) of recent steps, cleared on pause
 
     # ---- controls (any thread) --------------------------------------------------------------------------------
     def pause(self):
@@ -96,6 +135,7 @@ class Job:
             self._paused = True
             if self.state == RUNNING:
                 self.state = PAUSED
+            self._rate.clear()
             self._cond.notify_all()
 
     def resume(self):
@@ -103,8 +143,10 @@ class Job:
             self._paused = False
             if self.state == PAUSED:
                 self.state = RUNNING
+            self._rate.clear()
             self._cond.notify_all()
-        if self.state == INTERRUPTED:
+            interrupted = self.state == INTERRUPTED
+        if interrupted:
             self.registry._requeue(self)
 
     def step_once(self, n: int = 1):
@@ -114,48 +156,81 @@ class Job:
             if self.state == RUNNING:
                 self.state = PAUSED
             self._steps_requested += n
+            self._rate.clear()
             self._cond.notify_all()
-        if self.state == INTERRUPTED:
+            interrupted = self.state == INTERRUPTED
+        if interrupted:
             self.registry._requeue(self)
 
     def stop(self):
         with self._cond:
             self._stop = True
+            was_interrupted = self.state == INTERRUPTED
             if self.state in (QUEUED, INTERRUPTED):
                 self.state = STOPPED
+                self._t_ended = time.time()
             self._cond.notify_all()
+        if was_interrupted:  # record the new state, so the next server start does not offer it as resumable
+            self.registry._autosave(self, final=True)
         self.registry._schedule()
 
     def set_delay(self, seconds: float):
-        if not (0 <= float(seconds) <= 10):
+        try:
+            seconds = float(seconds)
+        except (TypeError, ValueError):
+            raise ValueError(f"delay={seconds!r} is not allowed: give 0 to 10 seconds per step") from None
+        if not (0 <= seconds <= 10):
             raise ValueError(f"delay={seconds!r} is not allowed: give 0 to 10 seconds per step")
         with self._cond:
-            self.delay_s = float(seconds)
+            self.delay_s = seconds
+            self._rate.clear()
             self._cond.notify_all()
 
     def update(self, **changes) -> str:
         """Change lr / beta / schedule settings mid-run; recorded as an event on the curves. ValueError if bad."""
         with self._lock:
-            if self.trainer is None:
+            if self.trainer is None:  # not started yet: any setting may change
                 self.train_config = TrainConfig.from_dict({**self.train_config.to_dict(), **changes})
                 return ""
+            bad = sorted(set(changes) - set(LIVE_SETTINGS))
+            if bad:
+                raise ValueError(f"{', '.join(bad)} cannot change once a run has started: only "
+                                 f"{', '.join(LIVE_SETTINGS)} can; start a new run for the others")
             text = self.trainer.update(**changes)
             self.train_config = self.trainer.config
             return text
 
     # ---- reading (any thread) ---------------------------------------------------------------------------------
+    @property
+    def pause_requested(self) -> bool:
+        """Pause was asked for (also true for a queued job that will start paused)."""
+        return self._paused
+
+    @property
+    def has_weights(self) -> bool:
+        """True when the job has a model to show or save (a live trainer, or a restored state not yet attached)."""
+        return self.trainer is not None or (self._resume_state is not None and "restore_error" not in self.extra)
+
     def snapshot(self) -> JobSnapshot:
         queue_position = self.registry.queue_position(self)  # before our lock: never hold both the other way round
+        self._ensure_trainer()
         with self._lock:
             t = self.trainer
-            hist = copy.deepcopy(t.history) if t is not None else _empty_history(self._resume_state)
+            hist = copy_history(t.history) if t is not None else _empty_history(self._resume_state)
             step = t.step_count if t else 0
             total = t.total_steps if t else 0
             spe = t.steps_per_epoch if t else 0
             sps = hist["epoch"]["samples_per_s"][-1] if hist["epoch"].get("samples_per_s") else None
             eta = None
-            if t is not None and sps and self.state in (RUNNING, PAUSED):
-                eta = (total - step) * t.config.batch_size / sps
+            if t is not None and self.state in (RUNNING, PAUSED):
+                steps_per_s = self._steps_per_s()
+                if steps_per_s:
+                    sps = steps_per_s * t.config.batch_size
+                    eta = (total - step) / steps_per_s if self.state == RUNNING else None
+                elif sps and self.state == RUNNING:
+                    eta = (total - step) * t.config.batch_size / sps
+            extra = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.extra.items()}
+            extra.update(started=self._t_started, ended=self._t_ended)
             return JobSnapshot(
                 id=self.id, name=self.name, state=self.state, error=self.error, epoch=t.epoch if t else 0,
                 step=step, total_steps=total, epochs=self.train_config.epochs, steps_per_epoch=spe,
@@ -164,10 +239,17 @@ class Job:
                 model_config=(t.model.config.to_dict() if t else
                               (self.model_config.to_dict() if self.model_config else None)),
                 weights_version=self._weights_version, created=self.created, group=self.group,
-                extra=dict(self.extra))
+                extra=extra)
+
+    def _steps_per_s(self) -> float | None:
+        if len(self._rate) < 2:
+            return None
+        (t0, s0), (t1, s1) = self._rate[0], self._rate[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 else None
 
     def latest_weights(self):
         """(model_config dict, state_dict copy on the CPU, weights_version), or None before the model exists."""
+        self._ensure_trainer()
         with self._lock:
             if self.trainer is None:
                 return None
@@ -177,36 +259,66 @@ class Job:
 
     def checkpoint(self) -> dict:
         """A checkpoint of the current (or last good) weights, with the history so far."""
+        self._ensure_trainer()
         with self._lock:
             if self.trainer is None:
-                raise ValueError(f"run {self.name!r} has no weights yet: start it first")
+                reason = self.extra.get("restore_error")
+                raise ValueError(f"run {self.name!r} has no weights" + (f": {reason}" if reason else
+                                                                         " yet: start it first"))
             t = self.trainer
             return make_checkpoint(t.model, train_config=t.config, history=copy.deepcopy(t.history),
                                    metrics=t.final_metrics(), dataset=t.config.dataset)
 
-    def join(self, timeout: float | None = None):
-        if self._thread is not None:
-            self._thread.join(timeout)
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the job has ended (also while it still waits in the queue). True if it has."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            thread = self._thread
+            if thread is not None:
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            ended = self.state not in ACTIVE and (thread is None or not thread.is_alive())
+            if ended or (deadline is not None and time.monotonic() >= deadline):
+                return ended
+            time.sleep(0.01)
 
     # ---- the worker thread ------------------------------------------------------------------------------------
+    def _ensure_trainer(self):
+        """Attach a trainer to a job restored from an autosave (once): its weights can then be shown and saved."""
+        if self.trainer is not None or self._resume_state is None or self._attach_tried:
+            return
+        with self._lock:
+            if self.trainer is None and self._resume_state is not None and not self._attach_tried:
+                self._attach_tried = True
+                _attach_restored_trainer(self)
+
     def _start(self):
         with self._lock:
             self.state = PAUSED if self._paused else RUNNING
             self._t_started = time.time()
+            self._t_ended = None
             self._occupies_slot = True
-        self._thread = threading.Thread(target=self._run, name=f"vae-job-{self.id}", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._run, name=f"vae-job-{self.id}", daemon=True)
+        thread.start()
+        self._thread = thread  # only once started: join() may run in another thread at any time
 
     def _run(self):
         try:
-            trainer = Trainer(self.train_config, self.model_config)
-            if self._resume_state is not None:
-                trainer.load_state_dict(self._resume_state)
-                self._resume_state = None
+            torch.set_num_threads(self.registry.threads)  # this thread's OpenMP pool only
+            self._ensure_trainer()
+            with self._lock:
+                trainer = self.trainer
+            if trainer is None:
+                reason = self.extra.get("restore_error")
+                if reason:
+                    raise RuntimeError(f"the autosaved run could not be restored: {reason}")
+                trainer = Trainer(self.train_config, self.model_config)
             with self._lock:
                 self.trainer = trainer
                 self.model_config = trainer.model.config
                 self._weights_version += 1
+                # wall-clock bookkeeping of this thread's training (benchmarks compare it with the CLI)
+                self.extra["train_wall"] = {"t0": time.time(), "t1": None, "step0": trainer.step_count,
+                                            "steps": 0, "batch_size": trainer.config.batch_size}
             while True:
                 with self._cond:
                     while not trainer.done and self._paused and self._steps_requested == 0 and not self._stop:
@@ -221,15 +333,17 @@ class Job:
                         self._steps_requested -= 1
                     rec = trainer.step()
                     self._weights_version += 1
+                    self._rate.append((time.perf_counter(), trainer.step_count))
                     delay = self.delay_s
-                if rec["epoch_end"]:
-                    self.registry._autosave(self)
+                    if rec["epoch_end"]:  # queued before anyone can see the new epoch: flush() then covers it
+                        self.registry._autosave(self, background=True)
                 if delay > 0:
                     with self._cond:  # an interruptible sleep: stop/pause/delay change wake it
                         self._cond.wait(timeout=delay)
         except TrainingDiverged as exc:
             with self._lock:
                 self.state, self.error = FAILED, str(exc)
+                self.extra["failed_step"] = exc.step
                 self._weights_version += 1
         except Exception as exc:  # shown on the page, not only in the console
             with self._lock:
@@ -237,6 +351,12 @@ class Job:
                 self.error = f"{type(exc).__name__}: {exc}"
                 self.extra["traceback"] = traceback.format_exc(limit=6)
         finally:
+            with self._lock:
+                self._t_ended = time.time()
+                self._rate.clear()
+                wall = self.extra.get("train_wall")
+                if wall is not None and self.trainer is not None:
+                    wall.update(t1=self._t_ended, steps=self.trainer.step_count - wall["step0"])
             self.registry._autosave(self, final=True)
             self._occupies_slot = False
             self.registry._schedule()
@@ -244,25 +364,79 @@ class Job:
 
 def _empty_history(state: dict | None) -> dict:
     if state is not None:
-        return copy.deepcopy(state["history"])
+        return copy_history(state["history"])
     from .trainer import new_history
 
     return new_history()
 
 
+class _AutosaveWriter:
+    """One background thread that writes autosaves, so a training step never waits for a disk. Only the newest
+    pending checkpoint of each job is kept: if epochs end faster than files are written, older ones are skipped."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._pending: dict[Path, tuple] = {}
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    def put(self, path: Path, ckpt: dict, on_error):
+        with self._cond:
+            self._pending[path] = (ckpt, on_error)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="vae-autosave", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def discard(self, path: Path):
+        with self._cond:
+            self._pending.pop(path, None)
+
+    def flush(self, timeout: float = 10.0):
+        """Wait until every pending autosave is written."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._pending or self._busy) and time.monotonic() < deadline:
+                self._cond.wait(timeout=0.05)
+
+    def _loop(self):
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+                path, (ckpt, on_error) = self._pending.popitem()
+                self._busy = True
+            try:
+                save_checkpoint(path, ckpt)
+            except OSError as exc:  # a full disk must not kill the run
+                on_error(exc)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+
 class JobRegistry:
     def __init__(self, max_concurrent: int | None = None, autosave_dir: str | os.PathLike | None = None,
-                 restore: bool = True):
+                 restore: bool = True, threads: int | None = None):
         if max_concurrent is None:
-            max_concurrent = int(os.environ.get(MAX_JOBS_ENV, "2"))
+            env = os.environ.get(MAX_JOBS_ENV, "2")
+            try:
+                max_concurrent = int(env)
+            except ValueError:
+                raise ValueError(f"${MAX_JOBS_ENV}={env!r} is not allowed: give a whole number >= 1") from None
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent={max_concurrent} is not allowed: at least 1 job must be able to run")
         self.max_concurrent = max_concurrent
+        self.threads = int(threads) if threads else default_threads(max_concurrent)
+        if self.threads < 1:
+            raise ValueError(f"threads={threads} is not allowed: give at least 1")
         self.autosave_dir = Path(autosave_dir) if autosave_dir else None
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
         self._queue: list[Job] = []
         self._counter = itertools.count(1)
+        self._writer = _AutosaveWriter()
         if restore and self.autosave_dir is not None:
             self._restore()
 
@@ -297,7 +471,10 @@ class JobRegistry:
                 raise ValueError(f"run {job.name!r} is {job.state}: stop it before removing it")
             del self._jobs[job_id]
         if self.autosave_dir is not None:
-            (self.autosave_dir / f"{job_id}.pt").unlink(missing_ok=True)
+            path = self.autosave_dir / f"{job_id}.pt"
+            self._writer.discard(path)
+            self._writer.flush()
+            path.unlink(missing_ok=True)
 
     def queue_position(self, job: Job) -> int | None:
         with self._lock:
@@ -310,12 +487,17 @@ class JobRegistry:
         with self._lock:
             return [j for j in self._jobs.values() if j._occupies_slot]
 
+    def flush(self, timeout: float = 10.0):
+        """Wait until pending autosaves are on disk (tests, server exit)."""
+        self._writer.flush(timeout)
+
     def shutdown(self, timeout: float = 5.0):
-        """Stop every job and wait for the threads (tests, server exit)."""
+        """Stop every job and wait for the threads and the autosaves (tests, server exit)."""
         for j in self.jobs():
             j.stop()
         for j in self.jobs():
             j.join(timeout)
+        self.flush(timeout)
 
     # ---- internals --------------------------------------------------------------------------------------------
     def _schedule(self):
@@ -335,23 +517,40 @@ class JobRegistry:
                 self._queue.append(job)
         self._schedule()
 
-    def _autosave(self, job: Job, final: bool = False):
-        if self.autosave_dir is None or job.trainer is None:
+    def _autosave(self, job: Job, final: bool = False, background: bool = False):
+        """Autosave a job's resumable state. The copy is taken under the job's lock; with background=True the file
+        is written by the writer thread, else here (final saves: the state must be on disk when the job ends)."""
+        if self.autosave_dir is None:
+            return
+        job._ensure_trainer()
+        if job.trainer is None:
             return
         with job._lock:
             t = job.trainer
-            ck = make_checkpoint(t.model, train_config=t.config, history=copy.deepcopy(t.history),
+            ck = make_checkpoint(t.model, train_config=t.config, history=copy_history(t.history),
                                  metrics=t.last_epoch() or {}, dataset=t.config.dataset)
             ck["job"] = {"id": job.id, "name": job.name, "group": job.group, "state": job.state,
-                         "error": job.error, "created": job.created, "trainer_state": t.state_dict()}
-        try:
-            save_checkpoint(self.autosave_dir / f"{job.id}.pt", ck)
-        except OSError as exc:  # a full disk must not kill the run
+                         "error": job.error, "created": job.created, "trainer_state": t.state_dict(),
+                         "train_wall": dict(job.extra.get("train_wall") or {})}
+        path = self.autosave_dir / f"{job.id}.pt"
+
+        def failed(exc):
             with job._lock:
                 job.extra["autosave_error"] = f"autosave failed: {exc}"
 
+        if background:
+            self._writer.put(path, ck, failed)
+            return
+        self._writer.discard(path)  # an older pending copy must not land after this one
+        self._writer.flush()
+        try:
+            save_checkpoint(path, ck)
+        except OSError as exc:
+            failed(exc)
+
     def _restore(self):
-        """Bring back jobs autosaved by an earlier server process: active ones as INTERRUPTED (resumable)."""
+        """Bring back jobs autosaved by an earlier server process: active ones as INTERRUPTED (resumable). Their
+        trainers are attached lazily, on first use, so that a server with many old runs still starts fast."""
         if not self.autosave_dir.is_dir():
             return
         for p in sorted(self.autosave_dir.glob("*.pt")):
@@ -360,23 +559,20 @@ class JobRegistry:
                 meta = ck["job"]
                 tc = TrainConfig.from_dict(ck["train_config"])
                 mc = ModelConfig.from_dict(ck["model_config"])
+                job = Job(self, tc, mc, name=meta.get("name", ""), job_id=meta["id"], group=meta.get("group"))
+                job._resume_state = meta["trainer_state"]
             except (CheckpointError, KeyError, TypeError, ValueError):
                 continue
-            job = Job(self, tc, mc, name=meta.get("name", ""), job_id=meta["id"], group=meta.get("group"))
             job.created = meta.get("created", p.stat().st_mtime)
             job.error = meta.get("error")
             state = meta.get("state")
             job.state = state if state in (FINISHED, STOPPED, FAILED) else INTERRUPTED
-            job._resume_state = meta["trainer_state"]
             self._jobs[job.id] = job
-        # a finished/stopped/failed restored job still offers its weights through a paused-at-end trainer
-        for job in self._jobs.values():
-            if job.state != INTERRUPTED and job._resume_state is not None:
-                _attach_restored_trainer(job)
 
 
 def _attach_restored_trainer(job: Job):
-    """Build a trainer for a restored, ended job so its weights can be read and saved (no thread runs)."""
+    """Build a trainer for a restored job from its autosaved state, so its weights can be read and saved and a
+    resumed run goes on from there (no thread runs here). Called with the job's lock held."""
     try:
         t = Trainer(job.train_config, job.model_config)
         t.load_state_dict(job._resume_state)
@@ -384,9 +580,10 @@ def _attach_restored_trainer(job: Job):
         job.extra["restore_error"] = f"{type(exc).__name__}: {exc}"
         return
     job.trainer = t
+    job.model_config = t.model.config
     job._resume_state = None
     job._weights_version += 1
 
 
-__all__ = ["JobRegistry", "Job", "JobSnapshot", "QUEUED", "RUNNING", "PAUSED", "FINISHED", "STOPPED", "FAILED",
-           "INTERRUPTED", "ACTIVE"]
+__all__ = ["JobRegistry", "Job", "JobSnapshot", "copy_history", "default_threads", "QUEUED", "RUNNING", "PAUSED",
+           "FINISHED", "STOPPED", "FAILED", "INTERRUPTED", "ACTIVE", "LIVE_SETTINGS"]

@@ -1,0 +1,261 @@
+"""The job registry without Streamlit: the concurrency cap and its FIFO queue, pause/resume/step/stop, NaN and
+exceptions in the thread, two sessions' jobs side by side, autosave and restore in a new registry.
+
+Jobs are tiny (digits, the first 64 examples, batch 32: 2 steps per epoch, MLP 16, d = 2) so the file runs in
+seconds. Waits poll the job's snapshot with a deadline; nothing sleeps for a fixed time to "let it run".
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from vae.config import TrainConfig
+from vae.jobs import (FAILED, FINISHED, INTERRUPTED, PAUSED, QUEUED, RUNNING, STOPPED, JobRegistry, copy_history,
+                      default_threads)
+from vae.presets import model_config_for
+
+
+def tc(**kw) -> TrainConfig:
+    base = dict(dataset="digits", epochs=3, batch_size=32, max_examples=64, lr=1e-2, seed=0, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def mc(**kw):
+    base = dict(hidden=(16,), latent_dim=2)
+    base.update(kw)
+    return model_config_for("digits", **base)
+
+
+def wait_until(pred, timeout=120.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture
+def registries():
+    made = []
+
+    def make(**kw) -> JobRegistry:
+        kw.setdefault("threads", 1)
+        r = JobRegistry(**kw)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.shutdown()
+
+
+def test_cap_queues_in_order_and_never_drops(registries):
+    reg = registries(max_concurrent=1)
+    a = reg.submit(tc(), mc(), name="a", start_paused=True)  # holds the only slot until stopped
+    b = reg.submit(tc(epochs=1), mc(), name="b")
+    c = reg.submit(tc(epochs=1), mc(), name="c")
+    wait_until(lambda: a.trainer is not None, what="a to start")
+    assert a.state == PAUSED and len(reg.running()) == 1
+    assert (b.snapshot().state, b.snapshot().queue_position) == (QUEUED, 1)
+    assert (c.snapshot().state, c.snapshot().queue_position) == (QUEUED, 2)
+    a.stop()
+    b.join(120)
+    c.join(120)
+    assert a.state == STOPPED and b.state == FINISHED and c.state == FINISHED
+    assert b.snapshot().extra["started"] <= c.snapshot().extra["started"]  # FIFO
+    assert c.snapshot().queue_position is None and c.snapshot().epoch == 1
+
+
+def test_stopping_a_queued_job_removes_it_from_the_queue(registries):
+    reg = registries(max_concurrent=1)
+    a = reg.submit(tc(), mc(), start_paused=True)
+    b = reg.submit(tc(), mc())
+    c = reg.submit(tc(epochs=1), mc())
+    b.stop()
+    assert b.state == STOPPED and c.snapshot().queue_position == 1
+    a.stop()
+    c.join(120)
+    assert c.state == FINISHED and b.trainer is None  # b never ran
+
+
+def test_pause_step_resume_stop(registries):
+    reg = registries()
+    job = reg.submit(tc(epochs=50), mc(), start_paused=True)
+    wait_until(lambda: job.trainer is not None, what="the trainer")
+    assert job.snapshot().step == 0 and job.state == PAUSED
+    job.step_once(3)
+    wait_until(lambda: job.snapshot().step == 3, what="3 single steps")
+    time.sleep(0.05)
+    assert job.snapshot().step == 3 and job.state == PAUSED  # stays paused after the steps
+    job.set_delay(0.002)
+    job.resume()
+    assert job.state == RUNNING
+    wait_until(lambda: job.snapshot().step >= 10, what="steps after resume")
+    job.pause()
+    s1 = job.snapshot().step
+    time.sleep(0.05)
+    assert job.snapshot().step == s1 and job.state == PAUSED
+    job.stop()
+    job.join(60)
+    snap = job.snapshot()
+    assert snap.state == STOPPED and snap.step == s1 and not snap.active
+    assert job.checkpoint()["state_dict"]  # a stopped run's weights stay savable
+
+
+def test_live_rate_and_eta_while_running(registries):
+    reg = registries()
+    job = reg.submit(tc(epochs=200), mc())
+    job.set_delay(0.001)
+    wait_until(lambda: job.snapshot().step >= 20, what="20 steps")
+    snap = job.snapshot()
+    assert snap.samples_per_s and snap.samples_per_s > 0
+    assert snap.eta_s is not None and snap.eta_s > 0
+    job.pause()
+    assert job.snapshot().eta_s is None  # no ETA while paused
+
+
+def test_update_marks_an_event_and_rejects_bad_changes(registries):
+    reg = registries()
+    job = reg.submit(tc(epochs=5), mc(), start_paused=True)
+    wait_until(lambda: job.trainer is not None, what="the trainer")
+    job.step_once(2)
+    wait_until(lambda: job.snapshot().step == 2, what="2 steps")
+    text = job.update(beta=2.5, lr=5e-3)
+    assert "beta" in text and "lr" in text
+    ev = job.snapshot().history["events"]
+    assert ev == [{"step": 2, "epoch": 1, "text": text}]
+    job.step_once()
+    wait_until(lambda: job.snapshot().step == 3, what="a step with the new beta")
+    assert job.snapshot().history["step"]["beta"][-1] == 2.5
+    with pytest.raises(ValueError, match="batch_size"):
+        job.update(batch_size=8)
+    with pytest.raises(ValueError, match="beta"):
+        job.update(beta=-1.0)
+    with pytest.raises(ValueError, match="delay"):
+        job.set_delay(11)
+
+
+def test_nan_ends_the_job_as_failed_with_the_last_good_weights(registries):
+    reg = registries()
+    job = reg.submit(tc(epochs=5), mc(), start_paused=True)
+    wait_until(lambda: job.trainer is not None, what="the trainer")
+    job.step_once(2)  # one whole epoch: its end is the last good state
+    wait_until(lambda: job.snapshot().epoch == 1, what="epoch 1")
+    good = {k: v.clone() for k, v in job.latest_weights()[1].items()}
+    with job._lock:  # poison the weights: the next loss is NaN
+        for p in job.trainer.model.parameters():
+            p.data.fill_(float("nan"))
+    job.step_once()
+    job.join(60)
+    snap = job.snapshot()
+    assert snap.state == FAILED and snap.extra["failed_step"] == 2
+    assert "step 2" in snap.error and "nan" in snap.error.lower()
+    _, weights, _ = job.latest_weights()
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert all(torch.equal(weights[k], good[k]) for k in good)  # the end of epoch 1, restored
+    assert job.checkpoint()["state_dict"]  # and savable
+
+
+def test_an_exception_in_the_thread_is_reported(registries):
+    reg = registries()
+    wrong = model_config_for("moons")  # input_dim 2: does not fit digits (64)
+    job = reg.submit(tc(), wrong)
+    job.join(120)
+    snap = job.snapshot()
+    assert snap.state == FAILED and "does not match dataset" in snap.error
+    assert snap.error.startswith("ValueError") and "Traceback" in snap.extra["traceback"]
+    assert not reg.running()  # the slot is free again
+
+
+def test_two_sessions_each_with_their_own_job(registries):
+    reg = registries()  # one process-wide registry, two users
+    mine = reg.submit(tc(epochs=500), mc(), name="session-1")
+    theirs = reg.submit(tc(epochs=500), mc(), name="session-2")
+    mine.set_delay(0.002)
+    theirs.set_delay(0.002)
+    wait_until(lambda: mine.snapshot().step > 3 and theirs.snapshot().step > 3, what="both to train")
+    mine.stop()
+    mine.join(60)
+    before = theirs.snapshot().step
+    wait_until(lambda: theirs.snapshot().step > before + 5, what="the other job to go on")
+    assert mine.state == STOPPED and theirs.state == RUNNING
+    assert copy_history(theirs.trainer.history)["step"]["step"][-1] >= before + 5
+
+
+def test_snapshot_is_a_consistent_copy(registries):
+    reg = registries()
+    job = reg.submit(tc(epochs=4), mc())
+    job.join(120)
+    snap = job.snapshot()
+    lengths = {len(v) for v in snap.history["step"].values()}
+    assert lengths == {8} and len(snap.history["epoch"]["test_elbo"]) == 4
+    snap.history["step"]["loss"].clear()
+    assert len(job.snapshot().history["step"]["loss"]) == 8
+
+
+def test_autosave_then_a_new_registry_restores_and_resumes(registries, tmp_path):
+    reg = registries(autosave_dir=tmp_path)
+    job = reg.submit(tc(epochs=4), mc(), name="survivor", start_paused=True)
+    wait_until(lambda: job.trainer is not None, what="the trainer")
+    job.step_once(4)  # two epochs, each autosaved
+    wait_until(lambda: job.snapshot().epoch == 2, what="2 epochs")
+    reg.flush()
+    weights_at_2 = job.latest_weights()[1]
+    history_at_2 = job.snapshot().history
+    assert (tmp_path / f"{job.id}.pt").is_file()
+
+    restarted = registries(autosave_dir=tmp_path)  # a new server process on the same folder
+    back = restarted.get(job.id)
+    assert back is not None and back.name == "survivor" and back.state == INTERRUPTED and back.has_weights
+    snap = back.snapshot()
+    assert snap.epoch == 2 and snap.step == 4
+    assert snap.history["epoch"]["test_elbo"] == history_at_2["epoch"]["test_elbo"]
+    restored = back.latest_weights()[1]
+    assert all(torch.equal(restored[k], weights_at_2[k]) for k in weights_at_2)
+    back.resume()
+    back.join(120)
+    assert back.state == FINISHED and back.snapshot().epoch == 4
+    assert len(back.snapshot().history["epoch"]["test_elbo"]) == 4
+
+
+def test_restored_ended_jobs_keep_their_state_and_a_stopped_interrupted_one_stays_stopped(registries, tmp_path):
+    reg = registries(autosave_dir=tmp_path)
+    done = reg.submit(tc(epochs=1), mc(), name="done")
+    half = reg.submit(tc(epochs=4), mc(), name="half", start_paused=True)
+    done.join(120)
+    wait_until(lambda: half.trainer is not None, what="the trainer")
+    half.step_once(2)
+    wait_until(lambda: half.snapshot().epoch == 1, what="1 epoch")
+    reg.flush()
+    second = registries(autosave_dir=tmp_path)
+    assert second.get(done.id).state == FINISHED and second.get(done.id).checkpoint()["metrics"]
+    assert second.get(half.id).state == INTERRUPTED
+    second.get(half.id).stop()
+    third = registries(autosave_dir=tmp_path)
+    assert third.get(half.id).state == STOPPED
+    third.remove(done.id)
+    assert not (tmp_path / f"{done.id}.pt").exists()
+
+
+def test_remove_refuses_an_active_job(registries):
+    reg = registries()
+    job = reg.submit(tc(), mc(), start_paused=True)
+    with pytest.raises(ValueError, match="stop it"):
+        reg.remove(job.id)
+
+
+def test_bad_settings_are_clear_errors(monkeypatch):
+    with pytest.raises(ValueError, match="at least 1"):
+        JobRegistry(max_concurrent=0)
+    monkeypatch.setenv("VAE_JOB_THREADS", "lots")
+    with pytest.raises(ValueError, match="VAE_JOB_THREADS"):
+        default_threads(2)
+    monkeypatch.setenv("VAE_JOB_THREADS", "3")
+    assert default_threads(2) == 3
+    monkeypatch.delenv("VAE_JOB_THREADS")
+    assert default_threads(2) >= 1 and math.isfinite(default_threads(1))

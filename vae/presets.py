@@ -1,0 +1,69 @@
+"""Training presets for the Train page: small, seeded digits runs that each tell one story in seconds on a CPU.
+
+    cfg, mcfg = preset_configs("reproduce KL collapse")     # (TrainConfig, ModelConfig overrides)
+
+Settings follow REFERENCES.md: on digits with a 16-dimensional latent, beta = 4 with no warm-up collapses every
+dimension; free bits lambda = 0.5 at the same beta keeps them active; a linear warm-up to beta = 1 (Bowman et al.
+2016) lets the decoder learn to use z before the KL penalty bites.
+"""
+from __future__ import annotations
+
+import math
+
+from .config import ModelConfig, TrainConfig
+from .data import DATASETS
+
+PRESETS: dict[str, dict] = {
+    "fast demo": {
+        "description": "A 2-layer MLP VAE on the bundled 8x8 digits: the reconstruction NLL falls, the KL rises, and "
+                       "the reconstructions and samples sharpen epoch by epoch. About ten seconds on a laptop CPU.",
+        "train": dict(dataset="digits", epochs=50, batch_size=64, lr=3e-3, beta=1.0, beta_schedule="constant",
+                      free_bits=0.0, seed=0),
+        "model": dict(arch="mlp", hidden=(256, 128), latent_dim=8, likelihood="bernoulli", decoder="standard"),
+    },
+    "reproduce KL collapse": {
+        "description": "beta = 4 from the first step, no warm-up, 16 latent dimensions: the KL penalty wins, every "
+                       "dimension's KL goes to 0 nats and the active units fall to 0 (posterior collapse).",
+        "train": dict(dataset="digits", epochs=30, batch_size=128, lr=2e-3, beta=4.0, beta_schedule="constant",
+                      free_bits=0.0, seed=0),
+        "model": dict(arch="mlp", hidden=(256, 128), latent_dim=16, likelihood="bernoulli", decoder="standard"),
+    },
+    "fix it with free bits": {
+        "description": "The same beta = 4, with free bits lambda = 0.5 nats (Kingma et al. 2016): each dimension's "
+                       "batch-averaged KL below lambda costs nothing, so the dimensions come back to life.",
+        "train": dict(dataset="digits", epochs=30, batch_size=128, lr=2e-3, beta=4.0, beta_schedule="constant",
+                      free_bits=0.5, seed=0),
+        "model": dict(arch="mlp", hidden=(256, 128), latent_dim=16, likelihood="bernoulli", decoder="standard"),
+    },
+    "fix it with warm-up": {
+        "description": "KL warm-up (Bowman et al. 2016): beta rises linearly from 0 to 1 over 10 epochs, so the "
+                       "decoder learns to use z before the KL penalty bites; the dimensions stay active. (A warm-up "
+                       "to beta = 4 still collapses once beta is high: warm-up delays the penalty, it does not "
+                       "lower it.)",
+        "train": dict(dataset="digits", epochs=30, batch_size=128, lr=2e-3, beta=1.0, beta_schedule="linear",
+                      warmup_epochs=10.0, free_bits=0.0, seed=0),
+        "model": dict(arch="mlp", hidden=(256, 128), latent_dim=16, likelihood="bernoulli", decoder="standard"),
+    },
+}
+
+
+def preset_configs(name: str) -> tuple[TrainConfig, dict]:
+    """(TrainConfig, model-config overrides) for a preset; ValueError for an unknown name."""
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r} is not known: choose one of {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    return TrainConfig(**p["train"]), dict(p["model"])
+
+
+def model_config_for(dataset: str, likelihood: str | None = "auto", **overrides) -> ModelConfig:
+    """A ModelConfig that fits a dataset without loading it: its dimension and shape come from vae.data.DATASETS;
+    likelihood None or "auto" takes the dataset's usual one. ValueError (naming the field) for bad values."""
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset={dataset!r} is not known: choose one of {', '.join(DATASETS)}")
+    info = DATASETS[dataset]
+    lik = info.default_likelihood if likelihood in (None, "", "auto") else likelihood
+    return ModelConfig(input_dim=math.prod(info.image_shape), image_shape=info.image_shape, likelihood=lik,
+                       **overrides)
+
+
+__all__ = ["PRESETS", "preset_configs", "model_config_for"]
