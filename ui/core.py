@@ -91,19 +91,33 @@ def safe_checkpoint_path(ref: str) -> Path:
     return p
 
 
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _list_checkpoints_cached(folder: str, signature: tuple):
+    return list_checkpoints(folder)
+
+
+def checkpoints_in(folder: Path):
+    """list_checkpoints(folder), re-read only when a .pt file there is added, removed or changed: reading every
+    file's metadata costs ~0.1 s per file, and the sidebar needs the list on every rerun of every page."""
+    files = sorted(folder.glob("*.pt")) if folder.is_dir() else []
+    signature = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files if p.is_file())
+    return _list_checkpoints_cached(str(folder), signature)
+
+
 def model_options() -> dict[str, str]:
     """ref -> label for every model the picker offers: shipped, saved, uploaded and live runs."""
     opts: dict[str, str] = {}
     for folder in SHIPPED_DIRS:
-        for s in list_checkpoints(folder):
+        for s in checkpoints_in(folder):
             if s.error is None:
                 opts[file_ref(Path(s.path))] = f"shipped: {Path(s.path).relative_to(CHECKPOINTS).with_suffix('')}"
-    for s in list_checkpoints(USER_DIR):
+    for s in checkpoints_in(USER_DIR):
         if s.error is None:
             opts[file_ref(Path(s.path))] = f"saved: {s.name}"
     for job in get_registry().jobs():
-        if job.trainer is not None:
-            opts[f"run:{job.id}"] = f"run: {job.name} ({job.state})"
+        if job.has_weights:  # live runs, and runs restored from an autosave after a server restart
+            # the label goes into the URL (bind="query-params"), so it must not change while the run goes on
+            opts[f"run:{job.id}"] = f"run: {job.name} ({job.id})" if job.name != job.id else f"run: {job.id}"
     return opts
 
 
@@ -250,6 +264,8 @@ def sidebar() -> Selection:
     if "_pending_model" in st.session_state:  # set by select_model() before this run's widgets exist
         st.session_state["model"] = st.session_state.pop("_pending_model")
     wanted = st.session_state.get("model") or st.query_params.get("model")
+    if wanted not in opts:  # the URL holds the option's label (bind="query-params"), not the ref
+        wanted = {label: r for r, label in opts.items()}.get(wanted, wanted)
     if wanted not in opts:
         if wanted:
             st.sidebar.warning(f"model {wanted!r} is not available on this server; showing a shipped model")
