@@ -1,0 +1,39 @@
+"""Train: configure a VAE, run it in the background and watch it learn (or collapse), live."""
+import streamlit as st
+
+from ui import train_views as tv
+from vae.jobs import ACTIVE, INTERRUPTED
+
+st.title("Train a VAE, live")
+st.caption("Loss = −ELBO = reconstruction NLL + β·KL(q_φ(z|x) ‖ p(z)), in nats per example. The run goes on in the "
+           "background: switch pages, reload or close the tab, and come back to it through the run list or the URL.")
+
+requested = st.query_params.get("run")
+job = tv.current_job()
+if requested and job is None:
+    st.warning(f"run {requested!r} is not on this server (it may have been forgotten): pick one or start a new one")
+    tv.set_run(None)
+
+tv.controls(job)
+tv.show_messages()
+with st.expander("Configuration: presets and every trainer option", expanded=job is None,
+                 icon=":material/settings:"):
+    tv.config_panel(locked=job is not None and job.state in ACTIVE)
+if job is not None and job.state in (*ACTIVE, INTERRUPTED) and job.trainer is not None:
+    with st.expander("Change while running: β, schedule, free bits, lr", icon=":material/tune:"):
+        tv.live_settings(job)
+c1, c2 = st.columns(2)
+if job is not None:
+    with c1.expander("Save and download", expanded=job.state not in ACTIVE, icon=":material/save:"):
+        tv.save_panel(job)
+with c2.expander("All runs on this server", icon=":material/list:"):
+    tv.runs_table()
+    if job is not None and job.state not in ACTIVE:
+        st.button("Forget this run", key="btn_forget", icon=":material/delete:", on_click=tv._on_forget,
+                  help="Remove it from the list (and its autosave); saved checkpoints stay")
+
+if job is None:
+    st.info("Pick a preset and press **Start**. “fast demo” trains in seconds; “reproduce KL collapse” shows every "
+            "latent dimension dying; the two “fix it” presets bring them back.")
+else:
+    tv.live_view(job)

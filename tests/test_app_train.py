@@ -1,0 +1,152 @@
+"""AppTest for the Train page: every control is there, a short digits run started from the page produces metrics,
+the buttons drive the run on screen, and bad input, failures and the queue are shown as one-line messages.
+
+The registry is the page's own (ui.core.get_registry, one per process) pointed at temporary folders; jobs are polled
+through it, then the page is rerun (fragment timers do not fire in AppTest).
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from apptest_support import open_page
+from vae.jobs import FAILED, FINISHED, PAUSED, QUEUED, RUNNING, STOPPED
+from vae.presets import model_config_for
+from vae.config import TrainConfig
+
+PAGE = "pages/train.py"
+CONFIG_KEYS = ("cfg_dataset", "cfg_max_examples", "cfg_arch", "cfg_hidden", "cfg_latent_dim", "cfg_likelihood",
+               "cfg_decoder", "cfg_beta_schedule", "cfg_beta", "cfg_free_bits", "cfg_lr", "cfg_batch_size",
+               "cfg_epochs", "cfg_seed", "cfg_device", "cfg_grad_clip", "cfg_name")
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    """The page's registry, writing into tmp_path; every job is stopped afterwards."""
+    import ui.core as core
+
+    monkeypatch.setattr(core, "AUTOSAVE_DIR", tmp_path / "autosave")
+    monkeypatch.setattr(core, "USER_DIR", tmp_path / "user")
+    core.get_registry.clear()
+    reg = core.get_registry()
+    yield reg
+    reg.shutdown()
+    core.get_registry.clear()
+
+
+def wait_until(pred, timeout=120.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def widget_keys(at) -> set:
+    keys = set()
+    for kind in ("selectbox", "number_input", "text_input", "toggle", "select_slider", "checkbox", "button"):
+        keys |= {w.key for w in getattr(at, kind)}
+    return keys
+
+
+def small_run(at, epochs=3):
+    """Fill the form for a short digits run (the fast-demo model on the first 256 examples)."""
+    at.number_input(key="cfg_epochs").set_value(epochs)
+    at.number_input(key="cfg_max_examples").set_value(256)
+    return at
+
+
+def test_every_control_and_option_is_present(registry):
+    at = open_page(PAGE)
+    assert not at.exception
+    keys = widget_keys(at)
+    for k in ("btn_start", "btn_pause", "btn_step", "btn_stop", "btn_reset", "train_delay", "run_pick",
+              "train_preset", *CONFIG_KEYS):
+        assert k in keys, k
+    assert [b.label for b in at.button if b.key.startswith("btn_")][:5] == ["Start", "Pause", "Step", "Stop",
+                                                                              "Reset"]
+    assert at.selectbox(key="train_preset").value == "fast demo"
+    at.selectbox(key="train_preset").set_value("reproduce KL collapse").run()
+    assert at.number_input(key="cfg_beta").value == 4.0 and at.number_input(key="cfg_latent_dim").value == 16
+    assert at.selectbox(key="cfg_beta_schedule").value == "constant"
+    at.selectbox(key="train_preset").set_value("fix it with warm-up").run()
+    assert at.selectbox(key="cfg_beta_schedule").value == "linear"
+    assert at.number_input(key="cfg_warmup_epochs").value == 10.0  # shown for a warm-up schedule
+
+
+def test_a_short_run_from_the_page_produces_metrics_and_saves(registry, tmp_path):
+    at = small_run(open_page(PAGE))
+    at.button(key="btn_start").click().run()
+    assert not at.exception and not at.error
+    run_id = at.query_params["run"][0] if isinstance(at.query_params["run"], list) else at.query_params["run"]
+    job = registry.get(run_id)
+    assert job is not None and job.train_config.epochs == 3 and job.train_config.max_examples == 256
+    assert job.join(120) and job.state == FINISHED
+    at.run()
+    assert not at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert float(metrics["test ELBO (nats)"]) < 0 and metrics["active units"].endswith("/8")
+    assert "epoch 3/3" in at.get("progress")[0].proto.text
+    assert len(at.get("plotly_chart")) >= 2  # the curves and the collapse view
+    at.text_input(key="save_name").set_value("from-apptest")
+    at.button(key="btn_save").click().run()
+    assert (tmp_path / "user" / "from-apptest.pt").is_file()
+    assert any("Saved from-apptest.pt" in s.value for s in at.success)
+    at.text_input(key="save_name").set_value("../escape").run()
+    at.button(key="btn_save").click().run()
+    assert any("not allowed" in e.value for e in at.error) and not (tmp_path / "escape.pt").exists()
+
+
+def test_reset_step_start_stop_drive_the_run_on_screen(registry):
+    at = small_run(open_page(PAGE), epochs=50)
+    at.button(key="btn_reset").click().run()
+    job = registry.get(at.query_params["run"])
+    wait_until(lambda: job.trainer is not None, what="the fresh run")
+    assert job.state == PAUSED and job.snapshot().step == 0
+    at.button(key="btn_step").click().run()
+    wait_until(lambda: job.snapshot().step == 1, what="one step")
+    assert job.state == PAUSED
+    at.button(key="btn_start").click().run()  # Start resumes the run Reset prepared (same options)
+    assert registry.get(at.query_params["run"]) is job and job.state == RUNNING
+    at.button(key="btn_pause").click().run()
+    assert job.state == PAUSED and at.button(key="btn_pause").label == "Resume"
+    at.button(key="btn_pause").click().run()
+    assert job.state == RUNNING
+    at.button(key="btn_stop").click().run()
+    assert job.join(60) and job.state == STOPPED
+    at.run()
+    assert not at.exception and at.button(key="btn_stop").disabled
+
+
+def test_bad_input_is_a_one_line_error_and_starts_nothing(registry):
+    at = open_page(PAGE)
+    at.text_input(key="cfg_hidden").set_value("256,abc").run()
+    at.button(key="btn_start").click().run()
+    assert not at.exception and registry.jobs() == []
+    assert any("hidden" in e.value and "Not started" in e.value for e in at.error)
+
+
+def test_failure_queue_and_unknown_run_are_shown(registry):
+    cfg = TrainConfig(dataset="digits", epochs=2, batch_size=32, max_examples=64, device="cpu")
+    failing = registry.submit(cfg, model_config_for("moons"), name="mismatch")  # input_dim 2 vs 64: fails
+    assert failing.join(120) and failing.state == FAILED
+    at = open_page(PAGE)
+    at.query_params["run"] = failing.id
+    at.run()
+    assert not at.exception and any("The run failed" in e.value and "does not match" in e.value for e in at.error)
+
+    holders = [registry.submit(cfg, model_config_for("digits", hidden=(16,)), start_paused=True)
+               for _ in range(registry.max_concurrent)]
+    queued = registry.submit(cfg, model_config_for("digits", hidden=(16,)))
+    assert queued.state == QUEUED
+    at.query_params["run"] = queued.id
+    at.run()
+    assert any("place 1 in the queue" in i.value for i in at.info)
+    for h in holders:
+        h.stop()
+
+    at.query_params["run"] = "nosuchrun"
+    at.run()
+    assert not at.exception and any("not on this server" in w.value for w in at.warning)

@@ -1,0 +1,151 @@
+"""Plotly figures of the Train page: the live curves, the per-dimension KL heatmap with the active units, and the
+overlay of several runs. Builders only: the numbers come from vae.metrics.
+
+The live figures are plain dicts with hand-placed subplot axes, not make_subplots/graph_objects: the live view redraws
+them every second while a job trains in the same process, and building them through graph_objects costs ~5x more
+Python time (and so GIL time taken from the training thread). st.plotly_chart validates the dict once.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ui.core import presenting
+from vae.metrics import epoch_curves, kl_heatmap, step_curves
+
+TRAIN_COLOR, TEST_COLOR, EVENT_COLOR, BETA_COLOR = "#1f77b4", "#d62728", "#7f7f7f", "#2ca02c"
+# inferno, spelled out: 0 nats is black ("the heatmap goes dark"), whatever theme the chart is drawn with
+INFERNO = [[0.0, "#000004"], [0.13, "#1b0c41"], [0.25, "#4a0c6b"], [0.38, "#781c6d"], [0.5, "#a52c60"],
+           [0.63, "#cf4446"], [0.75, "#ed6925"], [0.88, "#fb9b06"], [1.0, "#fcffa4"]]
+LOG_FLOOR = 1e-3  # nats: KL can be exactly 0, which a log axis cannot show
+CHART_CONFIG = {"displaylogo": False}
+
+
+def _layout(height: int, **kw) -> dict:
+    """Common layout; bigger type in presentation mode (as ui.core.style_fig does for graph_objects figures)."""
+    big = presenting()
+    layout = dict(height=int(height * (1.25 if big else 1)), font=dict(size=20 if big else 13),
+                  margin=dict(l=10, r=10, t=60, b=10), legend=dict(font=dict(size=18 if big else 12)))
+    layout.update(kw)
+    return layout
+
+
+def _title(text: str, x: float, y: float) -> dict:
+    return dict(text=text, x=x, y=y, xref="paper", yref="paper", xanchor="center", yanchor="bottom",
+                showarrow=False, font=dict(size=18 if presenting() else 14))
+
+
+def _vline(x: float, axis: str) -> dict:
+    return dict(type="line", xref=axis, yref=f"{axis.replace('x', 'y')} domain", x0=x, x1=x, y0=0, y1=1,
+                line=dict(color=EVENT_COLOR, dash="dash", width=1.5))
+
+
+def _arr(a) -> np.ndarray:
+    return np.asarray(a, dtype=float)
+
+
+def curves_figure(history: dict, steps_per_epoch: int, smoothing: float = 0.6, log_y: bool = False,
+                  max_points: int = 800) -> dict:
+    """2x2: reconstruction NLL, KL, ELBO (train per step, smoothed; test per epoch) and beta, against epochs. Mid-run
+    changes are dashed vertical lines. log_y puts the NLL and KL panels on a log axis (the ELBO is negative)."""
+    sc, ec = step_curves(history, smoothing, max_points), epoch_curves(history)
+    x = _arr(sc["step"] / max(1, steps_per_epoch))
+    data = []
+    panels = (("recon", "test_recon", "x", "y"), ("kl", "test_kl", "x2", "y2"), ("elbo", "test_elbo", "x3", "y3"))
+    for i, (k, tk, xa, ya) in enumerate(panels):
+        y, ty = sc[k], ec[tk]
+        if log_y and k != "elbo":
+            y, ty = np.maximum(y, LOG_FLOOR), np.maximum(ty, LOG_FLOOR)
+        data.append(dict(type="scatter", x=x, y=_arr(y), mode="lines", name="train (per step, smoothed)",
+                         line=dict(color=TRAIN_COLOR, width=1.5), legendgroup="train", showlegend=i == 0,
+                         xaxis=xa, yaxis=ya))
+        data.append(dict(type="scatter", x=_arr(ec["epoch"]), y=_arr(ty), mode="lines+markers",
+                         name="test (per epoch)", line=dict(color=TEST_COLOR, width=2), marker=dict(size=5),
+                         legendgroup="test", showlegend=i == 0, xaxis=xa, yaxis=ya))
+    data.append(dict(type="scatter", x=x, y=_arr(sc["beta"]), mode="lines", name="β", showlegend=False,
+                     line=dict(color=BETA_COLOR, width=2), xaxis="x4", yaxis="y4"))
+    shapes, marks_x, marks_text = [], [], []
+    for e in history.get("events", []):
+        ex = e["step"] / max(1, steps_per_epoch)
+        shapes += [_vline(ex, a) for a in ("x", "x2", "x3", "x4")]
+        marks_x.append(ex)
+        marks_text.append(f"step {e['step']}: {e['text']}")
+    if marks_x:
+        top = float(np.nanmax(sc["beta"])) if len(sc["beta"]) else 1.0
+        data.append(dict(type="scatter", x=marks_x, y=[top] * len(marks_x), mode="markers", name="change",
+                         marker=dict(symbol="triangle-down", size=12, color=EVENT_COLOR), hovertext=marks_text,
+                         hoverinfo="text", showlegend=False, xaxis="x4", yaxis="y4"))
+    left, right, top_row, bottom_row = [0, 0.46], [0.54, 1], [0.57, 0.95], [0, 0.40]
+    ylog = dict(type="log") if log_y else {}
+    layout = _layout(
+        560, hovermode="x", uirevision="curves", shapes=shapes,
+        legend=dict(orientation="h", x=0, y=1.09, font=dict(size=18 if presenting() else 12)),
+        xaxis=dict(domain=left, anchor="y"), yaxis=dict(domain=top_row, anchor="x", **ylog),
+        xaxis2=dict(domain=right, anchor="y2", matches="x"), yaxis2=dict(domain=top_row, anchor="x2", **ylog),
+        xaxis3=dict(domain=left, anchor="y3", matches="x", title=dict(text="epoch")),
+        yaxis3=dict(domain=bottom_row, anchor="x3"),
+        xaxis4=dict(domain=right, anchor="y4", matches="x", title=dict(text="epoch")),
+        yaxis4=dict(domain=bottom_row, anchor="x4", rangemode="tozero"),
+        annotations=[_title("reconstruction NLL −E_q[log p_θ(x|z)] (nats)", 0.23, 0.955),
+                     _title("KL(q_φ(z|x) ‖ p(z)) (nats)", 0.77, 0.955),
+                     _title("ELBO (nats, higher is better)", 0.23, 0.405),
+                     _title("β: weight of the KL term", 0.77, 0.405)])
+    return dict(data=data, layout=layout)
+
+
+def collapse_figure(history: dict) -> dict:
+    """The collapse view: test KL of every latent dimension per epoch (dark = dead) over the active units."""
+    epochs, mat = kl_heatmap(history)
+    ec = epoch_curves(history)
+    data = []
+    d = mat.shape[0] if mat.size else 0
+    if d:
+        data.append(dict(type="heatmap", z=mat, x=_arr(epochs), y=list(range(1, d + 1)),
+                         colorscale=INFERNO, zmin=0, colorbar=dict(title=dict(text="nats"), len=0.62, y=0.69),
+                         hovertemplate="epoch %{x}<br>dim %{y}<br>KL %{z:.3f} nats<extra></extra>",
+                         xaxis="x", yaxis="y"))
+        data.append(dict(type="scatter", x=_arr(ec["epoch"]), y=_arr(ec["active_units"]), mode="lines+markers",
+                         name="active units", line=dict(color="#9467bd", width=2), showlegend=False,
+                         xaxis="x2", yaxis="y2"))
+    layout = _layout(
+        460, uirevision="collapse",
+        xaxis=dict(domain=[0, 1], anchor="y", showticklabels=False),
+        yaxis=dict(domain=[0.38, 0.92], anchor="x", title=dict(text="dimension")),
+        xaxis2=dict(domain=[0, 1], anchor="y2", matches="x", title=dict(text="epoch")),
+        yaxis2=dict(domain=[0, 0.26], anchor="x2", range=[-0.5, d + 0.5]),
+        annotations=[_title("KL per latent dimension (test, nats): dark = collapsed", 0.5, 0.925),
+                     _title("active units", 0.5, 0.265)])
+    return dict(data=data, layout=layout)
+
+
+def compare_figure(runs: list[tuple[str, dict, bool]]) -> dict:
+    """Overlay of runs (label, history, is_current): test ELBO, test KL and active units per epoch."""
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    data = []
+    for i, (label, hist, current) in enumerate(runs):
+        ec = epoch_curves(hist)
+        color = "#000000" if current else palette[i % len(palette)]
+        for c, k in enumerate(("test_elbo", "test_kl", "active_units"), start=1):
+            data.append(dict(type="scatter", x=_arr(ec["epoch"]), y=_arr(ec[k]), mode="lines", name=label,
+                             legendgroup=label, showlegend=c == 1, line=dict(color=color, width=3 if current else 1.8),
+                             xaxis="x" if c == 1 else f"x{c}", yaxis="y" if c == 1 else f"y{c}"))
+    doms = ([0, 0.3], [0.35, 0.65], [0.7, 1])
+    layout = _layout(400, uirevision="compare", legend=dict(orientation="h", x=0, y=-0.22),
+                     annotations=[_title(t, (a + b) / 2, 1.0) for t, (a, b) in
+                                  zip(("test ELBO (nats)", "test KL (nats)", "active units"), doms)])
+    for c, dom in enumerate(doms, start=1):
+        sfx = "" if c == 1 else str(c)
+        layout[f"xaxis{sfx}"] = dict(domain=dom, anchor=f"y{sfx}", title=dict(text="epoch"))
+        layout[f"yaxis{sfx}"] = dict(domain=[0, 0.92], anchor=f"x{sfx}")
+    return dict(data=data, layout=layout)
+
+
+def points_figure(x: np.ndarray, recon: np.ndarray | None, samples: np.ndarray) -> dict:
+    """For 2-D point data (moons): test points, their reconstructions and prior samples in data space."""
+    data = [dict(type="scatter", x=_arr(x[:, 0]), y=_arr(x[:, 1]), mode="markers", name="test points x",
+                 marker=dict(size=5, color="#7f7f7f", opacity=0.6))]
+    if recon is not None:
+        data.append(dict(type="scatter", x=_arr(recon[:, 0]), y=_arr(recon[:, 1]), mode="markers",
+                         name="reconstructions", marker=dict(size=5, color=TRAIN_COLOR)))
+    data.append(dict(type="scatter", x=_arr(samples[:, 0]), y=_arr(samples[:, 1]), mode="markers",
+                     name="samples z ~ N(0, I)", marker=dict(size=5, color=TEST_COLOR)))
+    return dict(data=data, layout=_layout(420, xaxis=dict(range=[0, 1]), yaxis=dict(range=[0, 1], scaleanchor="x")))

@@ -1,0 +1,622 @@
+"""The Train page's pieces: the configuration (presets and every trainer option), the run controls, the settings that
+change mid-run, the live view (a fragment that polls the job's snapshot) and saving/downloading.
+
+State: the run on screen is the URL's ?run=<id> (st.query_params), so a reload or a shared link reattaches to it.
+Every run lives in the process-wide registry (ui.core.get_registry); a button only ever acts on the run on screen.
+Buttons use callbacks (they run before the page), so what the page then draws already shows their effect.
+"""
+from __future__ import annotations
+
+import functools
+import io
+
+import numpy as np
+import streamlit as st
+import torch
+
+from ui import core
+from ui.core import (_load_file_model, _load_run_model, file_ref, get_dataset, presenting, recon_and_samples,
+                     save_user_checkpoint, select_model, tile, validate_name)
+from ui.train_figures import CHART_CONFIG, collapse_figure, compare_figure, curves_figure, points_figure
+from vae.config import ARCHS, DECODERS, LIKELIHOODS, SCHEDULES, TrainConfig, parse_hidden
+from vae.data import DATASETS
+from vae.device import available_devices
+from vae.jobs import ACTIVE, FAILED, INTERRUPTED, PAUSED, QUEUED, RUNNING, Job
+from vae.metrics import detect_collapse, format_duration, history_csv
+from vae.presets import PRESETS, model_config_for
+
+POLL_S = 1.0  # how often the live view redraws while a run is active
+SPEEDS = (0.0, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # slow motion: seconds of delay after every step
+N_IMAGES = 16
+STATE_BADGE = {"queued": ("gray", ":material/schedule:"), "running": ("green", ":material/play_arrow:"),
+               "paused": ("orange", ":material/pause:"), "finished": ("blue", ":material/check:"),
+               "stopped": ("gray", ":material/stop:"), "failed": ("red", ":material/error:"),
+               "interrupted": ("violet", ":material/restart_alt:")}
+
+# ---- configuration -----------------------------------------------------------------------------------------------
+# widget key -> (TrainConfig / ModelConfig field, default when a preset does not set it)
+TRAIN_FIELDS = {"cfg_dataset": "dataset", "cfg_epochs": "epochs", "cfg_batch_size": "batch_size", "cfg_lr": "lr",
+                "cfg_beta": "beta", "cfg_beta_schedule": "beta_schedule", "cfg_warmup_epochs": "warmup_epochs",
+                "cfg_cycles": "cycles", "cfg_cycle_ratio": "cycle_ratio", "cfg_capacity_max": "capacity_max",
+                "cfg_free_bits": "free_bits", "cfg_seed": "seed", "cfg_grad_clip": "grad_clip",
+                "cfg_binarize": "binarize"}
+MODEL_FIELDS = {"cfg_arch": "arch", "cfg_latent_dim": "latent_dim", "cfg_likelihood": "likelihood",
+                "cfg_decoder": "decoder", "cfg_sigma": "sigma"}
+
+
+def _defaults() -> dict:
+    t = TrainConfig()
+    d = {k: getattr(t, f) for k, f in TRAIN_FIELDS.items()}
+    d.update(cfg_arch="mlp", cfg_hidden="256,128", cfg_latent_dim=16, cfg_likelihood="auto",
+             cfg_decoder="standard", cfg_sigma=0.1, cfg_device="auto", cfg_max_examples=0, cfg_name="")
+    return d
+
+
+def apply_preset(name: str):
+    """Fill the configuration widgets with a preset (unset options go back to their defaults)."""
+    p = PRESETS[name]
+    values = _defaults()
+    for k, f in TRAIN_FIELDS.items():
+        if f in p["train"]:
+            values[k] = p["train"][f]
+    for k, f in MODEL_FIELDS.items():
+        if f in p["model"]:
+            values[k] = p["model"][f]
+    values["cfg_hidden"] = ",".join(str(h) for h in p["model"].get("hidden", (256, 128)))
+    for k, v in values.items():
+        st.session_state[k] = float(v) if isinstance(v, float) else v
+
+
+def _on_preset():
+    apply_preset(st.session_state["train_preset"])
+
+
+def configs_from_state():
+    """(TrainConfig, ModelConfig, run name) from the widgets. ValueError (one line, naming the field) if bad."""
+    s = st.session_state
+    d = _defaults()
+    get = lambda k: s.get(k, d[k])  # noqa: E731
+    max_ex = int(get("cfg_max_examples") or 0)
+    tc = TrainConfig(**{f: get(k) for k, f in TRAIN_FIELDS.items()}, device=get("cfg_device"),
+                     max_examples=max_ex or None)
+    mc = model_config_for(tc.dataset, likelihood=get("cfg_likelihood"), arch=get("cfg_arch"),
+                          hidden=parse_hidden(get("cfg_hidden")), latent_dim=get("cfg_latent_dim"),
+                          decoder=get("cfg_decoder"), sigma=get("cfg_sigma"))
+    name = (get("cfg_name") or "").strip()
+    if name:
+        name = validate_name(name)  # a run name may become a checkpoint name
+    else:
+        name = auto_name(tc, mc)
+    return tc, mc, name
+
+
+def auto_name(tc: TrainConfig, mc) -> str:
+    parts = [tc.dataset, f"z{mc.latent_dim}", f"b{tc.beta:g}"]
+    if tc.beta_schedule != "constant":
+        parts.append(tc.beta_schedule)
+    if tc.free_bits:
+        parts.append(f"fb{tc.free_bits:g}")
+    if mc.decoder != "standard":
+        parts.append("ar")
+    return "-".join(parts)
+
+
+def config_panel(locked: bool):
+    """Every trainer option, in three groups. locked: a run is active (the options then shape the next run)."""
+    if "cfg_dataset" not in st.session_state:
+        apply_preset("fast demo")
+        st.session_state["train_preset"] = "fast demo"
+    keep = dict(persist_state="session")  # hidden options keep their values
+    c1, c2 = st.columns([1, 2], vertical_alignment="bottom")
+    c1.selectbox("Preset", list(PRESETS), key="train_preset", on_change=_on_preset, index=None,
+                 placeholder="choose a preset…", help="Fills in the options below; edit them freely afterwards")
+    if st.session_state.get("train_preset"):
+        c2.caption(PRESETS[st.session_state["train_preset"]]["description"])
+    if locked:
+        st.caption("These options shape the *next* run (Start or Reset); use **Change while running** for the "
+                   "current one.")
+    data_col, beta_col, opt_col = st.columns(3, gap="medium")
+    with data_col:
+        st.markdown("**Data and model**")
+        c1, c2 = st.columns(2)
+        c1.selectbox("Dataset", list(DATASETS), key="cfg_dataset", help="digits works offline; MNIST-style sets "
+                     "need their files (or a network)", **keep)
+        c2.number_input("Train on first N (0 = all)", 0, 1_000_000, step=100, key="cfg_max_examples",
+                        help="Use only the first N training examples: quicker runs", **keep)
+        c1, c2 = st.columns(2)
+        c1.selectbox("Architecture", ARCHS, key="cfg_arch", help="conv needs 28x28 or 8x8 images", **keep)
+        c2.text_input("Hidden sizes", key="cfg_hidden", help="comma-separated, e.g. 256,128 (conv: the dense "
+                      "layer)", **keep)
+        c1, c2 = st.columns(2)
+        c1.number_input("Latent dim d", 1, 1024, step=1, key="cfg_latent_dim", **keep)
+        c2.selectbox("Likelihood p_θ(x|z)", ("auto", *LIKELIHOODS), key="cfg_likelihood",
+                     help="auto: the dataset's usual one (Bernoulli for images)", **keep)
+        c1, c2 = st.columns(2)
+        c1.selectbox("Decoder", DECODERS, key="cfg_decoder", help="autoregressive sees the previous pixels: "
+                     "strong enough to ignore z (a classic cause of collapse)", **keep)
+        if st.session_state.get("cfg_likelihood") == "gaussian":
+            c2.number_input("σ (fixed)", 0.001, 10.0, step=0.01, key="cfg_sigma", format="%.3f", **keep)
+        else:
+            c2.toggle("Binarize data", key="cfg_binarize", help="static Bernoulli binarisation (seeded)", **keep)
+    with beta_col:
+        st.markdown("**KL weight β**")
+        c1, c2 = st.columns(2)
+        c1.selectbox("β schedule", SCHEDULES, key="cfg_beta_schedule",
+                     help="constant; linear/logistic warm-up (Bowman et al. 2016); cyclical (Fu et al. 2019); "
+                          "capacity annealing (Burgess et al. 2018)", **keep)
+        sched = st.session_state.get("cfg_beta_schedule", "constant")
+        c2.number_input("γ (capacity weight)" if sched == "capacity" else "β (target)", 0.0, 1000.0, step=0.5,
+                        key="cfg_beta", format="%.2f", **keep)
+        c1, c2 = st.columns(2)
+        if sched in ("linear", "logistic", "capacity"):
+            c1.number_input("C ramp (epochs)" if sched == "capacity" else "Warm-up (epochs)", 0.1, 10_000.0,
+                            step=1.0, key="cfg_warmup_epochs", format="%.1f", **keep)
+        if sched == "cyclical":
+            c1.number_input("Cycles M", 1, 1000, step=1, key="cfg_cycles", **keep)
+            c2.number_input("Rising fraction R", 0.01, 1.0, step=0.05, key="cfg_cycle_ratio", format="%.2f",
+                            **keep)
+        if sched == "capacity":
+            c2.number_input("C_max (nats)", 0.0, 10_000.0, step=1.0, key="cfg_capacity_max", format="%.1f", **keep)
+        st.number_input("Free bits λ (nats per dimension)", 0.0, 100.0, step=0.1, key="cfg_free_bits",
+                        format="%.2f", help="KL term = Σ_d max(λ, batch-mean KL_d) (Kingma et al. 2016); 0 = off",
+                        **keep)
+    with opt_col:
+        st.markdown("**Optimisation**")
+        c1, c2 = st.columns(2)
+        c1.number_input("Learning rate", 1e-6, 1.0, step=5e-4, key="cfg_lr", format="%.4f", help="Adam", **keep)
+        c2.number_input("Batch size", 1, 100_000, step=16, key="cfg_batch_size", **keep)
+        c1, c2 = st.columns(2)
+        c1.number_input("Epochs", 1, 100_000, step=5, key="cfg_epochs", **keep)
+        c2.number_input("Seed", 0, 2**31 - 1, step=1, key="cfg_seed", **keep)
+        c1, c2 = st.columns(2)
+        c1.selectbox("Device", ["auto", *available_devices()], key="cfg_device",
+                     help="auto: cuda, then mps, then cpu; only devices this machine has", **keep)
+        c2.number_input("Grad clip (0 = off)", 0.0, 1e6, step=1.0, key="cfg_grad_clip", format="%.1f", **keep)
+        st.text_input("Run name (optional)", key="cfg_name", max_chars=64,
+                      help="letters, digits, . _ - ; empty: a name from the settings", **keep)
+
+
+# ---- the run on screen -------------------------------------------------------------------------------------------
+def registry():
+    return core.get_registry()
+
+
+def current_job() -> Job | None:
+    return registry().get(st.query_params.get("run"))
+
+
+def set_run(job_id: str | None):
+    if job_id:
+        st.query_params["run"] = job_id
+    elif "run" in st.query_params:
+        del st.query_params["run"]
+
+
+def _msg(kind: str, text: str):
+    st.session_state["_train_msg"] = (kind, text)
+
+
+def show_messages():
+    kind, text = st.session_state.pop("_train_msg", (None, None))
+    if text:
+        getattr(st, kind)(text)
+
+
+def _is_fresh(job: Job | None) -> bool:
+    """A run Reset prepared in this session that has not been resumed yet (only stepped, if at all)."""
+    return job is not None and job.state == PAUSED and st.session_state.get("_reset_job") == job.id
+
+
+def _submit(start_paused: bool) -> Job | None:
+    try:
+        tc, mc, name = configs_from_state()
+    except ValueError as exc:
+        _msg("error", f"Not started: {exc}")
+        return None
+    _, err = get_dataset(tc.dataset, "test", tc.binarize)
+    if err:
+        _msg("error", f"Not started: {err}")
+        return None
+    job = registry().submit(tc, mc, name=name, start_paused=start_paused)
+    job.set_delay(st.session_state.get("train_delay", 0.0))
+    set_run(job.id)
+    return job
+
+
+def _discard_fresh(job: Job):
+    """Stop a run Reset prepared; forget it too if it never took a step (it would only clutter the list)."""
+    st.session_state.pop("_reset_job", None)
+    never_ran = job.trainer is None or job.trainer.step_count == 0
+    job.stop()
+    if never_ran and job.join(5):
+        try:
+            registry().remove(job.id)
+        except ValueError:
+            pass
+
+
+def _on_start():
+    job = current_job()
+    if _is_fresh(job):
+        try:
+            tc, mc, _ = configs_from_state()
+        except ValueError as exc:
+            _msg("error", f"Not started: {exc}")
+            return
+        if job.train_config.to_dict() == tc.to_dict() and job.model_config.to_dict() == mc.to_dict():
+            st.session_state.pop("_reset_job", None)
+            job.resume()  # Reset prepared exactly this run: go
+            return
+        _discard_fresh(job)
+    _submit(start_paused=False)
+
+
+def _on_pause_resume():
+    job = current_job()
+    if job is None:
+        return
+    if job.state == RUNNING or (job.state == QUEUED and not job.pause_requested):
+        job.pause()
+    else:
+        job.resume()
+
+
+def _on_step():
+    job = current_job()
+    if job is not None and (job.state in ACTIVE or job.state == INTERRUPTED):
+        job.step_once()
+
+
+def _on_stop():
+    job = current_job()
+    if job is not None:
+        job.stop()
+
+
+def _on_reset():
+    """Back to epoch 0: stop the run on screen (it stays in the list) and prepare a fresh, paused run with the
+    options on the left; Start (or Step) then runs it."""
+    job = current_job()
+    if _is_fresh(job):
+        _discard_fresh(job)
+    elif job is not None and job.state in ACTIVE:
+        job.stop()
+    fresh = _submit(start_paused=True)
+    if fresh is not None:
+        st.session_state["_reset_job"] = fresh.id
+
+
+def _on_delay():
+    job = current_job()
+    if job is not None:
+        job.set_delay(st.session_state["train_delay"])
+
+
+def _on_pick_run():
+    set_run(st.session_state.get("run_pick") or None)
+
+
+def _on_forget():
+    job = current_job()
+    if job is None:
+        return
+    try:
+        registry().remove(job.id)
+    except ValueError as exc:
+        _msg("warning", str(exc))
+        return
+    set_run(None)
+
+
+def run_picker(job: Job | None, where=st):
+    """The runs on this server (newest first); picking one reattaches to it (and puts it in the URL)."""
+    jobs = list(reversed(registry().jobs()))
+    ids = [""] + [j.id for j in jobs]
+    names = {j.id: f"{j.name} · {j.state} · {j.id}" for j in jobs}
+    st.session_state["run_pick"] = job.id if job is not None else ""
+    where.selectbox("Run", ids, key="run_pick", on_change=_on_pick_run,
+                    format_func=lambda i: names.get(i, "— new run —"),
+                    help="Every run on this server. Its id is in the URL (?run=…): a reload or a shared link "
+                         "reattaches to it")
+
+
+def controls(job: Job | None):
+    """One row: the run picker, Start, Pause/Resume, Step, Stop, Reset and the slow-motion speed."""
+    state = job.state if job is not None else None
+    cols = st.columns([2.2, 1, 1.1, 1, 1, 1, 2.2], vertical_alignment="bottom")
+    run_picker(job, cols[0])
+    cols[1].button("Start", key="btn_start", type="primary", icon=":material/play_arrow:", on_click=_on_start,
+                   width="stretch", help="Start a new run with the options below")
+    paused = state in (PAUSED, INTERRUPTED) or (state == QUEUED and job.pause_requested)
+    live = state in (*ACTIVE, INTERRUPTED)
+    cols[2].button("Resume" if paused else "Pause", key="btn_pause",
+                   icon=":material/play_circle:" if paused else ":material/pause:", on_click=_on_pause_resume,
+                   disabled=not live, width="stretch")
+    cols[3].button("Step", key="btn_step", icon=":material/skip_next:", on_click=_on_step, width="stretch",
+                   disabled=not live, help="Run one batch, then stay paused")
+    cols[4].button("Stop", key="btn_stop", icon=":material/stop:", on_click=_on_stop, width="stretch",
+                   disabled=not live, help="End this run (its weights stay savable)")
+    cols[5].button("Reset", key="btn_reset", icon=":material/restart_alt:", on_click=_on_reset, width="stretch",
+                   help="Back to epoch 0: a fresh run with the options below, paused before its first step")
+    if job is not None and st.session_state.get("_delay_for") != job.id:
+        st.session_state["train_delay"] = min(SPEEDS, key=lambda s: abs(s - job.delay_s))
+        st.session_state["_delay_for"] = job.id
+    cols[6].select_slider("Slow motion (pause per step)", SPEEDS, key="train_delay", on_change=_on_delay,
+                          format_func=lambda s: "off" if s == 0 else f"{s:g} s",
+                          help="For lectures: slow the run down to watch single steps; Step runs one batch")
+
+
+def live_settings(job: Job):
+    """β, its schedule, free bits and lr of the running job; the change is marked on the curves."""
+    cfg = job.train_config
+    n = len((job.trainer.history if job.trainer else {}).get("events", []))
+    k = f"{job.id}_{n}"  # new widgets (with the new values) after each applied change
+    with st.form(f"live_form_{k}", border=False):
+        c1, c2, c3 = st.columns(3)
+        beta = c1.number_input("β", 0.0, 1000.0, float(cfg.beta), step=0.5, format="%.2f", key=f"live_beta_{k}")
+        sched = c2.selectbox("β schedule", SCHEDULES, index=SCHEDULES.index(cfg.beta_schedule),
+                             key=f"live_sched_{k}", help="Schedules count steps from the start of the run")
+        warm = c3.number_input("Warm-up / C ramp (epochs)", 0.1, 10_000.0, float(cfg.warmup_epochs), step=1.0,
+                               format="%.1f", key=f"live_warm_{k}")
+        fb = c1.number_input("Free bits λ", 0.0, 100.0, float(cfg.free_bits), step=0.1, format="%.2f",
+                             key=f"live_fb_{k}")
+        lr = c2.number_input("Learning rate", 1e-6, 1.0, float(cfg.lr), step=5e-4, format="%.4f",
+                             key=f"live_lr_{k}")
+        cmax = c3.number_input("C_max (nats)", 0.0, 10_000.0, float(cfg.capacity_max), step=1.0, format="%.1f",
+                               key=f"live_cmax_{k}")
+        if st.form_submit_button("Apply to the running job", icon=":material/tune:"):
+            try:
+                text = job.update(beta=beta, beta_schedule=sched, warmup_epochs=warm, free_bits=fb, lr=lr,
+                                  capacity_max=cmax)
+            except ValueError as exc:
+                st.error(f"Not applied: {exc}")
+            else:
+                _msg("success", f"Applied at step {job.snapshot().step}: {text}" if text else "Nothing changed")
+                st.rerun()
+
+
+# ---- saving and downloading ----------------------------------------------------------------------------------------
+def _checkpoint_bytes(job_id: str) -> bytes:
+    job = registry().get(job_id)
+    if job is None:
+        raise ValueError("the run is gone")
+    buf = io.BytesIO()
+    torch.save(job.checkpoint(), buf)
+    return buf.getvalue()
+
+
+def _metrics_csv(job_id: str) -> str:
+    job = registry().get(job_id)
+    return history_csv(job.snapshot().history) if job is not None else ""
+
+
+def _on_save(job_id: str):
+    job = registry().get(job_id)
+    name = st.session_state.get("save_name", "")
+    try:
+        path = save_user_checkpoint(name, job.checkpoint(), overwrite=st.session_state.get("save_overwrite", False))
+    except ValueError as exc:
+        _msg("error", f"Not saved: {exc}")
+        return
+    _msg("success", f"Saved {path.name} in checkpoints/user: pick “saved: {path.stem}” in the sidebar on any page")
+
+
+def save_panel(job: Job):
+    if not job.has_weights:
+        st.caption("Nothing to save yet: the run has no weights before it starts.")
+        return
+    if st.session_state.get("_save_for") != job.id:
+        st.session_state["save_name"] = job.name
+        st.session_state["_save_for"] = job.id
+    c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+    c1.text_input("Checkpoint name", key="save_name", max_chars=64,
+                  help="Saved in checkpoints/user as <name>.pt; letters, digits, . _ - only")
+    c2.checkbox("overwrite", key="save_overwrite")
+    b1, b2, b3 = st.columns(3)
+    b1.button("Save", key="btn_save", icon=":material/save:", on_click=_on_save, args=(job.id,), width="stretch",
+              help="Current weights (for a failed run: the last good ones) with the history so far")
+    b2.download_button("Checkpoint .pt", functools.partial(_checkpoint_bytes, job.id), file_name=f"{job.name}.pt",
+                       mime="application/octet-stream", on_click="ignore", key="dl_ckpt",
+                       icon=":material/download:", width="stretch")
+    b3.download_button("Metrics .csv", functools.partial(_metrics_csv, job.id), file_name=f"{job.name}.csv",
+                       mime="text/csv", on_click="ignore", key="dl_csv", icon=":material/table:",
+                       width="stretch")
+    if st.button("Show this run on the other pages", key="btn_use", icon=":material/visibility:",
+                 help="Selects the run's latest weights in the sidebar model picker"):
+        select_model(f"run:{job.id}")
+
+
+# ---- the live view ---------------------------------------------------------------------------------------------------
+def live_view(job: Job):
+    """Polls the job while it is active (a fragment: only this part redraws); static once it ended."""
+    poll = POLL_S if job.state in ACTIVE else None
+    st.fragment(run_every=poll)(_live_body)(job.id, poll is not None)
+
+
+def _live_body(job_id: str, polling: bool):
+    job = registry().get(job_id)
+    if job is None:
+        st.warning(f"run {job_id!r} is no longer on this server")
+        return
+    snap = job.snapshot()
+    if polling and not snap.active:
+        st.rerun()  # the run ended: redraw the whole page once (controls, run list), then stop polling
+    _status(snap)
+    h = snap.history
+    if not h["step"]["step"]:
+        if snap.state in ACTIVE:
+            st.info("Waiting for the first step…" if snap.state != QUEUED else
+                    "Queued: the curves appear once the run starts.")
+        return
+    status = detect_collapse(h, train_config=snap.train_config, model_config=snap.model_config)
+    if status.collapsed:
+        st.error(f"**KL collapse detected.** {status.reason}.  \nTry: " + "; ".join(status.remedies) + ".",
+                 icon=":material/warning:")
+    c1, c2, c3 = st.columns([1.2, 1.2, 3])
+    log_y = c1.toggle("log scale", key="curves_log", help="NLL and KL on a log axis")
+    smooth = c2.select_slider("smoothing", (0.0, 0.3, 0.6, 0.8, 0.9, 0.95, 0.99), value=0.6, key="curves_smooth",
+                              help="Exponential moving average of the per-step train curves")
+    c3.caption("Train: per step (one batch, one z sample), smoothed. Test: per epoch on the test split. Dashed lines "
+               "mark changes made while the run went on. All in nats per example.")
+    st.plotly_chart(curves_figure(h, snap.steps_per_epoch, smooth, log_y), key="fig_curves", config=CHART_CONFIG)
+    left, right = st.columns([1.3, 1])
+    with left:
+        if not h["epoch"]["epoch"]:
+            st.caption("The per-dimension KL heatmap (the collapse view) appears after the first epoch.")
+        else:
+            st.plotly_chart(collapse_figure(h), key="fig_collapse", config=CHART_CONFIG)
+            au, d = h["epoch"]["active_units"][-1], len(h["epoch"]["test_kl_per_dim"][-1])
+            st.caption(f"**{au}/{d} active units** (Var_x E_q[z_d] > 0.01) · {status.dead_dims} dimension(s) with "
+                       "KL < 0.01 nats. A dark row is a dimension the decoder no longer gets information through.")
+    with right:
+        _images(job, snap)
+    _compare(job, h)
+
+
+def _status(snap):
+    color, icon = STATE_BADGE.get(snap.state, ("gray", None))
+    st.badge(f"{snap.name} · {snap.state}", color=color, icon=icon)
+    if snap.state == QUEUED:
+        st.info(f"Queued: place {snap.queue_position} in the queue. The server runs at most "
+                f"{registry().max_concurrent} jobs at once; this one starts when another ends (it is never dropped).")
+    if snap.state == FAILED:
+        step = snap.extra.get("failed_step")
+        st.error(f"**The run failed**{f' at step {step}' if step is not None else ''}: {snap.error}  \n"
+                 "The last good weights are kept: save or download them on the left.", icon=":material/error:")
+        if snap.extra.get("traceback"):
+            with st.expander("Details (traceback)"):
+                st.code(snap.extra["traceback"], language=None)
+    if snap.state == INTERRUPTED:
+        st.info("This run was interrupted by a server restart; its last autosave (end of an epoch) is loaded. "
+                "Resume goes on from there.")
+    for k in ("autosave_error", "restore_error"):
+        if snap.extra.get(k):
+            st.warning(snap.extra[k])
+    if snap.total_steps:
+        st.progress(snap.progress, text=f"epoch {snap.epoch}/{snap.epochs} · step {snap.step}/{snap.total_steps}")
+    h = snap.history["epoch"]
+    m = st.columns(5)
+    m[0].metric("samples/s", f"{snap.samples_per_s:,.0f}" if snap.samples_per_s else "–")
+    m[1].metric("ETA", format_duration(snap.eta_s) if snap.state == RUNNING else "–")
+    m[2].metric("test ELBO (nats)", f"{h['test_elbo'][-1]:.2f}" if h["test_elbo"] else "–")
+    m[3].metric("test KL (nats)", f"{h['test_kl'][-1]:.2f}" if h["test_kl"] else "–")
+    m[4].metric("active units", f"{h['active_units'][-1]}/{len(h['test_kl_per_dim'][-1])}"
+                if h["active_units"] else "–")
+
+
+def _images(job: Job, snap):
+    """Test reconstructions and prior samples from the run's weights, refreshed once per epoch while it runs (and
+    after every step while it is paused, for slow-motion stepping). The PNGs are kept per weights version, so a
+    redraw between epochs re-sends the same files (no re-encoding, no flicker)."""
+    mc = snap.model_config
+    if mc is None:
+        return
+    data, err = get_dataset(snap.train_config["dataset"], "test", snap.train_config.get("binarize", False))
+    if data is None:
+        st.warning(err)
+        return
+    version_key = f"e{snap.epoch}" if snap.state == RUNNING else f"v{snap.weights_version}"
+    key = (job.id, version_key, presenting())
+    cache = st.session_state.setdefault("_train_grids", {})
+    if key not in cache:
+        w = job.latest_weights()
+        if w is None:
+            return
+        cfg, state, version = w
+        model = _load_run_model(job.id, version, "cpu", cfg, state)
+        points = tuple(mc["image_shape"]) == (2,)
+        x = data.x[:300 if points else N_IMAGES].numpy()
+        recon, samples = recon_and_samples(f"run:{job.id}:{version}:cpu", model, x, 300 if points else N_IMAGES)
+        cache.clear()  # only the newest is ever needed
+        cache[key] = _grids(x, recon, samples, tuple(mc["image_shape"]), snap.epoch)
+    kind, a, b = cache[key]
+    if kind == "points":
+        st.plotly_chart(a, key="fig_points", config=CHART_CONFIG)
+        return
+    st.image(a[0], caption=a[1], width="stretch")
+    st.image(b[0], caption=b[1], width="stretch")
+
+
+def _grids(x, recon, samples, shape, epoch):
+    if shape == (2,):
+        return "points", points_figure(x, recon, samples), None
+    px = 360 if presenting() else 300
+    both = tile(np.concatenate([x[:8], recon[:8], x[8:16], recon[8:16]]), shape, ncols=8, target_px=px)
+    return ("images", (_png(both), f"test images (rows 1, 3) and their reconstructions (rows 2, 4), epoch {epoch}"),
+            (_png(tile(samples, shape, ncols=8, target_px=px)), "samples: z ~ N(0, I), decoded by p_θ"))
+
+
+def _png(img: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _compare(job: Job, history: dict):
+    """Overlay this run's test curves with earlier runs and saved checkpoints that carry a history."""
+    options = {}
+    for j in registry().jobs():
+        if j.id != job.id:
+            options[f"run:{j.id}"] = f"run: {j.name} ({j.state}, {j.id})"
+    for folder in (core.USER_DIR, *core.SHIPPED_DIRS):
+        for s in _checkpoint_list(str(folder)):
+            options[file_ref_str(s)] = f"file: {s}"
+    picked = st.multiselect("Compare with earlier runs and checkpoints", list(options), key="compare_runs",
+                            format_func=lambda r: options.get(r, r), placeholder="overlay other runs…")
+    if not picked:
+        return
+    runs = [(f"this run: {job.name}", history, True)]
+    for ref in picked:
+        hist = _history_of(ref)
+        if hist:
+            runs.append((options.get(ref, ref), hist, False))
+    st.plotly_chart(compare_figure(runs), key="fig_compare", config=CHART_CONFIG)
+
+
+def _checkpoint_list(folder: str) -> list[str]:
+    """Paths of readable checkpoints in a folder (cached until a file there changes)."""
+    from pathlib import Path
+
+    return [s.path for s in core.checkpoints_in(Path(folder)) if s.error is None]
+
+
+def file_ref_str(path: str) -> str:
+    from pathlib import Path
+
+    return file_ref(Path(path))
+
+
+def _history_of(ref: str) -> dict | None:
+    if ref.startswith("run:"):
+        j = registry().get(ref[4:])
+        return j.snapshot().history if j is not None else None
+    from ui.core import safe_checkpoint_path
+
+    try:
+        p = safe_checkpoint_path(ref)
+        _, info = _load_file_model(str(p), p.stat().st_mtime, "cpu")
+    except (ValueError, OSError):
+        return None
+    return info.get("history") or None
+
+
+def runs_table():
+    """All runs on the server, for reattaching; the one on screen can be forgotten once it has ended."""
+    rows = []
+    for j in reversed(registry().jobs()):
+        s = j.snapshot()
+        e = s.history["epoch"]
+        rows.append({"name": s.name, "id": s.id, "state": s.state, "epoch": f"{s.epoch}/{s.epochs}",
+                     "queue": s.queue_position, "test ELBO": e["test_elbo"][-1] if e["test_elbo"] else None,
+                     "active units": e["active_units"][-1] if e["active_units"] else None,
+                     "β": s.train_config["beta"], "schedule": s.train_config["beta_schedule"],
+                     "free bits": s.train_config["free_bits"]})
+    if not rows:
+        st.caption("No runs yet.")
+        return
+    st.dataframe(rows, hide_index=True, width="stretch",
+                 column_config={"test ELBO": st.column_config.NumberColumn(format="%.2f")})
+    st.caption(f"Autosaved every epoch to {core.AUTOSAVE_DIR.name}/: after a server restart, runs come back "
+               "(active ones as “interrupted”, resumable). Pick a run above to reattach.")
