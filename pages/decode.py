@@ -59,7 +59,7 @@ n_sliders = MAX_SLIDERS
 if d > MAX_SLIDERS:
     n_sliders = int(st.number_input(f"Sliders shown (of {d}; the others are held at the start)", 1, d,
                                     MAX_SLIDERS, key="dec_n_sliders"))
-layout = slider_layout(info.kl, info.active, n_sliders)
+layout = slider_layout(info.kl, info.active, n_sliders, kl_known=info.known)
 inactive_keys = [f".st-key-dec_z_{k}" for k in layout.shown if not layout.active[k]]
 if inactive_keys:  # grey out the inactive dimensions' sliders (they still move: feel that nothing changes)
     st.html(f"<style>{', '.join(inactive_keys)} {{ filter: grayscale(1); opacity: 0.55; }}</style>")
@@ -79,8 +79,9 @@ def decoder_panel():
             label = layout.label(dim)
             cols[i % ncols].slider(label if layout.active[dim] else f":gray[{label}]", -SLIDER_LIMIT, SLIDER_LIMIT,
                                    step=0.05, format="%.2f", key=key,
-                                   help=f"z{dim + 1}, in prior standard deviations. KL {info.kl[dim]:.3f} nats "
-                                        f"({info.source}).")
+                                   help=f"z{dim + 1}, in prior standard deviations. "
+                                        + (f"KL {info.kl[dim]:.3f} nats ({info.source})." if info.known else
+                                           info.source[0].upper() + info.source[1:] + "."))
         if len(layout.held):
             st.caption(f"{len(layout.held)} less informative dimensions held at the start: "
                        + ", ".join(f"z{k + 1}" for k in sorted(layout.held)))
@@ -101,9 +102,14 @@ def decoder_panel():
 
 decoder_panel()
 n_inactive = int((~info.active).sum())
-st.caption(f"{n_inactive} of {d} dimensions inactive ({info.source}): their sliders are grey; moving them barely "
-           "changes the image, because the decoder learned to ignore them." if n_inactive else
-           f"All {d} dimensions are active ({info.source}).")
+if not info.known:
+    st.caption(info.source[0].upper() + info.source[1:] + ": the decoder sensitivity below shows which dimensions "
+               "matter.")
+elif n_inactive:
+    st.caption(f"{n_inactive} of {d} dimensions inactive ({info.source}): their sliders are grey; moving them "
+               "barely changes the image, because the decoder learned to ignore them.")
+else:
+    st.caption(f"All {d} dimensions are active ({info.source}).")
 
 # ---- traversal grid -----------------------------------------------------------------------------------------------
 st.subheader("Latent traversal")
@@ -124,7 +130,7 @@ else:
     for r, dim in enumerate(rows):
         lc, ic = st.columns([1, 8], vertical_alignment="center")
         tag = "" if info.active[dim] else " · inactive"
-        lc.markdown(f"**z{dim + 1}**  \n{info.kl[dim]:.2f} nats{tag}")
+        lc.markdown(f"**z{dim + 1}**  \n{info.kl[dim]:.2f} nats{tag}" if info.known else f"**z{dim + 1}**")
         ic.image(tile(grid[r], shape, ncols=n_cols, target_px=row_px), output_format="PNG")
 
 # ---- interpolation ------------------------------------------------------------------------------------------------

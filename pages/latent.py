@@ -131,8 +131,10 @@ with agg:
     if proj.linear:
         st.plotly_chart(aggregate_figure(codes, proj, height=440), key="latent_aggregate")
         s = surgery(codes)
-        st.caption(f"q(z) = (1/N) Σₙ q(z|xₙ), in the same plane. A good fit fills the prior's circles without "
-                   f"holes. ELBO surgery on {s['n']} examples: mean KL {s['mean_kl']:.2f} nats = "
+        fit = ("A good fit matches the prior's curve." if proj.method == "strip" else
+               "A good fit fills the prior's circles without holes.")
+        st.caption(f"q(z) = (1/N) Σₙ q(z|xₙ), in the same plane. {fit} "
+                   f"ELBO surgery on {s['n']} examples: mean KL {s['mean_kl']:.2f} nats = "
                    f"I(n; z) {s['mutual_info']:.2f} + KL(q(z) ‖ p(z)) {s['marginal_kl']:.2f} nats.")
     else:
         st.info("t-SNE is not a linear map, so the prior cannot be drawn in its plane: choose PCA or two raw "

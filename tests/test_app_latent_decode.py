@@ -211,6 +211,7 @@ def test_missing_dataset_message_and_decoding_still_works(user_dir, tmp_path, mo
     at = open_page("pages/decode.py", model=ref)
     no_exception(at)
     assert any("is not available" in w.value and "still work" in w.value for w in at.warning)
+    assert [s.label for s in at.slider if s.key.startswith("dec_z_")] == ["z1", "z2", "z3"]  # no KL to claim
     before = decoded_url(at)
     assert images(at, "32 samples at T = 1.0")  # prior samples need no data
     at.slider(key="dec_temp").set_value(0.5).run()
@@ -261,3 +262,52 @@ def test_update_selection_keeps_rows_until_a_new_pick():
     event = {"selection": {"points": [{"customdata": 5}, {"customdata": [2]}, {"x": 1.0}], "point_indices": []}}
     assert selected_rows(event) == [2, 5]
     assert selected_rows(None) == []
+
+
+def test_live_run_refreshes_with_its_weights(tmp_path, monkeypatch):
+    """A live run's latest weights: the page shows them, and after more steps a rerun shows the new ones."""
+    import time
+
+    from vae import TrainConfig
+    from vae.jobs import JobRegistry
+
+    reg = JobRegistry(autosave_dir=tmp_path / "autosave")
+    monkeypatch.setattr(ui.core, "get_registry", lambda: reg)
+    job = reg.submit(TrainConfig(dataset="digits", epochs=5, batch_size=128, lr=1e-2, device="cpu"),
+                     ModelConfig(hidden=(32,), latent_dim=2), name="live", start_paused=True)
+
+    def steps(n):
+        target = job.snapshot().step + n
+        job.step_once(n)
+        deadline = time.monotonic() + 30
+        while job.snapshot().step < target and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert job.snapshot().step >= target
+
+    try:
+        steps(1)
+        at = open_page("pages/latent.py", model=f"run:{job.id}")
+        no_exception(at)
+        assert at.toggle(key="latent_follow").value  # a paused run is still live: follow it
+        version = job.snapshot().weights_version
+        assert any(f"weights version {version}" in c.value for c in at.caption)
+        surgery = [c.value for c in at.caption if "ELBO surgery" in c.value]
+        steps(8)
+        at.run()
+        no_exception(at)
+        assert any(f"weights version {job.snapshot().weights_version}" in c.value for c in at.caption)
+        assert [c.value for c in at.caption if "ELBO surgery" in c.value] != surgery  # re-encoded, not stale
+    finally:
+        job.stop()
+        reg.shutdown()
+
+
+def test_more_than_16_dims_holds_the_rest(user_dir):
+    ref = _save(user_dir, "d20", "digits", latent_dim=20)
+    at = open_page("pages/decode.py", model=ref)
+    no_exception(at)
+    assert sum(s.key.startswith("dec_z_") for s in at.slider) == 16
+    assert any("4 less informative dimensions held" in c.value for c in at.caption)
+    at.number_input(key="dec_n_sliders").set_value(20).run()
+    no_exception(at)
+    assert sum(s.key.startswith("dec_z_") for s in at.slider) == 20

@@ -32,6 +32,7 @@ def test_dims_by_kl_and_slider_layout():
     assert "inactive: moving it changes nothing" in lay.label(2)
     assert lay.label(1).startswith("z2 · KL 2.00")
     assert len(L.slider_layout(np.zeros(20)).shown) == L.MAX_SLIDERS
+    assert L.slider_layout(np.zeros(3), kl_known=False).label(1) == "z2"  # no KL to show
     with pytest.raises(ValueError, match="one flag per dimension"):
         L.slider_layout(kl, active=[True])
 

@@ -100,6 +100,7 @@ class DimInfo:
     order: np.ndarray  # (d,) most informative first
     source: str  # where the numbers come from, for a caption
     stats: DimStats | None = None  # the full statistics when measured on data
+    known: bool = True  # False: neither data nor a recorded KL (index order, activity unknown)
 
 
 def dim_info(sel: Selection, codes: Codes | None) -> DimInfo:
@@ -118,7 +119,8 @@ def dim_info(sel: Selection, codes: Codes | None) -> DimInfo:
         kl = np.asarray(recorded, dtype=np.float64)
         return DimInfo(kl, ~inactive_by_kl(kl), dims_by_kl(kl),
                        f"recorded in the checkpoint, no data to measure; active: KL > {ACTIVE_THRESHOLD} nats")
-    return DimInfo(np.zeros(d), np.ones(d, bool), np.arange(d), "unknown (no data and no recorded KL): index order")
+    return DimInfo(np.zeros(d), np.ones(d, bool), np.arange(d),
+                   "no data and no recorded KL: dimensions in index order, activity unknown", known=False)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)

@@ -72,13 +72,15 @@ class SliderLayout:
     held: np.ndarray  # dimensions held at their starting value (beyond max_sliders)
     active: np.ndarray  # (d,) bool
     kl: np.ndarray  # (d,) nats
+    kl_known: bool = True  # False: no data and no recorded KL, so labels leave the KL out
 
     def label(self, dim: int) -> str:
-        text = f"z{dim + 1} · KL {self.kl[dim]:.2f} nats"
-        return text if self.active[dim] else f"z{dim + 1} · inactive: moving it changes nothing"
+        if not self.active[dim]:
+            return f"z{dim + 1} · inactive: moving it changes nothing"
+        return f"z{dim + 1} · KL {self.kl[dim]:.2f} nats" if self.kl_known else f"z{dim + 1}"
 
 
-def slider_layout(kl, active=None, max_sliders: int = MAX_SLIDERS) -> SliderLayout:
+def slider_layout(kl, active=None, max_sliders: int = MAX_SLIDERS, kl_known: bool = True) -> SliderLayout:
     """Which dimensions get sliders: all of them up to max_sliders, else the top max_sliders by KL."""
     kl = np.asarray(kl, dtype=np.float64)
     active = np.ones(len(kl), bool) if active is None else np.asarray(active, dtype=bool)
@@ -86,7 +88,7 @@ def slider_layout(kl, active=None, max_sliders: int = MAX_SLIDERS) -> SliderLayo
         raise ValueError(f"active has shape {active.shape}, kl has {kl.shape}: give one flag per dimension")
     order = dims_by_kl(kl)
     k = max(1, min(int(max_sliders), len(kl)))
-    return SliderLayout(order[:k], order[k:], active, kl)
+    return SliderLayout(order[:k], order[k:], active, kl, kl_known)
 
 
 def compose_latent(base, dims, values) -> np.ndarray:
