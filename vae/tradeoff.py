@@ -135,7 +135,7 @@ def plane_box(points, pad: float = 0.08) -> tuple:
     r_max = max(1.0, float(pts[:, 0].max()))
     d_lo, d_hi = float(pts[:, 1].min()), float(pts[:, 1].max())
     span = max(1.0, d_hi - d_lo, r_max)
-    return 0.0, r_max * (1 + pad) + 0.5, d_lo - pad * span, d_hi + pad * span
+    return 0.0, r_max * (1 + 1.5 * pad) + 0.5, d_lo - pad * span, d_hi + pad * span  # room for labels on the right
 
 
 def frontier(points) -> list[int]:

@@ -1,0 +1,144 @@
+"""Collapse lab: a preset that collapses on digits, and remedies run beside it on the same seed through the job
+registry. Per run: active units and per-dimension KL over training, final rate and distortion, reconstructions."""
+import dataclasses
+
+import streamlit as st
+
+from ui.core import get_dataset, tile
+from ui.tradeoff import (au_curves_figure, group_jobs, group_progress, heatmap_figure, run_images, state_line,
+                         stop_group, submit_group)
+from vae.jobs import ACTIVE
+from vae.tradeoff import LAB_REMEDIES, PRESETS, REMEDIES, SHORT_TRAIN, kl_heatmap, lab_specs, run_summary, trajectory
+
+POLL_S = 1.0
+N_IMAGES = 6
+SEP = " · "  # job names are "lab <preset> · <run>"
+
+st.title("Collapse lab")
+st.caption("Posterior collapse: q(z|x) ≈ p(z) for every x, so the rate is ≈ 0, the active units go to 0 and the "
+           "decoder ignores z. Reproduce it, then fix it on the same seed, side by side.")
+
+group = st.session_state.get("lab_group")
+running = any(j.snapshot().state in ACTIVE for j in group_jobs(group))
+
+c1, c2 = st.columns([1, 2.2])
+preset_key = c1.radio("Collapse preset", list(PRESETS), format_func=lambda k: PRESETS[k].label, key="lab_preset",
+                      bind="query-params")
+remedies = c2.pills("Remedies, run beside it on the same seed", list(LAB_REMEDIES), selection_mode="multi",
+                    default=list(LAB_REMEDIES), format_func=lambda k: REMEDIES[k].label, key="lab_remedies",
+                    wrap=True) or []
+with st.container(horizontal=True, vertical_alignment="center"):
+    run_clicked = st.button("Run", type="primary", icon=":material/play_arrow:", key="lab_run", disabled=running,
+                            help="Trains the preset and each chosen remedy, two at a time")
+    stop_clicked = st.button("Stop", icon=":material/stop:", key="lab_stop", disabled=not running)
+    with st.popover("Settings", icon=":material/settings:"):
+        epochs = st.number_input("epochs per run", 5, 300, SHORT_TRAIN["epochs"], key="lab_epochs")
+        seed = st.number_input("seed", 0, 2**31 - 1, 0, key="lab_seed")
+if run_clicked:
+    try:
+        specs = lab_specs(preset_key, remedies, seed=int(seed), epochs=int(epochs))
+    except ValueError as exc:
+        st.error(str(exc))
+    else:
+        short = "β4" if preset_key == "beta4" else "AR"
+        named = [dataclasses.replace(s, name=f"lab {short}{SEP}{'collapsed' if s.role == 'collapse' else s.name}")
+                 for s in specs]
+        st.session_state["lab_group"] = submit_group(named, "lab")
+        st.session_state["lab_meta"] = {"preset": preset_key, "roles": [s.role for s in specs]}
+        st.rerun()
+if stop_clicked:
+    stop_group(group)
+    st.rerun()
+
+shown = (st.session_state.get("lab_meta") or {}).get("preset", preset_key) if group else preset_key
+st.markdown(f"**{PRESETS[shown].label}.** {PRESETS[shown].what}")
+
+
+def _short_name(name: str) -> str:
+    return name.split(SEP, 1)[-1]
+
+
+def results():
+    """The runs of the last lab, side by side; polled while any of them trains."""
+    jobs = group_jobs(st.session_state.get("lab_group"))
+    if not jobs:
+        st.info("Press **Run**: the preset and each remedy train for a few seconds each, two at a time.")
+        return
+    snaps = [j.snapshot() for j in jobs]
+    roles = (st.session_state.get("lab_meta") or {}).get("roles", [])
+    frac, ended, total = group_progress(snaps)
+    if ended < total:
+        st.progress(frac, text=f"{ended}/{total} runs ended")
+    latent_dim = max(((s.model_config or {}).get("latent_dim") or 0) for s in snaps) or None
+    data, err = get_dataset(snaps[0].train_config.get("dataset", "digits"), "test")
+    x = data.x[:N_IMAGES].numpy() if data is not None else None
+    shape = tuple((snaps[0].model_config or {}).get("image_shape", (8, 8)))
+    show_images = x is not None and shape != (2,)
+
+    top_l, top_r = st.columns([1.25, 1])
+    curves = [(_short_name(s.name), t["epoch"], t["active_units"]) for s in snaps for t in [trajectory(s.history)]]
+    top_l.plotly_chart(au_curves_figure(curves, latent_dim, height=250), key="lab_au")
+    with top_r:
+        rows = []
+        for s in snaps:
+            sm = run_summary(s.history) or {}
+            rows.append({"run": _short_name(s.name),
+                         "active units": f"{sm['active_units']}/{latent_dim} (peak {sm['peak_active_units']})"
+                         if sm else s.state,
+                         "R": round(sm["rate"], 2) if sm else None, "D": round(sm["distortion"], 2) if sm else None,
+                         "ELBO": round(sm["elbo"], 2) if sm else None})
+        st.dataframe(rows, hide_index=True, column_config={"R": st.column_config.NumberColumn(help="rate, nats"),
+                                                           "D": st.column_config.NumberColumn(help="distortion, nats")})
+        if show_images:
+            st.image(tile(x, shape, ncols=N_IMAGES, target_px=300), caption="test images x (reconstructed below)")
+    st.caption("Per-dimension KL over training: one row per latent dimension, one column per epoch, in nats "
+               "(dark = collapsed). Below each: reconstructions of the test images.")
+    cols = st.columns(len(snaps))
+    for i, (col, s) in enumerate(zip(cols, snaps)):
+        with col:
+            sm = run_summary(s.history)
+            st.markdown(f"**{_short_name(s.name)}**")
+            role = roles[i] if i < len(roles) else ""
+            if role in REMEDIES:
+                st.caption(f"{REMEDIES[role].short} ({REMEDIES[role].cite})")
+            elif role == "collapse":
+                st.caption("no remedy: the preset as is")
+            heat = kl_heatmap(s.history)
+            if heat.size:
+                st.plotly_chart(heatmap_figure(heat, "", zmax=1.0, height=170, show_scale=(i == len(snaps) - 1)),
+                                key=f"lab_heat_{i}")
+            if sm is not None:
+                st.markdown(f"active units **{sm['active_units']}/{latent_dim}**  \nR {sm['rate']:.2f} · "
+                            f"D {sm['distortion']:.2f} nats")
+            if s.state not in ("finished",):
+                st.caption(state_line(s))
+            if show_images and s.weights_version > 0:
+                recon = run_images(s.id, s.weights_version, x)
+                if recon is not None:
+                    st.image(tile(recon, shape, ncols=3, target_px=180), width="stretch")
+    if err:
+        st.warning(err)
+    still = any(s.state in ACTIVE for s in snaps)
+    if st.session_state.get("_lab_live") and not still:  # the last run just ended: re-enable Run, stop polling
+        st.session_state["_lab_live"] = False
+        st.rerun(scope="app")
+    st.session_state["_lab_live"] = still
+
+
+st.fragment(results, run_every=POLL_S if running else None)()
+
+with st.expander("What each remedy does to the objective, and the papers", expanded=not group):
+    st.markdown(
+        "The β-VAE objective is $D + \\beta R$ (Higgins et al. 2017, *β-VAE*). Collapse means $R \\to 0$.\n\n"
+        + "\n".join(f"- **{r.label}** ({r.cite}): {r.objective}" for r in REMEDIES.values()) +
+        "\n\n**Why warm-up and cyclical annealing do not fix β = 4:** they change how training gets there, not the "
+        "objective at the end. At β = 4 the optimum on digits has zero rate, so the dimensions die as soon as β is "
+        "back up. Free bits and capacity change the objective itself, so they hold.\n\n"
+        "**Strong decoders** (Bowman et al. 2016, *Generating sentences from a continuous space*; Chen et al. 2017, "
+        "*Variational lossy autoencoder*; Gulrajani et al. 2017, *PixelVAE*): a decoder that sees the previous "
+        "pixels models $x$ on its own; using $z$ costs KL and buys little, so the plain ELBO prefers to ignore $z$. "
+        "Here the masked autoregressive decoder reaches a better ELBO with $R \\approx 0$ (about −21 nats) than the "
+        "standard VAE does with $z$ (about −24), so warm-up and cyclical annealing only delay the collapse.\n\n"
+        "References: Higgins et al. 2017 (ICLR); Bowman et al. 2016 (CoNLL); Fu et al. 2019, *Cyclical annealing "
+        "schedule* (NAACL); Kingma et al. 2016, *Improved variational inference with inverse autoregressive flow* "
+        "(NeurIPS); Burgess et al. 2018, *Understanding disentangling in β-VAE*; Burda et al. 2015 (active units).")

@@ -1,0 +1,129 @@
+"""AppTest for the Trade-off page and the Collapse lab, with the shipped beta sweep and a private job registry (so no
+run lands in checkpoints/autosave and other tests' runs do not show up here)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import ui.core
+import ui.tradeoff
+from apptest_support import open_page
+from vae.jobs import ACTIVE, JobRegistry
+
+SWEEP = [f"file:checkpoints/sweep/digits-beta-{b}.pt" for b in ("0.1", "0.5", "1", "2", "4", "8")]
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    reg = JobRegistry(max_concurrent=2, autosave_dir=tmp_path / "autosave")
+    monkeypatch.setattr(ui.core, "get_registry", lambda: reg)
+    monkeypatch.setattr(ui.tradeoff, "get_registry", lambda: reg)
+    yield reg
+    reg.shutdown()
+
+
+def plane_traces(at) -> dict:
+    """name -> trace of the rate-distortion figure (the first Plotly chart on the page)."""
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    return {t.get("name"): t for t in spec["data"] if t.get("name")}
+
+
+def wait_group(reg, group, timeout=120):
+    for j in reg.jobs(group=group):
+        j.join(timeout)
+    assert not any(j.snapshot().state in ACTIVE for j in reg.jobs(group=group))
+
+
+def test_tradeoff_page_shows_the_shipped_sweep_compares_and_refuses_bad_input(registry):
+    at = open_page("pages/tradeoff.py")
+    assert not at.exception
+    assert not at.error
+    traces = plane_traces(at)
+    sweep = traces["shipped sweep"]
+    assert sorted(sweep["customdata"]) == sorted(SWEEP)
+    rates = dict(zip(sweep["customdata"], sweep["x"]))
+    assert rates[SWEEP[0]] > rates[SWEEP[2]] > rates[SWEEP[4]]  # rate falls with beta
+    assert "frontier (these models)" in traces
+    assert any(name.startswith("slope −β = −1") for name in traces)  # model A is the beta = 1 model
+    hover = " ".join(sweep["hovertext"])
+    assert "ELBO" in hover and "active units" in hover and "β=4" in hover
+    assert at.selectbox(key="rd_a").value == SWEEP[2]
+    metrics = {m.label: m.value for m in at.metric}
+    assert float(metrics["rate R"]) == pytest.approx(3.34, abs=0.05)
+    assert metrics["active units"] == "5/16"
+    assert len(at.get("plotly_chart")) == 3  # the plane, KL bars and the I(x;z) split of model A
+
+    # compare with beta = 4: both sets of figures side by side, both models marked on the plane
+    at.selectbox(key="rd_b").set_value(SWEEP[4]).run()
+    assert not at.exception
+    assert [m.value for m in at.metric if m.label == "active units"] == ["5/16", "0/16"]
+    assert len(at.get("plotly_chart")) == 5
+    notes = [a["text"] for a in json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]["annotations"]]
+    assert "<b>A</b>" in notes and "<b>B</b>" in notes
+
+    # a bad beta list: one line saying what is wrong, nothing submitted
+    at.text_input(key="rd_betas").set_value("0.5, lots")
+    next(b for b in at.button if b.label == "Start sweep").click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and "β values" in at.error[0].value
+    assert registry.jobs() == []
+
+
+def test_tradeoff_sweep_runs_through_the_registry_points_appear_and_cancel_stops_it(registry):
+    at = open_page("pages/tradeoff.py")
+    at.text_input(key="rd_betas").set_value("0.5, 4")
+    at.number_input(key="rd_epochs").set_value(4)
+    next(b for b in at.button if b.label == "Start sweep").click().run()
+    assert not at.exception and not at.error
+    group = at.session_state["rd_sweep"]
+    jobs = registry.jobs(group=group)
+    assert [j.name for j in jobs] == ["sweep β=0.5", "sweep β=4"]
+    wait_group(registry, group)
+    at.run()
+    assert not at.exception
+    runs = plane_traces(at)["run"]
+    assert sorted(runs["customdata"]) == sorted(f"run:{j.id}" for j in jobs)
+    assert sorted(runs["text"]) == ["β=0.5", "β=4"]
+    assert any("2/2 runs ended" in p.proto.text for p in at.get("progress"))
+
+    # a long sweep, cancelled: every run of the group stops
+    at.text_input(key="rd_betas").set_value("0.5, 1, 2, 4")
+    at.number_input(key="rd_epochs").set_value(300)
+    next(b for b in at.button if b.label == "Start sweep").click().run()
+    long_group = at.session_state["rd_sweep"]
+    assert long_group != group and len(registry.jobs(group=long_group)) == 4
+    at.button(key="rd_cancel").click().run()
+    assert not at.exception
+    wait_group(registry, long_group, timeout=30)
+    assert {j.snapshot().state for j in registry.jobs(group=long_group)} == {"stopped"}
+
+
+def test_collapse_lab_runs_preset_and_remedies_side_by_side(registry):
+    at = open_page("pages/collapse.py")
+    assert not at.exception
+    assert any("Press **Run**" in i.value for i in at.info)
+    at.radio(key="lab_preset").set_value("autoregressive").run()
+    assert any("autoregressive decoder" in m.value for m in at.markdown)
+    at.radio(key="lab_preset").set_value("beta4").run()
+    at.session_state["lab_remedies"] = ["free_bits"]
+    at.number_input(key="lab_epochs").set_value(12)
+    at.button(key="lab_run").click().run()
+    assert not at.exception and not at.error
+    group = at.session_state["lab_group"]
+    jobs = registry.jobs(group=group)
+    assert [j.name for j in jobs] == ["lab β4 · collapsed", "lab β4 · + free bits λ = 0.5"]
+    assert jobs[0].train_config.seed == jobs[1].train_config.seed
+    wait_group(registry, group)
+    at.run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table["run"]) == ["collapsed", "+ free bits λ = 0.5"]
+    collapsed_au, fixed_au = (int(v.split("/")[0]) for v in table["active units"])
+    assert collapsed_au <= 1 and fixed_au >= 8
+    charts = at.get("plotly_chart")
+    assert len(charts) == 3  # active units over training + one heatmap per run
+    heat = json.loads(charts[1].proto.spec)["data"][0]
+    z = heat["z"]
+    shape = tuple(int(v) for v in z["shape"].split(",")) if isinstance(z, dict) else (len(z), len(z[0]))
+    assert heat["type"] == "heatmap" and shape == (16, 12)  # latent dims x epochs
