@@ -4,8 +4,9 @@ sampling agrees with the grid integral on the shipped 2-D model.
     .venv/bin/python benchmarks/elbo_anatomy.py            # timings + agreement over the whole digits test split
     .venv/bin/python benchmarks/elbo_anatomy.py --quick    # timings only
 
-Prints wall-clock and process CPU seconds (the median of --repeats runs) and the machine's load average, since
-other work on a shared CPU inflates wall-clock times.
+Prints wall-clock and process CPU seconds (the median of --repeats runs) on 1 intra-op thread (as the page runs them)
+and on all cores, and the machine's load average: on a busy CPU, threads spin-waiting for each other inflate
+wall-clock times several-fold.
 """
 from __future__ import annotations
 
@@ -69,9 +70,12 @@ def main(argv=None):
                      ("posterior_picture(): 241^2 grid + 161^2 zoom + KL, 1 image",
                       lambda: an.posterior_picture(model, x[0]))]
         for label, fn in rows:
-            fn()  # warm-up
-            wall, cpu_s = timed(fn, args.repeats)
-            print(f"{name:10s} {label:62s} wall {wall:6.3f} s   cpu {cpu_s:6.3f} s")
+            for threads in sorted({1, os.cpu_count() or 1}):
+                torch.set_num_threads(threads)
+                fn()  # warm-up
+                wall, cpu_s = timed(fn, args.repeats)
+                print(f"{name:10s} {label:62s} {threads} thread(s): wall {wall:6.3f} s   cpu {cpu_s:6.3f} s")
+            torch.set_num_threads(os.cpu_count() or 1)
     print(f"load average after {os.getloadavg()[0]:.1f}")
     if args.quick:
         return

@@ -8,6 +8,7 @@ import streamlit as st
 from ui.anatomy_figures import decomposition_fig, history_fig, iwae_fig, posterior_fig
 from ui.core import current, need_model, selection_data, tile
 from vae import anatomy as an
+from vae.latent_ops import intra_op_threads
 
 HIST_MAX, HIST_K, HIST_S = 1000, 500, 100  # log p(x) of the current weights for the history chart
 N_DRAWS = 10  # independent nested draws averaged for the IWAE curve
@@ -15,24 +16,30 @@ ONE, SET = "one image", "first N images"
 
 
 # ---- cached computations (keyed by the weights' cache key + which images + the estimator settings) -------------
+# Each runs on one intra-op thread: on a busy CPU (a training run in this server, other processes) two threads
+# spin-waiting for each other were 3-10x slower than one (benchmarks/elbo_anatomy.py).
 @st.cache_data(max_entries=64, show_spinner=False)
 def anatomy_cached(key, _model, _x, data_key, images, k, s, seed):
-    return an.anatomy(_model, _x, k=k, samples=s, seed=seed)
+    with intra_op_threads(1):
+        return an.anatomy(_model, _x, k=k, samples=s, seed=seed)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def draws_cached(key, _model, _x, data_key, images, k, draws, seed):
-    return an.iwae_curve_draws(_model, _x, k, draws=draws, seed=seed)
+    with intra_op_threads(1):
+        return an.iwae_curve_draws(_model, _x, k, draws=draws, seed=seed)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def picture_cached(key, _model, _x, data_key, index):
-    return an.posterior_picture(_model, _x)
+    with intra_op_threads(1):
+        return an.posterior_picture(_model, _x)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def grid_cached(key, _model, _x, data_key, images):
-    lp, ring = an.grid_log_px_batch(_model, _x)
+    with intra_op_threads(1):
+        lp, ring = an.grid_log_px_batch(_model, _x)
     return lp.numpy(), ring.numpy()
 
 
