@@ -21,7 +21,6 @@ if not need_model(sel):
     st.stop()
 cfg = sel.config
 d = cfg.latent_dim
-follow_live_run(sel, "latent")
 
 # ---- controls ----------------------------------------------------------------------------------------------------
 methods = available_methods(d)
@@ -34,6 +33,9 @@ method = c2.selectbox("Projection", methods, key="latent_method", format_func=ME
                       help="PCA keeps the most variance of the means; two raw dimensions show exactly what the "
                            "encoder does there; t-SNE shows neighbourhoods (distances are not meaningful)")
 
+follow_live_run(sel, "latent", poll=method != "tsne",
+                why_not="t-SNE takes seconds, so it is not redone for every new version of the weights: switch "
+                        "to another projection to follow the run, or rerun the page to refresh.")
 codes, data_err = encoded_split(sel, split)
 if codes is None:
     st.warning(data_err)

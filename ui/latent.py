@@ -138,8 +138,9 @@ def image_codes(model_key: str, _model, _x, rows: tuple) -> np.ndarray:
 
 
 # ---- a live run: rerun when its weights move on --------------------------------------------------------------------
-def follow_live_run(sel: Selection, page: str):
-    """For a live training run, rerun the page every few seconds while its weights change, so nothing is stale."""
+def follow_live_run(sel: Selection, page: str, poll: bool = True, why_not: str = ""):
+    """For a live training run, rerun the page every few seconds while its weights change, so nothing is stale.
+    poll=False shows the run's state without refreshing (why_not says why)."""
     job = sel.job
     if job is None:
         return
@@ -150,6 +151,9 @@ def follow_live_run(sel: Selection, page: str):
                        help="Re-encode and redraw with the run's latest weights every few seconds")
     c2.caption(f"Live run **{snap.name}** ({snap.state}), epoch {snap.epoch}/{snap.epochs}, weights version {seen}.")
     if not follow or not snap.active:
+        return
+    if not poll:
+        st.caption(why_not)
         return
 
     @st.fragment(run_every=3.0)
@@ -249,7 +253,8 @@ def aggregate_figure(codes: Codes, proj: Projection, height: int = 420) -> go.Fi
         return style_fig(fig, height)
     xlim, ylim = plot_limits(proj.coords)
     xs, ys = np.linspace(*xlim, 90), np.linspace(*ylim, 90)
-    dens = aggregate_density(codes.mu, codes.logvar, proj, xs, ys)
+    dens = _aggregate_grid(projection_key(codes.key, proj.method, proj.extra.get("dims", (0, 1))) + f"|{xlim}{ylim}",
+                           codes.mu, codes.logvar, proj, xs, ys)
     fig.add_trace(go.Heatmap(x=xs, y=ys, z=dens, colorscale="Blues", name="q(z)",
                              colorbar=dict(title="q(z)"),
                              hovertemplate="(%{x:.2f}, %{y:.2f})<br>q(z) = %{z:.3g}<extra></extra>"))
@@ -262,6 +267,11 @@ def aggregate_figure(codes: Codes, proj: Projection, height: int = 420) -> go.Fi
     fig.update_yaxes(range=list(ylim), scaleanchor="x", scaleratio=1, constrain="domain")
     style_fig(fig, height)
     return fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.14, x=0))
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _aggregate_grid(grid_key: str, _mu, _logvar, _proj, _xs, _ys) -> np.ndarray:
+    return aggregate_density(_mu, _logvar, _proj, _xs, _ys)
 
 
 def dims_figure(info: DimInfo, height: int = 360, with_variance: bool = True) -> go.Figure:

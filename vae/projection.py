@@ -115,7 +115,7 @@ def project_dims(mu, i: int, j: int) -> Projection:
     comps = np.zeros((2, d))
     comps[0, i] = comps[1, j] = 1.0
     return Projection("dims", mu[:, [i, j]].copy(), np.arange(len(mu)), (f"z{i + 1}", f"z{j + 1}"), comps,
-                      np.zeros(d))
+                      np.zeros(d), extra={"dims": (int(i), int(j))})
 
 
 def project_tsne(mu, max_points: int = TSNE_MAX_POINTS, seed: int = 0, perplexity: float = 30.0,
