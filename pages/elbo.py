@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 
 from ui.anatomy_figures import decomposition_fig, history_fig, iwae_fig, posterior_fig
-from ui.core import current, need_model, selection_data, tile
+from ui.core import current, need_model, presenting, selection_data, tile
 from vae import anatomy as an
 from vae.latent_ops import intra_op_threads
 
@@ -138,13 +138,14 @@ if two_d:
 
 # ---- the example and the decomposition ---------------------------------------------------------------------------
 st.subheader(f"Model {sel.label}, {what}")
-left, right = st.columns([1, 1.6])
+# on a projector (presentation mode) the bars get the full width, below the images
+left, right = st.columns([1, 1.6]) if not presenting() else (st.container(), st.container())
 with left:
     if cfg.image_shape != (2,):
         shown = x[:32].numpy()
         recon = model.reconstruct(x[:32].to(model.device)).cpu().numpy()
         ncols = 1 if len(shown) == 1 else 8
-        a1, a2 = st.columns(2)
+        a1, a2 = st.columns([1, 1, 1.4])[:2] if presenting() else st.columns(2)
         a1.image(tile(shown, cfg.image_shape, ncols=ncols, target_px=240), caption="x", width="stretch")
         a2.image(tile(recon, cfg.image_shape, ncols=ncols, target_px=240),
                  caption="decoded encoder mean E[x | z = μ_φ(x)]", width="stretch")

@@ -45,7 +45,7 @@ def test_page_on_the_2d_model():
 
 
 def test_page_on_the_16d_model_explains_the_missing_grid():
-    at = open_page(PAGE, model=Z16, elbo_draws=False, **FAST)
+    at = open_page(PAGE, model=Z16, elbo_draws=False, present=True, **FAST)  # presentation mode's layout too
     assert not at.exception and not at.error
     m = _metrics(at)
     assert "log p_θ(x), grid integral 241² (nats)" not in m

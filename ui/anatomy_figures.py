@@ -20,7 +20,7 @@ def _pm(value: float, se: float | None = None) -> str:
 def decomposition_fig(a: Anatomy, height: int = 440):
     """Stacked (waterfall) bars: E_q[log p(x|z)] - KL = ELBO, then ELBO + gap = log p(x); the right panel zooms onto
     the last step, where the gap sits on top of the ELBO."""
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.66, 0.34], horizontal_spacing=0.1,
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], horizontal_spacing=0.1,
                         subplot_titles=("all terms", "zoom: log p(x) = ELBO + gap"))
     style = dict(increasing=dict(marker=dict(color=GREEN)), decreasing=dict(marker=dict(color=ORANGE)),
                  totals=dict(marker=dict(color=BLUE)), connector=dict(line=dict(color=GREY, dash="dot")),
@@ -33,7 +33,8 @@ def decomposition_fig(a: Anatomy, height: int = 440):
         **style), 1, 1)
     fig.add_trace(go.Waterfall(
         measure=["absolute", "relative", "total"], x=["ELBO", "+gap", "log p(x)"], y=[a.elbo, a.gap, 0.0],
-        base=0, text=[_pm(a.elbo, a.elbo_se), "+" + _pm(a.gap, a.gap_se), _pm(a.log_px, a.log_px_se)],
+        base=0, text=[_pm(a.elbo, a.elbo_se).replace(" ± ", "<br>± "), "+" + _pm(a.gap, a.gap_se).replace(" ± ", "<br>± "),
+                      _pm(a.log_px, a.log_px_se).replace(" ± ", "<br>± ")],
         **style), 1, 2)
     levels = [0.0, a.expected_log_lik, a.elbo, a.log_px]  # every bar end (negative for images, any sign for points)
     lo, hi = min(levels), max(levels)
