@@ -151,3 +151,17 @@ def test_decode_one_matches_and_restores_threads():
     with L.intra_op_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_encode_split_matches_encode_dataset():
+    from vae.diagnostics import encode_dataset
+
+    m = tiny(d=3)
+    x = torch.rand(50, 64, generator=torch.Generator().manual_seed(0))
+    before = torch.get_num_threads()
+    mu, logvar = L.encode_split(m, x)
+    ref_mu, ref_lv = encode_dataset(m, x)
+    np.testing.assert_allclose(mu, ref_mu.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logvar, ref_lv.numpy(), rtol=1e-5, atol=1e-6)
+    assert torch.get_num_threads() == before
+    np.testing.assert_allclose(L.encode_split(m, x, threads=None)[0], mu, rtol=1e-5, atol=1e-6)

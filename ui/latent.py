@@ -12,8 +12,8 @@ import streamlit as st
 
 from ui.core import Selection, selection_data, style_fig
 from vae.data import DATASETS
-from vae.diagnostics import ACTIVE_THRESHOLD, encode_dataset, kl_decomposition
-from vae.latent_ops import decoder_sensitivity, dims_by_kl, encode_means, inactive_by_kl, prior_latents
+from vae.diagnostics import ACTIVE_THRESHOLD, kl_decomposition
+from vae.latent_ops import decoder_sensitivity, dims_by_kl, encode_split, inactive_by_kl, prior_latents
 from vae.projection import (DimStats, Projection, aggregate_density, aggregate_density_1d, dimension_stats,
                             encoding_key, plot_limits, posterior_ellipses, prior_density, prior_in_plane, project,
                             projection_key, gaussian_ellipse, standard_normal_pdf)
@@ -46,8 +46,7 @@ class Codes:
 @st.cache_data(max_entries=16, show_spinner=False)
 def _encode(enc_key: str, _model, _x):
     """Encode a split once; the key alone identifies it (the model and the data are not hashed)."""
-    mu, logvar = encode_dataset(_model, _x)
-    return mu.numpy(), logvar.numpy()
+    return encode_split(_model, _x)
 
 
 def encoded_split(sel: Selection, split: str = "test"):
@@ -129,12 +128,6 @@ def sensitivity(model_key: str, _model, source: str, n: int, _mu=None) -> np.nda
     d = _model.config.latent_dim
     z = prior_latents(n, d, 1.0, seed=0) if source == "prior" else np.asarray(_mu)[:n]
     return decoder_sensitivity(_model, z)
-
-
-@st.cache_data(max_entries=64, show_spinner=False)
-def image_codes(model_key: str, _model, _x, rows: tuple) -> np.ndarray:
-    """Posterior means of the chosen examples (rows of x): (len(rows), d)."""
-    return encode_means(_model, np.asarray(_x)[list(rows)])
 
 
 # ---- a live run: rerun when its weights move on --------------------------------------------------------------------
