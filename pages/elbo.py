@@ -210,10 +210,10 @@ st.caption(f"One nested draw: L_K uses the first K of the same {k} weights, so i
 # ---- 2-D: the true posterior -------------------------------------------------------------------------------------
 st.subheader("The gap as a picture: the true posterior against the encoder")
 if not two_d:
+    calls = f"{an.GRID_N}^{cfg.latent_dim} ≈ 10^{cfg.latent_dim * math.log10(an.GRID_N):.0f}"
     st.info(f"No grid for this model: its latent has {cfg.latent_dim} dimensions, and a grid with {an.GRID_N} "
-            f"points per axis would need {an.GRID_N}^{cfg.latent_dim} ≈ 10^{cfg.latent_dim * math.log10(an.GRID_N):.0f}"
-            f" decoder calls per image. Here log p(x) comes from importance sampling alone. Pick the shipped "
-            f"digits-z2 model to see p(z|x) on a grid.")
+            f"points per axis would need {calls} decoder calls per image. Here log p(x) comes from importance "
+            "sampling alone. Pick the shipped digits-z2 model to see p(z|x) on a grid.")
 else:
     g1, g2 = st.columns([1.4, 1])
     with g2:

@@ -11,10 +11,10 @@ from vae.anatomy import Anatomy, PosteriorPicture, ellipse
 BLUE, ORANGE, GREEN, RED, GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#7f7f7f"
 
 
-def _pm(value: float, se: float | None = None) -> str:
+def _pm(value: float, se: float | None = None, sep: str = " ") -> str:
     if se is None or not np.isfinite(se):
         return f"{value:.2f}"
-    return f"{value:.2f} ± {se:.2f}"
+    return f"{value:.2f}{sep}± {se:.2f}"
 
 
 def decomposition_fig(a: Anatomy, height: int = 440):
@@ -33,8 +33,8 @@ def decomposition_fig(a: Anatomy, height: int = 440):
         **style), 1, 1)
     fig.add_trace(go.Waterfall(
         measure=["absolute", "relative", "total"], x=["ELBO", "+gap", "log p(x)"], y=[a.elbo, a.gap, 0.0],
-        base=0, text=[_pm(a.elbo, a.elbo_se).replace(" ± ", "<br>± "), "+" + _pm(a.gap, a.gap_se).replace(" ± ", "<br>± "),
-                      _pm(a.log_px, a.log_px_se).replace(" ± ", "<br>± ")],
+        base=0, text=[_pm(a.elbo, a.elbo_se, "<br>"), "+" + _pm(a.gap, a.gap_se, "<br>"),
+                      _pm(a.log_px, a.log_px_se, "<br>")],
         **style), 1, 2)
     levels = [0.0, a.expected_log_lik, a.elbo, a.log_px]  # every bar end (negative for images, any sign for points)
     lo, hi = min(levels), max(levels)
