@@ -113,12 +113,16 @@ def latent_grid(lim: float = 6.0, n: int = 241, device=None):
 
 
 @torch.inference_mode()
-def grid_log_joint(model, x: torch.Tensor, lim: float = 6.0, n: int = 241, chunk: int = 4096):
-    """log p(x|z_g) + log p(z_g) at every grid point: (B, n*n). Needs latent_dim == 2."""
+def grid_log_joint(model, x: torch.Tensor, lim: float = 6.0, n: int = 241, chunk: int | None = None):
+    """log p(x|z_g) + log p(z_g) at every grid point: (B, n*n). Needs latent_dim == 2.
+
+    Grid points go through the decoder in chunks of about 2^22 decoded values (chunk x B x D), so many images or
+    28x28 models stay within memory."""
     if model.config.latent_dim != 2:
         raise ValueError(f"latent_dim={model.config.latent_dim}: the grid integral needs a 2-D latent")
     axis, pts, area = latent_grid(lim, n, model.device)
     x = x.to(model.device)
+    chunk = chunk or max(1, (1 << 22) // max(1, x.shape[0] * x.shape[-1]))
     out = []
     for zc in _batches(pts, chunk):
         z = zc[:, None, :].expand(-1, x.shape[0], -1)  # (g, B, 2)
