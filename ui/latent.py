@@ -74,7 +74,7 @@ def projected(codes: Codes, method: str, dims: tuple = (0, 1), seed: int = 0) ->
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def _surgery(enc_key: str, _mu, _logvar, max_points: int = 2000):
+def _surgery(enc_key: str, _mu, _logvar, max_points: int = 1000):
     """ELBO surgery on (a seeded subsample of) the encoded split: mean KL = I_q(n; z) + KL(q(z) || p(z))."""
     import torch
 
@@ -82,7 +82,7 @@ def _surgery(enc_key: str, _mu, _logvar, max_points: int = 2000):
 
     idx = sample_indices(len(_mu), min(len(_mu), max_points), seed=0)
     g = torch.Generator().manual_seed(0)
-    out = kl_decomposition(torch.as_tensor(_mu[idx]), torch.as_tensor(_logvar[idx]), n_samples=1000, generator=g)
+    out = kl_decomposition(torch.as_tensor(_mu[idx]), torch.as_tensor(_logvar[idx]), n_samples=500, generator=g)
     out["n"] = len(idx)
     return out
 
@@ -245,7 +245,7 @@ def aggregate_figure(codes: Codes, proj: Projection, height: int = 420) -> go.Fi
         fig.update_layout(xaxis_title="z1", yaxis_title="density")
         return style_fig(fig, height)
     xlim, ylim = plot_limits(proj.coords)
-    xs, ys = np.linspace(*xlim, 90), np.linspace(*ylim, 90)
+    xs, ys = np.linspace(*xlim, 72), np.linspace(*ylim, 72)
     dens = _aggregate_grid(projection_key(codes.key, proj.method, proj.extra.get("dims", (0, 1))) + f"|{xlim}{ylim}",
                            codes.mu, codes.logvar, proj, xs, ys)
     fig.add_trace(go.Heatmap(x=xs, y=ys, z=dens, colorscale="Blues", name="q(z)",
@@ -264,7 +264,7 @@ def aggregate_figure(codes: Codes, proj: Projection, height: int = 420) -> go.Fi
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def _aggregate_grid(grid_key: str, _mu, _logvar, _proj, _xs, _ys) -> np.ndarray:
-    return aggregate_density(_mu, _logvar, _proj, _xs, _ys)
+    return aggregate_density(_mu, _logvar, _proj, _xs, _ys, max_components=1000)
 
 
 def dims_figure(info: DimInfo, height: int = 360, with_variance: bool = True) -> go.Figure:
