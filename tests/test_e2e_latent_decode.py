@@ -1,5 +1,5 @@
 """The Latent space and Decode pages in Chromium: box-select points on the scatter and see their images appear;
-move a slider and see the decoded image change. Screenshots go to test-artifacts/latent-selection.png and decode-z16.png."""
+move a slider and see the decoded image change. Screenshots: test-artifacts/latent-selection.png, decode-z16.png."""
 from __future__ import annotations
 
 import pytest
