@@ -36,10 +36,12 @@ if codes is None:
 
 # ---- where the sliders start --------------------------------------------------------------------------------------
 s1, s2, s3 = st.columns([2.2, 1, 1.2])
-start = s1.radio("Start from", list(START_LABELS), format_func=START_LABELS.get, horizontal=True, key="dec_start")
-seed = int(s2.number_input("Prior sample seed", 0, 1_000_000, 0, key="dec_seed", disabled=start != "prior"))
+start = s1.radio("Start from", list(START_LABELS), format_func=START_LABELS.get, horizontal=True, key="dec_start",
+                 bind="query-params")
+seed = int(s2.number_input("Prior sample seed", 0, 1_000_000, 0, key="dec_seed", bind="query-params",
+                           disabled=start != "prior"))
 n_test = len(codes.mu) if codes is not None else 1
-img_idx = int(s3.number_input("Test image #", 0, max(0, n_test - 1), 0, key="dec_image",
+img_idx = int(s3.number_input("Test image #", 0, max(0, n_test - 1), 0, key="dec_image", bind="query-params",
                               disabled=start != "image" or codes is None))
 if start == "image" and codes is None:
     st.warning("Starting from a test image needs the dataset (see above): starting from zero instead.")
@@ -58,7 +60,7 @@ if st.session_state.get("dec_signature") != signature or reset:
 n_sliders = MAX_SLIDERS
 if d > MAX_SLIDERS:
     n_sliders = int(st.number_input(f"Sliders shown (of {d}; the others are held at the start)", 1, d,
-                                    MAX_SLIDERS, key="dec_n_sliders"))
+                                    MAX_SLIDERS, key="dec_n_sliders", bind="query-params"))
 layout = slider_layout(info.kl, info.active, n_sliders, kl_known=info.known)
 inactive_keys = [f".st-key-dec_z_{k}" for k in layout.shown if not layout.active[k]]
 if inactive_keys:  # grey out the inactive dimensions' sliders (they still move: feel that nothing changes)
@@ -114,9 +116,10 @@ else:
 # ---- traversal grid -----------------------------------------------------------------------------------------------
 st.subheader("Latent traversal")
 t1, t2 = st.columns(2)
-n_rows = int(t1.slider("Dimensions (rows, most informative first)", 1, d, min(d, 8), key="dec_trav_rows")) \
+n_rows = int(t1.slider("Dimensions (rows, most informative first)", 1, d, min(d, 8), key="dec_trav_rows",
+                       bind="query-params")) \
     if d > 1 else 1
-n_cols = int(t2.slider("Values over ±3σ (columns)", 3, 15, 9, step=2, key="dec_trav_cols"))
+n_cols = int(t2.slider("Values over ±3σ (columns)", 3, 15, 9, step=2, key="dec_trav_cols", bind="query-params"))
 rows = info.order[:n_rows]
 values = traversal_values(n_cols)
 grid = traversal_grid(model, base, rows, values)  # (rows, cols, D)
@@ -143,13 +146,14 @@ else:
         return int(hits[0]) if len(hits) else fallback
 
     i1, i2, i3, i4 = st.columns([1, 1, 1.2, 1.4])
-    a = int(i1.number_input("From test image #", 0, n_test - 1, first_with(4, 0), key="dec_interp_a"))
+    a = int(i1.number_input("From test image #", 0, n_test - 1, first_with(4, 0), key="dec_interp_a",
+                            bind="query-params"))
     b = int(i2.number_input("to test image #", 0, n_test - 1, first_with(9, min(1, n_test - 1)),
-                            key="dec_interp_b"))
-    method = i3.radio("Path", ["linear", "spherical"], horizontal=True, key="dec_interp_method",
+                            key="dec_interp_b", bind="query-params"))
+    method = i3.radio("Path", ["linear", "spherical"], horizontal=True, key="dec_interp_method", bind="query-params",
                       help="linear: a straight line between the codes; spherical (slerp): along the great circle, "
                            "keeping the norm of z, where most of the prior's mass lies in high dimensions")
-    steps = int(i4.slider("Steps", 3, 16, 10, key="dec_interp_steps"))
+    steps = int(i4.slider("Steps", 3, 16, 10, key="dec_interp_steps", bind="query-params"))
     path = interpolate(codes.mu[a], codes.mu[b], steps, method)
     decoded = decode_points(model, path)
     norms = np.linalg.norm(path, axis=1)
@@ -168,9 +172,9 @@ else:
 # ---- prior samples ------------------------------------------------------------------------------------------------
 st.subheader("Samples from the prior")
 p1, p2 = st.columns([2, 1])
-temp = float(p1.slider("Temperature T: z ~ N(0, T² I)", 0.0, 2.0, 1.0, step=0.1, key="dec_temp",
+temp = float(p1.slider("Temperature T: z ~ N(0, T² I)", 0.0, 2.0, 1.0, step=0.1, key="dec_temp", bind="query-params",
                        help="T = 1 is the model's prior; T < 1 draws more typical, cleaner samples; T > 1 wilder"))
-sample_seed = int(p2.number_input("Seed", 0, 1_000_000, 0, key="dec_sample_seed"))
+sample_seed = int(p2.number_input("Seed", 0, 1_000_000, 0, key="dec_sample_seed", bind="query-params"))
 if is_points:
     samples = prior_samples(model, 600, temp, sample_seed)
     st.plotly_chart(points_figure(data.x.numpy() if data is not None else None,
@@ -185,7 +189,7 @@ else:
 # ---- decoder sensitivity ------------------------------------------------------------------------------------------
 st.subheader("Which dimensions does the decoder use?")
 sources = ["prior", "posterior"] if codes is not None else ["prior"]
-source = st.radio("At", sources, horizontal=True, key="dec_sens_source",
+source = st.radio("At", sources, horizontal=True, key="dec_sens_source", bind="query-params",
                   format_func={"prior": "256 prior samples z ~ N(0, I)",
                                "posterior": "the posterior means of 256 test images"}.get)
 sens_key = (sel.key if source == "prior" else codes.key) + f"|sens|{source}"

@@ -24,11 +24,12 @@ d = cfg.latent_dim
 
 # ---- controls ----------------------------------------------------------------------------------------------------
 methods = available_methods(d)
-if st.session_state.get("latent_method") not in methods:
-    st.session_state["latent_method"] = methods[0]
+if st.session_state.get("latent_method", methods[0]) not in methods:  # e.g. "pca" kept from a 16-D model
+    del st.session_state["latent_method"]
 c1, c2, c3, c4 = st.columns([1, 1.6, 1.4, 1.4])
-split = c1.selectbox("Split", ["test", "train"], key="latent_split", help="Which examples to encode")
-method = c2.selectbox("Projection", methods, key="latent_method", format_func=METHOD_LABELS.get,
+split = c1.selectbox("Split", ["test", "train"], key="latent_split", bind="query-params",
+                     help="Which examples to encode")
+method = c2.selectbox("Projection", methods, key="latent_method", bind="query-params", format_func=METHOD_LABELS.get,
                       disabled=len(methods) == 1,
                       help="PCA keeps the most variance of the means; two raw dimensions show exactly what the "
                            "encoder does there; t-SNE shows neighbourhoods (distances are not meaningful)")
@@ -50,13 +51,12 @@ if method == "dims":
     ca, cb = c3.columns(2)
     dim_opts = list(range(d))
     fmt = lambda i: f"z{i + 1}" + ("" if info.active[i] else " (inactive)")  # noqa: E731
-    if st.session_state.get("latent_dim_x") not in dim_opts:
-        st.session_state["latent_dim_x"] = top[0]
-    if st.session_state.get("latent_dim_y") not in dim_opts:
-        st.session_state["latent_dim_y"] = top[1]
-    dims = (ca.selectbox("x axis", dim_opts, key="latent_dim_x", format_func=fmt),
-            cb.selectbox("y axis", dim_opts, key="latent_dim_y", format_func=fmt))
-n_ell = c4.slider("±2σ posterior ellipses for", 0, 200, 30, step=10, key="latent_n_ellipses",
+    for k in ("latent_dim_x", "latent_dim_y"):
+        if st.session_state.get(k, 0) not in dim_opts:  # kept from a model with more dimensions
+            del st.session_state[k]
+    dims = (ca.selectbox("x axis", dim_opts, index=top[0], key="latent_dim_x", bind="query-params", format_func=fmt),
+            cb.selectbox("y axis", dim_opts, index=top[1], key="latent_dim_y", bind="query-params", format_func=fmt))
+n_ell = c4.slider("±2σ posterior ellipses for", 0, 200, 30, step=10, key="latent_n_ellipses", bind="query-params",
                   disabled=method == "tsne", help="A random sample of examples: each ellipse is 2 standard "
                                                   "deviations of q(z|x), drawn in the same plane as the dots")
 
