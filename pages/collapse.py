@@ -14,26 +14,25 @@ POLL_S = 1.0
 N_IMAGES = 6
 SEP = " · "  # job names are "lab <preset> · <run>"
 
-st.title("Collapse lab")
-st.caption("Posterior collapse: q(z|x) ≈ p(z) for every x, so the rate is ≈ 0, the active units go to 0 and the "
-           "decoder ignores z. Reproduce it, then fix it on the same seed, side by side.")
+st.title("Collapse lab", help="Posterior collapse: q(z|x) ≈ p(z) for every x, so the rate is ≈ 0, the active units "
+                              "go to 0 and the decoder ignores z. Reproduce it, then fix it on the same seed.")
 
 group = st.session_state.get("lab_group")
 running = any(j.snapshot().state in ACTIVE for j in group_jobs(group))
 
-c1, c2 = st.columns([1, 2.2])
+c1, c2 = st.columns([1.6, 1], vertical_alignment="bottom")
 preset_key = c1.radio("Collapse preset", list(PRESETS), format_func=lambda k: PRESETS[k].label, key="lab_preset",
-                      bind="query-params")
-remedies = c2.pills("Remedies, run beside it on the same seed", list(LAB_REMEDIES), selection_mode="multi",
-                    default=list(LAB_REMEDIES), format_func=lambda k: REMEDIES[k].label, key="lab_remedies",
-                    wrap=True) or []
-with st.container(horizontal=True, vertical_alignment="center"):
+                      bind="query-params", horizontal=True)
+with c2.container(horizontal=True, vertical_alignment="center", horizontal_alignment="right"):
     run_clicked = st.button("Run", type="primary", icon=":material/play_arrow:", key="lab_run", disabled=running,
                             help="Trains the preset and each chosen remedy, two at a time")
     stop_clicked = st.button("Stop", icon=":material/stop:", key="lab_stop", disabled=not running)
     with st.popover("Settings", icon=":material/settings:"):
         epochs = st.number_input("epochs per run", 5, 300, SHORT_TRAIN["epochs"], key="lab_epochs")
         seed = st.number_input("seed", 0, 2**31 - 1, 0, key="lab_seed")
+remedies = st.pills("Remedies, run beside it on the same seed", list(LAB_REMEDIES), selection_mode="multi",
+                    default=list(LAB_REMEDIES), format_func=lambda k: REMEDIES[k].label, key="lab_remedies",
+                    wrap=True) or []
 if run_clicked:
     try:
         specs = lab_specs(preset_key, remedies, seed=int(seed), epochs=int(epochs))
@@ -77,7 +76,7 @@ def results():
 
     top_l, top_r = st.columns([1.25, 1])
     curves = [(_short_name(s.name), t["epoch"], t["active_units"]) for s in snaps for t in [trajectory(s.history)]]
-    top_l.plotly_chart(au_curves_figure(curves, latent_dim, height=250), key="lab_au")
+    top_l.plotly_chart(au_curves_figure(curves, latent_dim, height=240), key="lab_au")
     with top_r:
         rows = []
         for s in snaps:
@@ -90,32 +89,34 @@ def results():
         st.dataframe(rows, hide_index=True, column_config={"R": st.column_config.NumberColumn(help="rate, nats"),
                                                            "D": st.column_config.NumberColumn(help="distortion, nats")})
         if show_images:
-            st.image(tile(x, shape, ncols=N_IMAGES, target_px=300), caption="test images x (reconstructed below)")
-    st.caption("Per-dimension KL over training: one row per latent dimension, one column per epoch, in nats "
-               "(dark = collapsed). Below each: reconstructions of the test images.")
+            st.image(tile(x, shape, ncols=N_IMAGES, target_px=360), width="stretch",
+                     caption="test images x. Below, per run: KL of each latent dimension (rows) over the epochs, "
+                             "dark 0 nats = collapsed to bright ≥ 1 nat; then its reconstructions of these images")
     cols = st.columns(len(snaps))
     for i, (col, s) in enumerate(zip(cols, snaps)):
         with col:
             sm = run_summary(s.history)
             st.markdown(f"**{_short_name(s.name)}**")
-            role = roles[i] if i < len(roles) else ""
-            if role in REMEDIES:
-                st.caption(f"{REMEDIES[role].short} ({REMEDIES[role].cite})")
-            elif role == "collapse":
-                st.caption("no remedy: the preset as is")
             heat = kl_heatmap(s.history)
             if heat.size:
-                st.plotly_chart(heatmap_figure(heat, "", zmax=1.0, height=170, show_scale=(i == len(snaps) - 1)),
+                st.plotly_chart(heatmap_figure(heat, "", zmax=1.0, height=150),
                                 key=f"lab_heat_{i}")
             if sm is not None:
                 st.markdown(f"active units **{sm['active_units']}/{latent_dim}**  \nR {sm['rate']:.2f} · "
                             f"D {sm['distortion']:.2f} nats")
-            if s.state not in ("finished",):
+            if s.state != "finished":
                 st.caption(state_line(s))
             if show_images and s.weights_version > 0:
                 recon = run_images(s.id, s.weights_version, x)
                 if recon is not None:
-                    st.image(tile(recon, shape, ncols=3, target_px=180), width="stretch")
+                    st.image(tile(recon, shape, ncols=N_IMAGES, target_px=300), width="stretch")
+            role = roles[i] if i < len(roles) else ""
+            if role in REMEDIES:
+                st.caption(f"{REMEDIES[role].short} ({REMEDIES[role].cite})")
+            elif role == "collapse":
+                st.caption("no remedy: the preset as it is")
+            if s.state == "failed":
+                st.error(s.error)
     if err:
         st.warning(err)
     still = any(s.state in ACTIVE for s in snaps)

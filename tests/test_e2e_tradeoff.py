@@ -26,7 +26,7 @@ def test_two_point_sweep_appears_on_the_plane(server, page):  # noqa: F811
     page.wait_for_function(f"() => ({PLANE_TRACES})()['shipped sweep'] === 6")  # instantly there
     screenshot(page, "tradeoff-shipped")
     page.get_by_role("textbox", name="β values").fill("0.5, 4")
-    page.get_by_role("spinbutton", name="epochs").fill("6")
+    page.get_by_role("spinbutton", name="epochs").fill("3")
     page.get_by_role("button", name="Start sweep").click()
     page.get_by_text("2/2 runs ended").wait_for(timeout=120_000)  # the polled progress line
     page.wait_for_function(f"() => ({PLANE_TRACES})()['run'] === 2", timeout=60_000)
@@ -44,6 +44,11 @@ def test_collapse_lab_collapsed_and_fixed_side_by_side(server, page):  # noqa: F
     for label in ("linear warm-up", "cyclical annealing", "capacity C → 10 nats"):  # keep free bits only
         page.get_by_role("button", name=label).click()
         wait_ready(page)
+    page.get_by_role("button", name="Settings").click()
+    page.get_by_role("spinbutton", name="epochs per run").fill("12")
+    page.keyboard.press("Enter")
+    wait_ready(page)
+    page.keyboard.press("Escape")
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("+ free bits λ = 0.5").first.wait_for(timeout=60_000)
     page.wait_for_function("() => { const b = [...document.querySelectorAll('button')]"

@@ -328,10 +328,11 @@ def heatmap_figure(heat: np.ndarray, title: str, zmax: float = 1.0, height: int 
                                colorscale="Viridis", zmin=0, zmax=zmax, showscale=show_scale,
                                colorbar=dict(title="nats"),
                                hovertemplate="epoch %{x}, %{y}: %{z:.3f} nats<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title="epoch", yaxis=dict(showticklabels=False, title="dims"))
+    fig.update_layout(title=title, xaxis_title="epoch" if title else None,
+                      yaxis=dict(showticklabels=False, title="dims"))
     style_fig(fig, height)
     if not title:
-        fig.update_layout(margin=dict(t=10))
+        fig.update_layout(margin=dict(t=6, b=6))
     return fig
 
 
@@ -340,9 +341,8 @@ def au_curves_figure(curves: list[tuple[str, list, list]], latent_dim: int | Non
     fig = go.Figure()
     for name, epochs, au in curves:
         fig.add_trace(go.Scatter(x=epochs, y=au, mode="lines+markers", name=name, marker=dict(size=4)))
-    fig.update_layout(xaxis_title="epoch", yaxis_title="active units",
-                      yaxis=dict(range=[-0.5, (latent_dim or 16) + 0.5]),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+    fig.update_layout(xaxis_title="epoch", yaxis=dict(title="active units", range=[-0.5, (latent_dim or 16) + 0.5]),
+                      legend=dict(orientation="v", x=1.02, y=1, xanchor="left"))
     return style_fig(fig, height)
 
 
