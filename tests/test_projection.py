@@ -187,3 +187,22 @@ def test_cache_keys():
     assert P.projection_key(k, "dims", (0, 1)) != P.projection_key(k, "dims", (0, 2))
     assert P.projection_key(k, "tsne", seed=0) != P.projection_key(k, "tsne", seed=1)
     assert P.projection_key(k, "pca") != P.projection_key(P.encoding_key("other", "digits", "test"), "pca")
+
+
+def test_free_cpu_threads(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 7.0, 7.0))
+    assert P.free_cpu_threads() == 1  # a busy machine: one thread, never zero
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    assert P.free_cpu_threads() == 7
+
+    def no_load():
+        raise OSError("unavailable")
+
+    monkeypatch.setattr(os, "getloadavg", no_load)
+    assert P.free_cpu_threads() is None
+    mu, _ = _codes(d=4)
+    np.testing.assert_allclose(P.project_pca(mu, threads="auto").coords, P.project_pca(mu, threads=None).coords)

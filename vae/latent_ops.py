@@ -54,15 +54,19 @@ def decode_one(model, z) -> np.ndarray:
         return decode_points(model, z)
 
 
-def encode_split(model, x, threads: int | None = 1):
+def encode_split(model, x, threads: int | str | None = "auto"):
     """Posterior parameters of a whole split, (mu, logvar) as (N, d) float32 arrays (vae.diagnostics.encode_dataset).
 
-    On the CPU this runs on `threads` intra-op threads (None: PyTorch's default). One thread is the robust choice on
-    a small shared CPU: with 2 threads at load ~10, encoding 10k MNIST images took 0.5-0.8 s, with 1 thread 0.16 s;
-    on an idle 2-core machine 2 threads would save well under 0.1 s."""
+    On the CPU this runs on `threads` intra-op threads: "auto" takes the cores not already busy
+    (vae.projection.free_cpu_threads), None PyTorch's default. On a busy 2-core CPU (load ~10) encoding 10k MNIST
+    images took 0.5-0.8 s with 2 threads and 0.16 s with 1."""
     from .diagnostics import encode_dataset
+    from .projection import free_cpu_threads
 
     x = torch.as_tensor(x)
+    if threads == "auto":
+        threads = free_cpu_threads()
+        threads = None if threads is None else min(threads, torch.get_num_threads())
     if threads is None or model.device.type != "cpu":
         mu, logvar = encode_dataset(model, x)
     else:

@@ -75,19 +75,32 @@ def project_strip(mu, seed: int = 0) -> Projection:
                       np.zeros(1), offsets=offsets)
 
 
-def _threads(n: int | None):
-    """Limit BLAS/OpenMP threads (threadpoolctl) for a small scikit-learn job; None leaves them alone.
+def free_cpu_threads() -> int | None:
+    """CPU cores not already busy: cores minus the 1-minute load average (at least 1); None where the load is
+    unknown (no os.getloadavg). Oversubscribed OpenMP/BLAS workers spin-wait for each other: on a 2-core CPU at
+    load 6, t-SNE of 359 points took 20-40 s with 2 threads and 2.6 s with 1; when idle, 2 threads are ~2x faster."""
+    import os
 
-    On a busy 2-core CPU (a training thread, another process) OpenMP workers spin-wait for each other: t-SNE of
-    359 points took 20-40 s with 2 threads at load 6, and 2.6 s with 1."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    return max(1, (os.cpu_count() or 1) - int(load + 0.5))
+
+
+def _threads(n):
+    """Limit BLAS/OpenMP threads (threadpoolctl) for a scikit-learn job: an int, "auto" (free_cpu_threads) or None
+    (leave them alone)."""
     from contextlib import nullcontext
 
     from threadpoolctl import threadpool_limits
 
+    if n == "auto":
+        n = free_cpu_threads()
     return nullcontext() if n is None else threadpool_limits(limits=int(n))
 
 
-def project_pca(mu, threads: int | None = 1) -> Projection:
+def project_pca(mu, threads: int | str | None = "auto") -> Projection:
     """The first two principal components of the posterior means (scikit-learn PCA), with explained variance."""
     from sklearn.decomposition import PCA
 
@@ -119,7 +132,7 @@ def project_dims(mu, i: int, j: int) -> Projection:
 
 
 def project_tsne(mu, max_points: int = TSNE_MAX_POINTS, seed: int = 0, perplexity: float = 30.0,
-                 threads: int | None = 1) -> Projection:
+                 threads: int | str | None = "auto") -> Projection:
     """t-SNE (scikit-learn) of up to max_points means (a seeded subsample beyond that). Non-linear: no ellipses."""
     from sklearn.manifold import TSNE
 
