@@ -13,8 +13,10 @@ from ui.core import presenting
 from vae.metrics import epoch_curves, kl_heatmap, step_curves
 
 TRAIN_COLOR, TEST_COLOR, EVENT_COLOR, BETA_COLOR = "#1f77b4", "#d62728", "#7f7f7f", "#2ca02c"
-# inferno, spelled out: 0 nats is black ("the heatmap goes dark"), whatever theme the chart is drawn with
-INFERNO = [[0.0, "#000004"], [0.13, "#1b0c41"], [0.25, "#4a0c6b"], [0.38, "#781c6d"], [0.5, "#a52c60"],
+# inferno, spelled out, starting at pure black: 0 nats is black ("the heatmap goes dark"). Not plotly's named
+# "Inferno": its first colour #000004 is one of the placeholders (#000001-#000040) that Streamlit's frontend swaps for
+# theme colours, which paints 0 nats violet.
+INFERNO = [[0.0, "#000000"], [0.13, "#1b0c41"], [0.25, "#4a0c6b"], [0.38, "#781c6d"], [0.5, "#a52c60"],
            [0.63, "#cf4446"], [0.75, "#ed6925"], [0.88, "#fb9b06"], [1.0, "#fcffa4"]]
 LOG_FLOOR = 1e-3  # nats: KL can be exactly 0, which a log axis cannot show
 CHART_CONFIG = {"displaylogo": False}

@@ -32,7 +32,7 @@ import torch
 
 from .checkpoint import CheckpointError, make_checkpoint, read_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig
-from .trainer import Trainer, TrainingDiverged
+from .trainer import Trainer, TrainingDiverged, make_optimizer
 
 QUEUED, RUNNING, PAUSED, FINISHED, STOPPED, FAILED, INTERRUPTED = (
     "queued", "running", "paused", "finished", "stopped", "failed", "interrupted")
@@ -416,9 +416,18 @@ class _AutosaveWriter:
                     self._cond.notify_all()
 
 
+def _warm_up():
+    """The first optimiser a process creates imports torch's compiler stack (torch._dynamo): seconds of import, more
+    on a busy machine. Done once in the background when the registry is made, so Start answers at once."""
+    try:
+        make_optimizer([torch.nn.Parameter(torch.zeros(1))], 1e-3)
+    except Exception:  # only a head start: the job would then pay the cost itself
+        pass
+
+
 class JobRegistry:
     def __init__(self, max_concurrent: int | None = None, autosave_dir: str | os.PathLike | None = None,
-                 restore: bool = True, threads: int | None = None):
+                 restore: bool = True, threads: int | None = None, warm_up: bool = True):
         if max_concurrent is None:
             env = os.environ.get(MAX_JOBS_ENV, "2")
             try:
@@ -437,6 +446,8 @@ class JobRegistry:
         self._queue: list[Job] = []
         self._counter = itertools.count(1)
         self._writer = _AutosaveWriter()
+        if warm_up:
+            threading.Thread(target=_warm_up, name="vae-warm-up", daemon=True).start()
         if restore and self.autosave_dir is not None:
             self._restore()
 
