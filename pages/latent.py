@@ -65,7 +65,8 @@ if method == "dims" and dims[0] == dims[1]:
     st.stop()
 if method == "tsne":
     n_tsne = min(len(codes.mu), TSNE_MAX_POINTS)
-    with st.spinner(f"t-SNE of {n_tsne} points (about {max(3, n_tsne // 100)} s on a 2-core CPU; cached after)…"):
+    with st.spinner(f"t-SNE of {n_tsne} points (about {max(2, n_tsne // 200)} s on a 2-core CPU, longer when "
+                    "busy; cached after)…"):
         proj = projected(codes, method, dims)
 else:
     proj = projected(codes, method, dims)
