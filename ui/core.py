@@ -261,6 +261,8 @@ def style_fig(fig, height: int | None = None):
 def sidebar() -> Selection:
     """Draw the model, device and presentation controls (bound to the URL) and return the selected model."""
     opts = model_options()
+    if DEFAULT_MODEL in opts:  # the widget's default (first option) must be the app's default: bind drops it from
+        opts = {DEFAULT_MODEL: opts[DEFAULT_MODEL], **opts}  # the URL, and a link without model= opens it
     if "_pending_model" in st.session_state:  # set by select_model() before this run's widgets exist
         st.session_state["model"] = st.session_state.pop("_pending_model")
     wanted = st.session_state.get("model") or st.query_params.get("model")
