@@ -148,11 +148,22 @@ def load_selection(ref: str, device: str) -> Selection:
 
 
 # ---- datasets ----------------------------------------------------------------------------------------------------
+_UNAVAILABLE: dict = {}  # (name, split, binarize) -> (time, message): a failed download is not retried every rerun
+RETRY_DOWNLOAD_S = 120
+
+
 def get_dataset(name: str, split: str = "test", binarize: bool = False):
     """(dataset, None) or (None, one-line message). Never raises for a missing dataset."""
+    import time
+
+    key = (name, split, binarize)
+    failed = _UNAVAILABLE.get(key)
+    if failed and time.time() - failed[0] < RETRY_DOWNLOAD_S:
+        return None, failed[1]
     try:
         return load_dataset(name, split, binarize=binarize), None
     except DatasetUnavailable as exc:
+        _UNAVAILABLE[key] = (time.time(), str(exc))
         return None, str(exc)
     except ValueError as exc:
         return None, str(exc)
