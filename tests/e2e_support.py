@@ -1,7 +1,8 @@
 """End-to-end support: `streamlit run app.py` on a free port, and Debian's Chromium driven by Playwright.
 
-Use the fixtures from tests/conftest_e2e (imported by tests/conftest.py): `server` (base URL of a running app,
-one per test module, with its own autosave and user-checkpoint folders) and `browser` (a Playwright Chromium).
+The fixtures live in tests/conftest_e2e.py and are imported once, by tests/conftest.py: `server` (base URL of a
+running app, one per test module, with its own autosave and user-checkpoint folders), `browser` and `page`. Do not
+import them again in a test module: a second session-scoped Playwright would start inside the first one's loop.
 Screenshots go to test-artifacts/.
 """
 from __future__ import annotations

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from conftest_e2e import _playwright, browser, page, server  # noqa: F401
 from e2e_support import screenshot, wait_ready
 
 pytestmark = pytest.mark.browser

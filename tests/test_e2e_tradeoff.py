@@ -6,7 +6,6 @@ import re
 
 import pytest
 
-from conftest_e2e import _playwright, browser, page, server  # noqa: F401
 from e2e_support import screenshot, wait_ready
 
 pytestmark = pytest.mark.browser

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest_e2e import _playwright, browser, page, server  # noqa: F401
 from e2e_support import ARTIFACTS, ROOT, wait_ready
 
 pytestmark = pytest.mark.browser
