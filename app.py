@@ -3,7 +3,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from ui.core import sidebar
+from ui.core import sidebar, warm_imports
 
 ROOT = Path(__file__).resolve().parent
 
@@ -24,3 +24,4 @@ pg = st.navigation([st.Page(f, title=t, icon=i, url_path=u, default=(u == "home"
                     for f, t, i, u in PAGES if (ROOT / f).exists()])
 st.session_state["_selection"] = sidebar()
 pg.run()
+warm_imports()  # after the page: the first render never waits for it

@@ -269,6 +269,22 @@ def style_fig(fig, height: int | None = None):
 
 
 # ---- the sidebar ---------------------------------------------------------------------------------------------------
+@st.cache_resource
+def warm_imports() -> bool:
+    """Import scikit-learn's PCA and t-SNE in the background once per server, so that the first Latent-space
+    projection does not wait for the one-time import (1-3 s on a small CPU). app.py calls it after the first page
+    has rendered, so it does not delay the cold start."""
+    import importlib
+    import threading
+
+    def run():
+        for name in ("sklearn.decomposition", "sklearn.manifold"):
+            importlib.import_module(name)
+
+    threading.Thread(target=run, name="vae-warm-imports", daemon=True).start()
+    return True
+
+
 def sidebar() -> Selection:
     """Draw the model, device and presentation controls (bound to the URL) and return the selected model."""
     opts = model_options()
