@@ -199,7 +199,7 @@ def test_snapshot_is_a_consistent_copy(registries):
 
 
 def test_autosave_then_a_new_registry_restores_and_resumes(registries, tmp_path):
-    reg = registries(autosave_dir=tmp_path)
+    reg = registries(autosave_dir=tmp_path, autosave_interval_s=0)  # every epoch, however short
     job = reg.submit(tc(epochs=4), mc(), name="survivor", start_paused=True)
     wait_until(lambda: job.trainer is not None, what="the trainer")
     job.step_once(4)  # two epochs, each autosaved

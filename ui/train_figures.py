@@ -18,6 +18,7 @@ TRAIN_COLOR, TEST_COLOR, EVENT_COLOR, BETA_COLOR = "#1f77b4", "#d62728", "#7f7f7
 # theme colours, which paints 0 nats violet.
 INFERNO = [[0.0, "#000000"], [0.13, "#1b0c41"], [0.25, "#4a0c6b"], [0.38, "#781c6d"], [0.5, "#a52c60"],
            [0.63, "#cf4446"], [0.75, "#ed6925"], [0.88, "#fb9b06"], [1.0, "#fcffa4"]]
+MARKERS_UP_TO = 60  # epochs
 LOG_FLOOR = 1e-3  # nats: KL can be exactly 0, which a log axis cannot show
 CHART_CONFIG = {"displaylogo": False}
 
@@ -41,12 +42,17 @@ def _vline(x: float, axis: str) -> dict:
                 line=dict(color=EVENT_COLOR, dash="dash", width=1.5))
 
 
+def _epoch_mode(n: int) -> str:
+    """Markers on per-epoch curves only while there are few: each is an SVG node the browser redraws every poll."""
+    return "lines+markers" if n <= MARKERS_UP_TO else "lines"
+
+
 def _arr(a) -> np.ndarray:
     return np.asarray(a, dtype=float)
 
 
 def curves_figure(history: dict, steps_per_epoch: int, smoothing: float = 0.6, log_y: bool = False,
-                  max_points: int = 800) -> dict:
+                  max_points: int = 300) -> dict:
     """2x2: reconstruction NLL, KL, ELBO (train per step, smoothed; test per epoch) and beta, against epochs. Mid-run
     changes are dashed vertical lines. log_y puts the NLL and KL panels on a log axis (the ELBO is negative)."""
     sc, ec = step_curves(history, smoothing, max_points), epoch_curves(history)
@@ -60,7 +66,7 @@ def curves_figure(history: dict, steps_per_epoch: int, smoothing: float = 0.6, l
         data.append(dict(type="scatter", x=x, y=_arr(y), mode="lines", name="train (per step, smoothed)",
                          line=dict(color=TRAIN_COLOR, width=1.5), legendgroup="train", showlegend=i == 0,
                          xaxis=xa, yaxis=ya))
-        data.append(dict(type="scatter", x=_arr(ec["epoch"]), y=_arr(ty), mode="lines+markers",
+        data.append(dict(type="scatter", x=_arr(ec["epoch"]), y=_arr(ty), mode=_epoch_mode(len(ec["epoch"])),
                          name="test (per epoch)", line=dict(color=TEST_COLOR, width=2), marker=dict(size=5),
                          legendgroup="test", showlegend=i == 0, xaxis=xa, yaxis=ya))
     data.append(dict(type="scatter", x=x, y=_arr(sc["beta"]), mode="lines", name="β", showlegend=False,
@@ -105,7 +111,8 @@ def collapse_figure(history: dict) -> dict:
                          colorscale=INFERNO, zmin=0, colorbar=dict(title=dict(text="nats"), len=0.62, y=0.69),
                          hovertemplate="epoch %{x}<br>dim %{y}<br>KL %{z:.3f} nats<extra></extra>",
                          xaxis="x", yaxis="y"))
-        data.append(dict(type="scatter", x=_arr(ec["epoch"]), y=_arr(ec["active_units"]), mode="lines+markers",
+        data.append(dict(type="scatter", x=_arr(ec["epoch"]), y=_arr(ec["active_units"]),
+                         mode=_epoch_mode(len(ec["epoch"])),
                          name="active units", line=dict(color="#9467bd", width=2), showlegend=False,
                          xaxis="x2", yaxis="y2"))
     layout = _layout(

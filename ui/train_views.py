@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import io
+import os
+import time
 
 import numpy as np
 import streamlit as st
@@ -25,7 +27,11 @@ from vae.jobs import ACTIVE, FAILED, INTERRUPTED, PAUSED, QUEUED, RUNNING, Job
 from vae.metrics import detect_collapse, format_duration, history_csv
 from vae.presets import PRESETS, model_config_for
 
-POLL_S = 1.0  # how often the live view redraws while a run is active
+POLL_S = float(os.environ.get("VAE_POLL_S", "1.0"))  # how often the live view redraws while a run is active
+# while the view polls, charts are static images of SVG (no hover/zoom layers): a browser redraw then costs far less
+# CPU, which on a small machine is CPU the training thread gets back. Interactive again once the run has ended.
+LIVE_CHART_CONFIG = {**CHART_CONFIG, "staticPlot": True}
+IMAGE_EVERY_S = 3.0  # while running, the image grids follow each epoch, but change at most this often
 SPEEDS = (0.0, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # slow motion: seconds of delay after every step
 N_IMAGES = 16
 STATE_BADGE = {"queued": ("gray", ":material/schedule:"), "running": ("green", ":material/play_arrow:"),
@@ -428,7 +434,16 @@ def save_panel(job: Job):
 
 # ---- the live view ---------------------------------------------------------------------------------------------------
 def live_view(job: Job):
-    """Polls the job while it is active (a fragment: only this part redraws); static once it ended."""
+    """The curve options and the comparison picker (widgets: outside the polled part, so a redraw does not rebuild
+    them), then the part that polls the job while it is active (a fragment: only it redraws); static once ended."""
+    c1, c2, c3 = st.columns([1, 1.4, 3.2], vertical_alignment="bottom")
+    c1.toggle("log scale", key="curves_log", help="NLL and KL on a log axis")
+    c2.select_slider("smoothing", (0.0, 0.3, 0.6, 0.8, 0.9, 0.95, 0.99), value=0.6, key="curves_smooth",
+                     help="Exponential moving average of the per-step train curves")
+    options = _compare_options(job)
+    c3.multiselect("Compare with earlier runs and checkpoints", list(options), key="compare_runs",
+                   format_func=lambda r: options.get(r, r), placeholder="overlay other runs…",
+                   help="Test ELBO, KL and active units per epoch of this run and the ones picked")
     poll = POLL_S if job.state in ACTIVE else None
     st.fragment(run_every=poll)(_live_body)(job.id, poll is not None)
 
@@ -452,19 +467,17 @@ def _live_body(job_id: str, polling: bool):
     if status.collapsed:
         st.error(f"**KL collapse detected.** {status.reason}.  \nTry: " + "; ".join(status.remedies) + ".",
                  icon=":material/warning:")
-    c1, c2, c3 = st.columns([1.2, 1.2, 3])
-    log_y = c1.toggle("log scale", key="curves_log", help="NLL and KL on a log axis")
-    smooth = c2.select_slider("smoothing", (0.0, 0.3, 0.6, 0.8, 0.9, 0.95, 0.99), value=0.6, key="curves_smooth",
-                              help="Exponential moving average of the per-step train curves")
-    c3.caption("Train: per step (one batch, one z sample), smoothed. Test: per epoch on the test split. Dashed lines "
+    log_y, smooth = st.session_state.get("curves_log", False), st.session_state.get("curves_smooth", 0.6)
+    cfg = LIVE_CHART_CONFIG if polling else CHART_CONFIG
+    st.plotly_chart(curves_figure(h, snap.steps_per_epoch, smooth, log_y), key="fig_curves", config=cfg)
+    st.caption("Train: per step (one batch, one z sample), smoothed. Test: per epoch on the test split. Dashed lines "
                "mark changes made while the run went on. All in nats per example.")
-    st.plotly_chart(curves_figure(h, snap.steps_per_epoch, smooth, log_y), key="fig_curves", config=CHART_CONFIG)
     left, right = st.columns([1.3, 1])
     with left:
         if not h["epoch"]["epoch"]:
             st.caption("The per-dimension KL heatmap (the collapse view) appears after the first epoch.")
         else:
-            st.plotly_chart(collapse_figure(h), key="fig_collapse", config=CHART_CONFIG)
+            st.plotly_chart(collapse_figure(h), key="fig_collapse", config=cfg)
             au, d = h["epoch"]["active_units"][-1], len(h["epoch"]["test_kl_per_dim"][-1])
             st.caption(f"**{au}/{d} active units** (Var_x E_q[z_d] > 0.01) · {status.dead_dims} dimension(s) with "
                        "KL < 0.01 nats. A dark row is a dimension the decoder no longer gets information through.")
@@ -505,9 +518,10 @@ def _status(snap):
 
 
 def _images(job: Job, snap):
-    """Test reconstructions and prior samples from the run's weights, refreshed once per epoch while it runs (and
-    after every step while it is paused, for slow-motion stepping). The PNGs are kept per weights version, so a
-    redraw between epochs re-sends the same files (no re-encoding, no flicker)."""
+    """Test reconstructions and prior samples from the run's weights, refreshed at each epoch while it runs (at most
+    every IMAGE_EVERY_S: digits epochs take a fraction of a second, and each grid is a decode and two PNGs for the
+    server and the browser), and after every step while it is paused, for slow-motion stepping. The PNGs are kept
+    per weights version, so a redraw in between re-sends the same files (no re-encoding, no flicker)."""
     mc = snap.model_config
     if mc is None:
         return
@@ -518,7 +532,12 @@ def _images(job: Job, snap):
     version_key = f"e{snap.epoch}" if snap.state == RUNNING else f"v{snap.weights_version}"
     key = (job.id, version_key, presenting())
     cache = st.session_state.setdefault("_train_grids", {})
+    fresh = [k for k in cache if k[0] == job.id and k[2] == presenting()]
+    if (key not in cache and fresh and snap.state == RUNNING
+            and time.monotonic() - st.session_state.get("_train_grids_t", 0.0) < IMAGE_EVERY_S):
+        key = fresh[0]  # epochs shorter than IMAGE_EVERY_S: keep the last grids a little longer
     if key not in cache:
+        st.session_state["_train_grids_t"] = time.monotonic()
         w = job.latest_weights()
         if w is None:
             return
@@ -554,24 +573,28 @@ def _png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _compare(job: Job, history: dict):
-    """Overlay this run's test curves with earlier runs and saved checkpoints that carry a history."""
+def _compare_options(job: Job) -> dict[str, str]:
+    """ref -> label of the other runs on this server and the checkpoints (saved, shipped) that carry a history."""
     options = {}
     for j in registry().jobs():
         if j.id != job.id:
-            options[f"run:{j.id}"] = f"run: {j.name} ({j.state}, {j.id})"
+            options[f"run:{j.id}"] = f"run: {j.name} ({j.id})"
     for folder in (core.USER_DIR, *core.SHIPPED_DIRS):
         for s in _checkpoint_list(str(folder)):
-            options[file_ref_str(s)] = f"file: {s}"
-    picked = st.multiselect("Compare with earlier runs and checkpoints", list(options), key="compare_runs",
-                            format_func=lambda r: options.get(r, r), placeholder="overlay other runs…")
+            options[file_ref_str(s)] = f"file: {s.rsplit('/', 1)[-1]}"
+    return options
+
+
+def _compare(job: Job, history: dict):
+    """Overlay this run's test curves with the runs and checkpoints picked above the live view."""
+    picked = st.session_state.get("compare_runs") or []
     if not picked:
         return
     runs = [(f"this run: {job.name}", history, True)]
     for ref in picked:
         hist = _history_of(ref)
         if hist:
-            runs.append((options.get(ref, ref), hist, False))
+            runs.append((ref.split(":", 1)[1].rsplit("/", 1)[-1], hist, False))
     st.plotly_chart(compare_figure(runs), key="fig_compare", config=CHART_CONFIG)
 
 

@@ -1,0 +1,340 @@
+"""Dashboard benchmark: what the live Train page costs, and what a lecturer waits for.
+
+    .venv/bin/python benchmarks/bench_dashboard.py            # about 5-8 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_dashboard.py --quick    # shorter runs, fewer repeats (a smoke test)
+
+(a) Training throughput of one job started from the Train page while Chromium shows its live view (the fragment
+    redraws every second), against the CLI's trainer alone on the same config (digits, the "fast demo" model: MLP
+    256-128, d = 8, batch 64). Wall clock, per-epoch test evaluation included, model set-up excluded, for both:
+      - dashboard: the job's own clock (vae.jobs records it; read back from its autosave file);
+      - CLI: Trainer.fit() timed in a fresh process, as `python -m vae train` runs it, with torch's default threads
+        and with the thread count the dashboard gives each job (VAE_JOB_THREADS, default cores / (max jobs + 1)).
+    Also the trainer's own compute-only samples/s (history "samples_per_s") of both. Target: >= 85 %.
+(b) Interaction latency on another page: a widget on Home (the sidebar's presentation toggle, a full rerun of Home)
+    clicked in a second browser context, timed in the page from the click to the end of the rerun, while nothing
+    trains and while a job trains with its live view open in the first context.
+(c) Cold start: from `streamlit run app.py` to the server answering, and to Home rendered in Chromium (its images
+    drawn, the script idle).
+
+Prints figures as it goes and, last, one JSON line. The machine's load average is printed too: other processes
+share the CPU, so compare figures taken together.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from e2e_support import APP_READY, CHROMIUM, CHROMIUM_ARGS, free_port  # noqa: E402
+
+CONFIG = dict(dataset="digits", batch_size=64, lr=3e-3, beta=1.0, seed=0, device="cpu")
+MODEL = dict(hidden=(256, 128), latent_dim=8)
+
+CLI_SNIPPET = r"""
+import json, sys, time, torch
+from vae import Trainer, TrainConfig
+from vae.presets import model_config_for
+cfg = json.loads(sys.argv[1]); threads = int(sys.argv[2])
+if threads > 0:
+    torch.set_num_threads(threads)
+t = Trainer(TrainConfig(**cfg["train"]), model_config_for("digits", **cfg["model"]))
+t0 = time.perf_counter()
+t.fit()
+wall = time.perf_counter() - t0
+sps = t.history["epoch"]["samples_per_s"]
+print(json.dumps({"wall_s": wall, "steps": t.step_count, "samples_per_s": t.step_count * t.config.batch_size / wall,
+                  "compute_samples_per_s": sum(sps) / len(sps), "threads": torch.get_num_threads()}))
+"""
+
+ROUND_TRIP_JS = """async () => {
+  const app = document.querySelector('[data-testid=stApp]');
+  const box = document.querySelector('[data-testid=stSidebar] .st-key-present input');
+  const t0 = performance.now();
+  const done = new Promise(resolve => {
+    let running = false;
+    const obs = new MutationObserver(() => {
+      const s = app.getAttribute('data-test-script-state');
+      if (s === 'running') running = true;
+      if (running && s === 'notRunning') { obs.disconnect(); resolve(performance.now() - t0); }
+    });
+    obs.observe(app, {attributes: true, attributeFilter: ['data-test-script-state']});
+  });
+  box.click();
+  return await done;
+}"""
+
+
+def log(msg: str):
+    print(msg, flush=True)
+
+
+def load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+# ---- the server --------------------------------------------------------------------------------------------------
+def start_server(tmp: Path, wait: bool = True, log_to: Path | None = None):
+    port = free_port()
+    env = dict(os.environ, VAE_AUTOSAVE_DIR=str(tmp / "autosave"), VAE_USER_CHECKPOINTS=str(tmp / "user"),
+               STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless",
+                             "true", "--server.port", str(port), "--server.address", "127.0.0.1"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL,
+                            stderr=open(log_to, "wb") if log_to else subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    t_health = None
+    while wait and time.perf_counter() - t0 < 120:
+        try:
+            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    t_health = time.perf_counter() - t0
+                    break
+        except OSError:
+            time.sleep(0.05)
+    return proc, url, t0, t_health
+
+
+def stop_server(proc):
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def ready(pg, timeout_ms=120_000):
+    pg.wait_for_timeout(300)
+    pg.wait_for_selector(APP_READY, timeout=timeout_ms)
+
+
+def open_train(pg, url):
+    pg.goto(url + "/train")
+    ready(pg)
+    pg.locator(".st-key-btn_start button").first.wait_for(timeout=120_000)
+    ready(pg)
+
+
+def dashboard_run(pg, url: str, autosave: Path, epochs: int) -> dict:
+    """Start a run from the Train page and keep its live view open until it ends; the job's clock from its
+    autosave."""
+    open_train(pg, url)
+    box = pg.locator(".st-key-cfg_epochs input").first
+    box.fill(str(epochs))
+    box.press("Enter")
+    ready(pg)
+    before = set(autosave.glob("*.pt")) if autosave.is_dir() else set()
+    pg.locator(".st-key-btn_start button").first.click()
+    ready(pg)
+    run_id = re.search(r"run=([0-9a-f]+)", pg.url).group(1)
+    seen, t_end = set(), time.monotonic() + 600
+    while time.monotonic() < t_end:  # the live view must keep redrawing: count the progress texts it shows
+        text = pg.evaluate("() => { const e = document.querySelector('[data-testid=stProgress]');"
+                           " return e ? e.innerText : ''; }")
+        seen.add(text)
+        if f"epoch {epochs}/{epochs}" in text:
+            break
+        pg.wait_for_timeout(250)
+    path = autosave / f"{run_id}.pt"
+    import torch
+
+    deadline = time.monotonic() + 30
+    while True:  # the final autosave is written as the job ends
+        try:
+            meta = torch.load(path, weights_only=True)["job"]
+            if meta["state"] == "finished":
+                break
+        except (OSError, RuntimeError, EOFError, KeyError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"run {run_id} did not finish (autosave {path})")
+        time.sleep(0.2)
+    w = meta["train_wall"]
+    wall = w["t1"] - w["t0"]
+    sps = meta["trainer_state"]["history"]["epoch"]["samples_per_s"]
+    assert not before & {path}
+    return {"wall_s": wall, "steps": w["steps"], "samples_per_s": w["steps"] * w["batch_size"] / wall,
+            "compute_samples_per_s": sum(sps) / len(sps), "live_view_updates": len(seen)}
+
+
+def cli_run(epochs: int, threads: int) -> dict:
+    cfg = {"train": {**CONFIG, "epochs": epochs}, "model": MODEL}
+    out = subprocess.run([sys.executable, "-c", CLI_SNIPPET, json.dumps(cfg), str(threads)], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- (a) ---------------------------------------------------------------------------------------------------------
+def bench_throughput(browser, epochs: int, repeats: int) -> dict:
+    from vae.jobs import default_threads
+
+    job_threads = default_threads(int(os.environ.get("VAE_MAX_JOBS", "2")))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        proc, url, _, _ = start_server(tmp)
+        try:
+            ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+            pg = ctx.new_page()
+            pg.set_default_timeout(120_000)
+            dashboard_run(pg, url, tmp / "autosave", 2)  # warm the server's UI (imports, first figures)
+            rows = {"dashboard": [], "cli_default_threads": [], "cli_job_threads": []}
+            for r in range(repeats):
+                for kind in ("cli_default_threads", "dashboard", "cli_job_threads"):
+                    if kind == "dashboard":
+                        res = dashboard_run(pg, url, tmp / "autosave", epochs)
+                    else:
+                        res = cli_run(epochs, 0 if kind == "cli_default_threads" else job_threads)
+                    rows[kind].append(res)
+                    log(f"  (a) repeat {r + 1} {kind:20s} {res['samples_per_s']:8,.0f} samples/s wall "
+                        f"({res['wall_s']:.1f} s, {res['steps']} steps), compute-only "
+                        f"{res['compute_samples_per_s']:8,.0f}" +
+                        (f", live view redrew {res['live_view_updates']} times" if kind == "dashboard" else "") +
+                        f"   [load {load()}]")
+            ctx.close()
+        finally:
+            stop_server(proc)
+    med = {k: statistics.median(x["samples_per_s"] for x in v) for k, v in rows.items()}
+    med_c = {k: statistics.median(x["compute_samples_per_s"] for x in v) for k, v in rows.items()}
+    best_cli = max(med["cli_default_threads"], med["cli_job_threads"])
+    out = {"epochs": epochs, "repeats": repeats, "job_threads": job_threads,
+           "dashboard_samples_per_s": med["dashboard"],
+           "cli_default_threads_samples_per_s": med["cli_default_threads"],
+           "cli_job_threads_samples_per_s": med["cli_job_threads"],
+           "ratio_vs_cli_default": med["dashboard"] / med["cli_default_threads"],
+           "ratio_vs_best_cli": med["dashboard"] / best_cli,
+           "compute_ratio_vs_cli_default": med_c["dashboard"] / med_c["cli_default_threads"],
+           "runs": rows}
+    log(f"(a) dashboard with live view: {med['dashboard']:,.0f} samples/s; CLI trainer {med['cli_default_threads']:,.0f}"
+        f" (default threads), {med['cli_job_threads']:,.0f} ({job_threads} thread(s)) -> "
+        f"{100 * out['ratio_vs_cli_default']:.0f} % of the CLI, {100 * out['ratio_vs_best_cli']:.0f} % of the "
+        f"faster CLI setting (target >= 85 %)")
+    return out
+
+
+# ---- (b) ---------------------------------------------------------------------------------------------------------
+def bench_latency(browser, clicks: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        proc, url, _, _ = start_server(tmp)
+        try:
+            viewer = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+            user = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+            for p in (viewer, user):
+                p.set_default_timeout(120_000)
+            user.goto(url)
+            ready(user)
+            user.locator("[data-testid=stSidebar] .st-key-present input").first.wait_for()
+            ready(user)
+
+            def measure(n):
+                times = []
+                for _ in range(n):
+                    times.append(user.evaluate(ROUND_TRIP_JS))
+                    user.wait_for_timeout(200)
+                return times
+
+            measure(2)  # warm
+            idle = measure(clicks)
+            log(f"  (b) idle: median {statistics.median(idle):.0f} ms over {clicks} clicks   [load {load()}]")
+            open_train(viewer, url)
+            box = viewer.locator(".st-key-cfg_epochs input").first
+            box.fill("5000")
+            box.press("Enter")
+            ready(viewer)
+            viewer.locator(".st-key-btn_start button").first.click()
+            viewer.wait_for_function("() => { const e = document.querySelector('[data-testid=stProgress]');"
+                                     " return e && /step [1-9]/.test(e.innerText); }")
+            busy = measure(clicks)
+            step_text = viewer.locator("[data-testid=stProgress]").first.inner_text()
+            log(f"  (b) training, live view open: median {statistics.median(busy):.0f} ms over {clicks} clicks "
+                f"(the job was at '{step_text}')   [load {load()}]")
+            viewer.locator(".st-key-btn_stop button").first.click()
+            ready(viewer)
+        finally:
+            stop_server(proc)
+    q = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]  # noqa: E731
+    out = {"clicks": clicks, "idle_ms_median": statistics.median(idle), "idle_ms_p90": q(idle, 0.9),
+           "training_ms_median": statistics.median(busy), "training_ms_p90": q(busy, 0.9),
+           "idle_ms": idle, "training_ms": busy}
+    out["ratio_median"] = out["training_ms_median"] / out["idle_ms_median"]
+    log(f"(b) a Home widget round trip: {out['idle_ms_median']:.0f} ms idle, {out['training_ms_median']:.0f} ms while "
+        f"a job trains with its live view open (x{out['ratio_median']:.2f}; p90 {out['idle_ms_p90']:.0f} vs "
+        f"{out['training_ms_p90']:.0f} ms)")
+    return out
+
+
+# ---- (c) ---------------------------------------------------------------------------------------------------------
+def bench_cold_start(browser, repeats: int) -> dict:
+    health, rendered = [], []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            proc, url, t0, t_health = start_server(Path(tmp))
+            try:
+                pg = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+                pg.set_default_timeout(180_000)
+                pg.goto(url)
+                pg.locator("[data-testid=stSidebarNav]").first.wait_for()
+                pg.wait_for_function("() => document.querySelectorAll('[data-testid=stMain] img').length >= 3")
+                ready(pg)
+                rendered.append(time.perf_counter() - t0)
+                health.append(t_health)
+                pg.context.close()
+            finally:
+                stop_server(proc)
+        log(f"  (c) server answering after {health[-1]:.1f} s, Home rendered after {rendered[-1]:.1f} s   "
+            f"[load {load()}]")
+    out = {"repeats": repeats, "server_ready_s_median": statistics.median(health),
+           "home_rendered_s_median": statistics.median(rendered), "server_ready_s": health, "home_rendered_s": rendered}
+    log(f"(c) cold start: server answers in {out['server_ready_s_median']:.1f} s, Home rendered in "
+        f"{out['home_rendered_s_median']:.1f} s (median of {repeats})")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--epochs", type=int, default=120, help="epochs per throughput run (23 steps each)")
+    ap.add_argument("--repeats", type=int, default=2, help="throughput repeats (CLI, dashboard, CLI interleaved)")
+    ap.add_argument("--clicks", type=int, default=12, help="widget round trips per condition")
+    ap.add_argument("--cold", type=int, default=3, help="cold starts")
+    ap.add_argument("--quick", action="store_true", help="a smoke test: short runs, one repeat")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.epochs, args.repeats, args.clicks, args.cold = 20, 1, 4, 1
+    for name, v in (("epochs", args.epochs), ("repeats", args.repeats), ("clicks", args.clicks), ("cold", args.cold)):
+        if v < 1:
+            ap.error(f"--{name} {v} is not allowed: give at least 1")
+    import torch
+    from playwright.sync_api import sync_playwright
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    machine = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+               "load_avg_start": os.getloadavg()}
+    log(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}; load average {load()}")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            a = bench_throughput(browser, args.epochs, args.repeats)
+            b = bench_latency(browser, args.clicks)
+            c = bench_cold_start(browser, args.cold)
+        finally:
+            browser.close()
+    machine["load_avg_end"] = os.getloadavg()
+    print(json.dumps({"machine": machine, "throughput": a, "latency": b, "cold_start": c}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
