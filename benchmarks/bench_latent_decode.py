@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,21 +42,12 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from vae import ModelConfig  # noqa: E402
+from vae.bench import cpu_name  # noqa: E402
 from vae.latent_ops import compose_latent, decode_one, decode_points, slider_layout  # noqa: E402
 from vae.trainer import build_model  # noqa: E402
 
 SLIDER_TARGET_MS = 50.0
 ENCODE_TARGET_S = 1.0
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timed(fn, repeats: int, warmup: int = 2) -> list[float]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,20 +24,11 @@ import torch  # noqa: E402
 from vae.data import load_dataset  # noqa: E402
 from vae.jobs import ACTIVE, JobRegistry  # noqa: E402
 from vae.model import VAE  # noqa: E402
+from vae.bench import cpu_name  # noqa: E402
 from vae.config import ModelConfig  # noqa: E402
 from vae.tradeoff import lab_specs, rate_distortion, run_summary, sweep_specs  # noqa: E402
 
 TARGET_S = 60.0
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_group(reg: JobRegistry, specs, poll_s: float = 0.05) -> tuple[float, list]:

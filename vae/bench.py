@@ -12,6 +12,7 @@ from __future__ import annotations
 import platform
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -74,6 +75,17 @@ def _images(n: int, seed: int) -> np.ndarray:
         r = rng.uniform(3, 7, (n, 1, 1))
         img = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r ** 2))
         return (255 * img).astype(np.uint8)
+
+
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux), for benchmark reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def _gemm_seconds(batch: int, device, repeats: int) -> float:
@@ -199,7 +211,7 @@ def run_bench(steps: int = 300, batch_size: int = 128, device: str = "cpu", seed
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps={steps}, batch_size={batch_size}: both must be >= 1")
     dev = resolve_device(device)
-    log(f"machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
+    log(f"machine: {platform.machine()} {cpu_name()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, device {dev}")
     images = _images(max(10_000, batch_size * 20), seed)
     base = run_baseline(images, steps, batch_size, seed, log)
