@@ -15,12 +15,12 @@ with left:
     st.subheader("Why it trains: the ELBO")
     st.latex(r"""\begin{aligned}
 \log p_\theta(x) &= \underbrace{\mathbb{E}_{q_\phi(z\mid x)}\!\left[\log p_\theta(x\mid z)\right]
-  - \mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p(z)\right)}_{\text{ELBO}}
-  + \underbrace{\mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p_\theta(z\mid x)\right)}_{\text{gap}\;\ge\;0} \\[4pt]
+  - \mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p(z)\right)}_{\text{ELBO}} \\
+  &\quad + \underbrace{\mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p_\theta(z\mid x)\right)}_{\text{gap}\;\ge\;0} \\[4pt]
 \log p_\theta(x) &\ge \text{ELBO} \\[4pt]
 \text{loss} &= \underbrace{-\mathbb{E}_{q_\phi}[\log p_\theta(x\mid z)]}_{\text{reconstruction}}
   + \beta\,\underbrace{\mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p(z)\right)}_{\text{rate}}
-  \qquad (\beta = 1:\ \text{loss} = -\text{ELBO})
+  \\ &\qquad (\beta = 1:\ \text{loss} = -\text{ELBO})
 \end{aligned}""")
     st.markdown(
         "- **Reconstruction**: how well the decoder $p_\\theta$ explains $x$ from a code drawn from the encoder.\n"
