@@ -100,7 +100,7 @@ def test_a_short_run_from_the_page_produces_metrics_and_saves(registry, tmp_path
 
 
 def test_reset_step_start_stop_drive_the_run_on_screen(registry):
-    at = small_run(open_page(PAGE), epochs=50)
+    at = small_run(open_page(PAGE), epochs=5000)  # long enough to be still running at every check, then stopped
     at.button(key="btn_reset").click().run()
     job = registry.get(at.query_params["run"])
     wait_until(lambda: job.trainer is not None, what="the fresh run")
