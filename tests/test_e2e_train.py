@@ -106,14 +106,14 @@ def test_train_run_live_pause_resume_stop_save_reload_and_a_second_session(brows
     ctx2 = browser.new_context(viewport={"width": 1400, "height": 1000})
     try:
         p1, p2 = ctx1.new_page(), ctx2.new_page()
-        p1.set_default_timeout(60_000)
-        p2.set_default_timeout(60_000)
+        p1.set_default_timeout(150_000)  # generous: CI machines can be slow
+        p2.set_default_timeout(150_000)
         run1 = start_long_run(p1, server)
 
         # the curves grow while the fragment polls
         p1.wait_for_function(f"() => ({CURVE_POINTS_JS})() > 0")
         n0 = p1.evaluate(CURVE_POINTS_JS)
-        p1.wait_for_function(f"() => ({CURVE_POINTS_JS})() > {n0}", timeout=30_000)
+        p1.wait_for_function(f"() => ({CURVE_POINTS_JS})() > {n0}", timeout=120_000)
         shot(p1, "train-running")
 
         # a second session runs its own job; stopping it leaves the first one running
