@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -136,10 +135,9 @@ def dashboard_run(pg, url: str, autosave: Path, epochs: int) -> dict:
     box.fill(str(epochs))
     box.press("Enter")
     ready(pg)
-    before = set(autosave.glob("*.pt")) if autosave.is_dir() else set()
     pg.locator(".st-key-btn_start button").first.click()
-    ready(pg)
-    run_id = re.search(r"run=([0-9a-f]+)", pg.url).group(1)
+    pg.wait_for_function("() => new URL(location.href).searchParams.has('run')")
+    run_id = pg.evaluate("() => new URL(location.href).searchParams.get('run')")
     seen, t_end = set(), time.monotonic() + 600
     while time.monotonic() < t_end:  # the live view must keep redrawing: count the progress texts it shows
         text = pg.evaluate("() => { const e = document.querySelector('[data-testid=stProgress]');"
@@ -165,7 +163,6 @@ def dashboard_run(pg, url: str, autosave: Path, epochs: int) -> dict:
     w = meta["train_wall"]
     wall = w["t1"] - w["t0"]
     sps = meta["trainer_state"]["history"]["epoch"]["samples_per_s"]
-    assert not before & {path}
     return {"wall_s": wall, "steps": w["steps"], "samples_per_s": w["steps"] * w["batch_size"] / wall,
             "compute_samples_per_s": sum(sps) / len(sps), "live_view_updates": len(seen)}
 

@@ -224,7 +224,7 @@ def test_autosave_then_a_new_registry_restores_and_resumes(registries, tmp_path)
 
 
 def test_restored_ended_jobs_keep_their_state_and_a_stopped_interrupted_one_stays_stopped(registries, tmp_path):
-    reg = registries(autosave_dir=tmp_path)
+    reg = registries(autosave_dir=tmp_path, autosave_interval_s=0)
     done = reg.submit(tc(epochs=1), mc(), name="done")
     half = reg.submit(tc(epochs=4), mc(), name="half", start_paused=True)
     done.join(120)
@@ -240,6 +240,34 @@ def test_restored_ended_jobs_keep_their_state_and_a_stopped_interrupted_one_stay
     assert third.get(half.id).state == STOPPED
     third.remove(done.id)
     assert not (tmp_path / f"{done.id}.pt").exists()
+
+
+def test_autosaves_of_short_epochs_are_spaced_but_the_end_is_always_saved(registries, tmp_path):
+    import torch as _torch
+
+    reg = registries(autosave_dir=tmp_path, autosave_interval_s=3600)
+    job = reg.submit(tc(epochs=3), mc(), start_paused=True)
+    wait_until(lambda: job.trainer is not None, what="the trainer")
+    job.step_once(4)
+    wait_until(lambda: job.snapshot().epoch == 2, what="2 epochs")
+    reg.flush()
+    saved = _torch.load(tmp_path / f"{job.id}.pt", weights_only=True)
+    assert saved["job"]["trainer_state"]["epoch"] == 1  # epoch 2 came within the interval: not saved
+    assert saved["history"] is not None and saved["job"]["trainer_state"]["history"]["epoch"]["epoch"] == [1]
+    job.resume()
+    assert job.join(120)
+    saved = _torch.load(tmp_path / f"{job.id}.pt", weights_only=True)
+    assert saved["job"]["state"] == FINISHED and saved["job"]["trainer_state"]["epoch"] == 3
+    assert saved["job"]["train_wall"]["steps"] == 6
+
+
+def test_a_status_snapshot_can_skip_the_step_curves(registries):
+    reg = registries()
+    job = reg.submit(tc(epochs=2), mc())
+    assert job.join(120)
+    light, full = job.snapshot(steps=False), job.snapshot()
+    assert light.history["step"]["loss"] == [] and len(full.history["step"]["loss"]) == 4
+    assert light.history["epoch"] == full.history["epoch"] and light.step == full.step == 4
 
 
 def test_remove_refuses_an_active_job(registries):

@@ -27,11 +27,12 @@ from vae.jobs import ACTIVE, FAILED, INTERRUPTED, PAUSED, QUEUED, RUNNING, Job
 from vae.metrics import detect_collapse, format_duration, history_csv
 from vae.presets import PRESETS, model_config_for
 
-POLL_S = float(os.environ.get("VAE_POLL_S", "1.0"))  # how often the live view redraws while a run is active
+POLL_S = float(os.environ.get("VAE_POLL_S", "1.0"))  # how often the live status redraws while a run is active
+CHART_POLL_S = float(os.environ.get("VAE_CHART_POLL_S", "3.0"))  # ... and the live charts and image grids
 # while the view polls, charts are static images of SVG (no hover/zoom layers): a browser redraw then costs far less
 # CPU, which on a small machine is CPU the training thread gets back. Interactive again once the run has ended.
 LIVE_CHART_CONFIG = {**CHART_CONFIG, "staticPlot": True}
-IMAGE_EVERY_S = 3.0  # while running, the image grids follow each epoch, but change at most this often
+IMAGE_EVERY_S = CHART_POLL_S  # while running, the image grids follow each epoch, but change at most this often
 SPEEDS = (0.0, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # slow motion: seconds of delay after every step
 N_IMAGES = 16
 STATE_BADGE = {"queued": ("gray", ":material/schedule:"), "running": ("green", ":material/play_arrow:"),
@@ -434,8 +435,11 @@ def save_panel(job: Job):
 
 # ---- the live view ---------------------------------------------------------------------------------------------------
 def live_view(job: Job):
-    """The curve options and the comparison picker (widgets: outside the polled part, so a redraw does not rebuild
-    them), then the part that polls the job while it is active (a fragment: only it redraws); static once ended."""
+    """The curve options and the comparison picker (widgets: outside the polled parts, so a redraw does not rebuild
+    them), then two fragments that poll the job while it is active, each redrawing only itself: the status (state,
+    progress, ETA, samples/s, figures, collapse banner) every POLL_S, the charts and image grids every CHART_POLL_S
+    (a browser redraw of the charts costs far more CPU than the numbers; on a small machine that CPU is taken from
+    the training thread). Static once the run has ended."""
     c1, c2, c3 = st.columns([1, 1.4, 3.2], vertical_alignment="bottom")
     c1.toggle("log scale", key="curves_log", help="NLL and KL on a log axis")
     c2.select_slider("smoothing", (0.0, 0.3, 0.6, 0.8, 0.9, 0.95, 0.99), value=0.6, key="curves_smooth",
@@ -444,21 +448,22 @@ def live_view(job: Job):
     c3.multiselect("Compare with earlier runs and checkpoints", list(options), key="compare_runs",
                    format_func=lambda r: options.get(r, r), placeholder="overlay other runs…",
                    help="Test ELBO, KL and active units per epoch of this run and the ones picked")
-    poll = POLL_S if job.state in ACTIVE else None
-    st.fragment(run_every=poll)(_live_body)(job.id, poll is not None)
+    active = job.state in ACTIVE
+    st.fragment(run_every=POLL_S if active else None)(_live_status)(job.id, active)
+    st.fragment(run_every=CHART_POLL_S if active else None)(_live_charts)(job.id, active)
 
 
-def _live_body(job_id: str, polling: bool):
+def _live_status(job_id: str, polling: bool):
     job = registry().get(job_id)
     if job is None:
         st.warning(f"run {job_id!r} is no longer on this server")
         return
-    snap = job.snapshot()
+    snap = job.snapshot(steps=False)  # the per-epoch history is all the status needs
     if polling and not snap.active:
-        st.rerun()  # the run ended: redraw the whole page once (controls, run list), then stop polling
+        st.rerun()  # the run ended: redraw the whole page once (controls, run list, charts), then stop polling
     _status(snap)
     h = snap.history
-    if not h["step"]["step"]:
+    if snap.step == 0:
         if snap.state in ACTIVE:
             st.info("Waiting for the first step…" if snap.state != QUEUED else
                     "Queued: the curves appear once the run starts.")
@@ -467,20 +472,33 @@ def _live_body(job_id: str, polling: bool):
     if status.collapsed:
         st.error(f"**KL collapse detected.** {status.reason}.  \nTry: " + "; ".join(status.remedies) + ".",
                  icon=":material/warning:")
+
+
+def _live_charts(job_id: str, polling: bool):
+    job = registry().get(job_id)
+    if job is None:
+        return
+    snap = job.snapshot()
+    h = snap.history
+    if not h["step"]["step"]:
+        return
     log_y, smooth = st.session_state.get("curves_log", False), st.session_state.get("curves_smooth", 0.6)
     cfg = LIVE_CHART_CONFIG if polling else CHART_CONFIG
     st.plotly_chart(curves_figure(h, snap.steps_per_epoch, smooth, log_y), key="fig_curves", config=cfg)
     st.caption("Train: per step (one batch, one z sample), smoothed. Test: per epoch on the test split. Dashed lines "
-               "mark changes made while the run went on. All in nats per example.")
+               "mark changes made while the run went on. All in nats per example."
+               + (f" Charts redraw every {CHART_POLL_S:g} s while the run goes on." if polling else ""))
     left, right = st.columns([1.3, 1])
     with left:
         if not h["epoch"]["epoch"]:
             st.caption("The per-dimension KL heatmap (the collapse view) appears after the first epoch.")
         else:
             st.plotly_chart(collapse_figure(h), key="fig_collapse", config=cfg)
-            au, d = h["epoch"]["active_units"][-1], len(h["epoch"]["test_kl_per_dim"][-1])
-            st.caption(f"**{au}/{d} active units** (Var_x E_q[z_d] > 0.01) · {status.dead_dims} dimension(s) with "
-                       "KL < 0.01 nats. A dark row is a dimension the decoder no longer gets information through.")
+            e = h["epoch"]
+            au, d = e["active_units"][-1], len(e["test_kl_per_dim"][-1])
+            dead = sum(1 for v in e["test_kl_per_dim"][-1] if v < 0.01)
+            st.caption(f"**{au}/{d} active units** (Var_x E_q[z_d] > 0.01) · {dead} dimension(s) with KL < 0.01 "
+                       "nats. A dark row is a dimension the decoder no longer gets information through.")
     with right:
         _images(job, snap)
     _compare(job, h)

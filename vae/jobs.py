@@ -78,11 +78,12 @@ class JobSnapshot:
         return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
 
 
-def copy_history(h: dict) -> dict:
+def copy_history(h: dict, steps: bool = True) -> dict:
     """A consistent copy of a trainer history, fast: the trainer only appends to its lists and never changes an item
     after appending it, so copying the lists (not the floats and per-dim lists in them) is enough. Far cheaper than
-    deepcopy, which matters because the copy is taken under the job's lock while training waits."""
-    return {"step": {k: list(v) for k, v in h.get("step", {}).items()},
+    deepcopy, which matters because the copy is taken under the job's lock while training waits. steps=False leaves
+    the per-step lists empty (the per-epoch ones are all a status display needs)."""
+    return {"step": {k: list(v) if steps else [] for k, v in h.get("step", {}).items()},
             "epoch": {k: list(v) for k, v in h.get("epoch", {}).items()},
             "events": list(h.get("events", []))}
 
@@ -213,12 +214,13 @@ class Job:
         """True when the job has a model to show or save (a live trainer, or a restored state not yet attached)."""
         return self.trainer is not None or (self._resume_state is not None and "restore_error" not in self.extra)
 
-    def snapshot(self) -> JobSnapshot:
+    def snapshot(self, steps: bool = True) -> JobSnapshot:
+        """A consistent copy of the job's state and history; steps=False skips the per-step curves (cheaper)."""
         queue_position = self.registry.queue_position(self)  # before our lock: never hold both the other way round
         self._ensure_trainer()
         with self._lock:
             t = self.trainer
-            hist = copy_history(t.history) if t is not None else _empty_history(self._resume_state)
+            hist = copy_history(t.history, steps) if t is not None else _empty_history(self._resume_state, steps)
             step = t.step_count if t else 0
             total = t.total_steps if t else 0
             spe = t.steps_per_epoch if t else 0
@@ -364,9 +366,9 @@ class Job:
             self.registry._schedule()
 
 
-def _empty_history(state: dict | None) -> dict:
+def _empty_history(state: dict | None, steps: bool = True) -> dict:
     if state is not None:
-        return copy_history(state["history"])
+        return copy_history(state["history"], steps)
     from .trainer import new_history
 
     return new_history()
