@@ -85,7 +85,7 @@ def test_stopping_a_queued_job_removes_it_from_the_queue(registries):
 
 def test_pause_step_resume_stop(registries):
     reg = registries()
-    job = reg.submit(tc(epochs=50), mc(), start_paused=True)
+    job = reg.submit(tc(epochs=5000), mc(), start_paused=True)  # never ends by itself during the test
     wait_until(lambda: job.trainer is not None, what="the trainer")
     assert job.snapshot().step == 0 and job.state == PAUSED
     job.step_once(3)
