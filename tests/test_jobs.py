@@ -6,7 +6,9 @@ seconds. Waits poll the job's snapshot with a deadline; nothing sleeps for a fix
 """
 from __future__ import annotations
 
-import math
+import os
+import sys
+import threading
 import time
 
 import pytest
@@ -14,7 +16,7 @@ import torch
 
 from vae.config import TrainConfig
 from vae.jobs import (FAILED, FINISHED, INTERRUPTED, PAUSED, QUEUED, RUNNING, STOPPED, JobRegistry, copy_history,
-                      default_threads)
+                      default_nice, default_threads, threads_per_job)
 from vae.presets import model_config_for
 
 
@@ -142,22 +144,25 @@ def test_update_marks_an_event_and_rejects_bad_changes(registries):
 
 def test_nan_ends_the_job_as_failed_with_the_last_good_weights(registries):
     reg = registries()
-    job = reg.submit(tc(epochs=5), mc(), start_paused=True)
-    wait_until(lambda: job.trainer is not None, what="the trainer")
-    job.step_once(2)  # one whole epoch: its end is the last good state
-    wait_until(lambda: job.snapshot().epoch == 1, what="epoch 1")
-    good = {k: v.clone() for k, v in job.latest_weights()[1].items()}
-    with job._lock:  # poison the weights: the next loss is NaN
-        for p in job.trainer.model.parameters():
-            p.data.fill_(float("nan"))
+    job = reg.submit(tc(epochs=5000, batch_size=64), mc(), start_paused=True)  # 1 step = 1 epoch
     job.step_once()
+    wait_until(lambda: job.snapshot().epoch == 1, what="epoch 1")
+    job.update(lr=1e12, beta=100.0)  # diverges within a few steps
+    good = {k: v.clone() for k, v in job.latest_weights()[1].items()}
+    for _ in range(100):
+        n = job.snapshot().step
+        job.step_once()
+        wait_until(lambda: job.snapshot().step > n or job.state == FAILED, what="a step or the failure")
+        if job.state == FAILED:
+            break
+        good = {k: v.clone() for k, v in job.latest_weights()[1].items()}  # each step ends an epoch: good
     job.join(60)
     snap = job.snapshot()
-    assert snap.state == FAILED and snap.extra["failed_step"] == 2
-    assert "step 2" in snap.error and "nan" in snap.error.lower()
+    assert snap.state == FAILED and snap.extra["failed_step"] == snap.step
+    assert f"step {snap.step}" in snap.error and "lr" in snap.error
     _, weights, _ = job.latest_weights()
     assert all(torch.isfinite(v).all() for v in weights.values())
-    assert all(torch.equal(weights[k], good[k]) for k in good)  # the end of epoch 1, restored
+    assert all(torch.equal(weights[k], good[k]) for k in good)  # the end of the last good epoch, restored
     assert job.checkpoint()["state_dict"]  # and savable
 
 
@@ -282,8 +287,50 @@ def test_bad_settings_are_clear_errors(monkeypatch):
         JobRegistry(max_concurrent=0)
     monkeypatch.setenv("VAE_JOB_THREADS", "lots")
     with pytest.raises(ValueError, match="VAE_JOB_THREADS"):
-        default_threads(2)
+        default_threads()
+    monkeypatch.setenv("VAE_JOB_THREADS", "0")
+    with pytest.raises(ValueError, match="VAE_JOB_THREADS='0' is not allowed"):
+        JobRegistry(restore=False, warm_up=False)
     monkeypatch.setenv("VAE_JOB_THREADS", "3")
-    assert default_threads(2) == 3
+    assert default_threads() == 3
+    assert JobRegistry(restore=False, warm_up=False).job_threads() == 3
     monkeypatch.delenv("VAE_JOB_THREADS")
-    assert default_threads(2) >= 1 and math.isfinite(default_threads(1))
+    assert default_threads() is None
+    monkeypatch.setenv("VAE_JOB_NICE", "-5")
+    with pytest.raises(ValueError, match="VAE_JOB_NICE"):
+        JobRegistry(restore=False, warm_up=False)
+    monkeypatch.setenv("VAE_JOB_NICE", "4")
+    assert default_nice() == 4
+    monkeypatch.delenv("VAE_JOB_NICE")
+    assert default_nice() == 10
+    with pytest.raises(ValueError, match="nice=-1"):
+        JobRegistry(restore=False, warm_up=False, nice=-1)
+
+
+def test_threads_per_job_share_the_cores():
+    assert threads_per_job(1, cores=8) == 8  # alone: all of them, as the CLI
+    assert threads_per_job(2, cores=8) == 4
+    assert threads_per_job(3, cores=2) == 1  # never zero
+    assert threads_per_job(0, cores=2) == 2
+
+
+def test_workers_run_at_lower_priority_and_share_the_cores(registries, tmp_path, monkeypatch):
+    monkeypatch.delenv("VAE_JOB_THREADS", raising=False)
+    reg = registries(max_concurrent=2, autosave_dir=tmp_path, restore=False, warm_up=False, nice=5, threads=None)
+    assert reg.threads is None
+    cores = os.cpu_count()
+    a = reg.submit(tc(epochs=5000), mc())
+    wait_until(lambda: a.snapshot().extra.get("threads") == cores, what="job a to train on every core")
+    assert a.snapshot().extra["pid"] != os.getpid()  # in a process of its own
+    nice_a = os.getpriority(os.PRIO_PROCESS, a.snapshot().extra["pid"]) if hasattr(os, "getpriority") else None
+    b = reg.submit(tc(epochs=5000), mc())
+    half = max(1, cores // 2)
+    wait_until(lambda: a.snapshot().extra.get("threads") == half and b.snapshot().extra.get("threads") == half,
+               what="both jobs to share the cores")
+    b.stop()
+    b.join(30)
+    wait_until(lambda: a.snapshot().extra.get("threads") == cores, what="job a to take every core again")
+    a.stop()
+    a.join(30)
+    if nice_a is not None:
+        assert nice_a == min(19, os.nice(0) + 5)  # the server's own priority is untouched

@@ -6,15 +6,20 @@ st.cache_resource and polls snapshots).
     job.pause(); job.step_once(); job.resume(); job.update(beta=4.0); job.stop()
     snap = job.snapshot()          # a consistent copy, taken under the job's lock
 
-Each job runs in its own daemon thread that never touches the UI. The registry caps how many run at once; jobs over
-the cap wait in a FIFO queue (never dropped) and start as others end. Every finished epoch is autosaved atomically
-by a background writer (the training thread only copies the state), so a server restart loses at most one epoch:
-restored jobs come back as "interrupted" and can be resumed; ended ones keep their weights. (Epochs shorter than a
-second are saved at most once a second: see JobRegistry.autosave_interval_s.)
+Each job has a daemon thread in this process that never touches the UI, and its training runs in a worker process
+(vae.worker) that the thread drives over a pipe: the web server's Python and the training loop then never wait for
+each other's GIL. The thread keeps a mirror Trainer (config, history, counters, the latest weights) up to date from
+the worker's syncs (a few a second, and after every single step), which is what snapshots, the model picker and
+checkpoints read. The registry caps how many jobs run at once; jobs over the cap wait in a FIFO queue (never
+dropped) and start as others end. Every finished epoch is autosaved atomically by a background writer, so a server
+restart loses at most one epoch: restored jobs come back as "interrupted" and can be resumed; ended ones keep their
+weights. (Epochs shorter than a second are saved at most once a second: see JobRegistry.autosave_interval_s.)
 
-CPU threads: each job thread sets its own torch thread count (an OpenMP setting of the calling thread), by default
-the machine's cores shared out between the concurrent jobs and the UI, so that two jobs and the web server do not
-oversubscribe a small machine (OpenMP spin-waits make that many times slower). Override with $VAE_JOB_THREADS.
+CPU: a job's process trains with all the machine's cores while it runs alone (as the CLI does) and with an equal
+share of them when several run, so that jobs do not oversubscribe a small machine (OpenMP spin-waits make that many
+times slower). $VAE_JOB_THREADS fixes the count. Worker processes run at a lower OS priority (nice +10,
+$VAE_JOB_NICE), so the web server's script runs, and a browser on the same machine, take the CPU first: training
+gets what the UI leaves.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import copy
 import itertools
 import os
 import secrets
+import sys
 import threading
 import time
 import traceback
@@ -33,14 +39,16 @@ import torch
 
 from .checkpoint import CheckpointError, make_checkpoint, read_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig
-from .trainer import Trainer, TrainingDiverged, make_optimizer
+from .trainer import Trainer, describe_changes, make_optimizer
+from .worker import pack, unpack, worker_main
 
 QUEUED, RUNNING, PAUSED, FINISHED, STOPPED, FAILED, INTERRUPTED = (
     "queued", "running", "paused", "finished", "stopped", "failed", "interrupted")
 ACTIVE = (QUEUED, RUNNING, PAUSED)
 MAX_JOBS_ENV = "VAE_MAX_JOBS"
 THREADS_ENV = "VAE_JOB_THREADS"
-RATE_WINDOW = 64  # steps over which the live samples/s (and so the ETA) is measured
+NICE_ENV = "VAE_JOB_NICE"
+RATE_WINDOW = 16  # syncs (about 3 s at full speed) over which the live samples/s (and so the ETA) is measured
 # settings that may change while a run goes on (Trainer.update validates the values)
 LIVE_SETTINGS = ("beta", "beta_schedule", "warmup_epochs", "cycles", "cycle_ratio", "capacity_max", "free_bits",
                  "lr", "grad_clip")
@@ -88,18 +96,54 @@ def copy_history(h: dict, steps: bool = True) -> dict:
             "events": list(h.get("events", []))}
 
 
-def default_threads(max_concurrent: int) -> int:
-    """torch CPU threads per job: $VAE_JOB_THREADS, else the cores shared between the jobs and the UI (>= 1)."""
-    env = os.environ.get(THREADS_ENV)
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            raise ValueError(f"${THREADS_ENV}={env!r} is not allowed: give a whole number of threads >= 1") from None
-        if n < 1:
-            raise ValueError(f"${THREADS_ENV}={env!r} is not allowed: give a whole number of threads >= 1")
-        return n
-    return max(1, (os.cpu_count() or 1) // (max_concurrent + 1))
+def _env_int(name: str, minimum: int) -> int | None:
+    env = os.environ.get(name)
+    if not env:
+        return None
+    try:
+        n = int(env)
+    except ValueError:
+        n = None
+    if n is None or n < minimum:
+        raise ValueError(f"${name}={env!r} is not allowed: give a whole number >= {minimum}")
+    return n
+
+
+def default_threads() -> int | None:
+    """torch CPU threads per job fixed by $VAE_JOB_THREADS, else None: threads_per_job() decides as jobs come
+    and go."""
+    return _env_int(THREADS_ENV, 1)
+
+
+def threads_per_job(running: int, cores: int | None = None) -> int:
+    """All the cores for a job that runs alone, an equal share of them (>= 1) for each of several."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // max(1, running))
+
+
+def default_nice() -> int:
+    """How much lower than the server's a job thread's CPU priority is: $VAE_JOB_NICE, else 10."""
+    n = _env_int(NICE_ENV, 0)
+    return 10 if n is None else n
+
+
+_CONTEXT = None
+
+
+def worker_context():
+    """The multiprocessing context for worker processes: forkserver where there is one (a clean server that has
+    imported torch once, so a worker starts in a fraction of a second), else spawn."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        import multiprocessing as mp
+
+        if "forkserver" in mp.get_all_start_methods():
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["vae._worker_preload"])
+        else:
+            ctx = mp.get_context("spawn")
+        _CONTEXT = ctx
+    return _CONTEXT
 
 
 class Job:
@@ -131,15 +175,44 @@ class Job:
         self._t_ended: float | None = None
         self._rate = collections.deque(maxlen=RATE_WINDOW)  # (time, step) of recent steps, cleared on pause
         self._last_autosave = float("-inf")  # time.monotonic() of the last autosave
+        self._conn = None  # the pipe to the worker process while one runs
+        self._send_lock = threading.Lock()
+        self._seq = 0  # commands sent to the worker
+        self._acked = 0  # the last command the worker has handled and synced
+        self._worker_state: dict | None = None  # the worker's last resumable state (without the history)
 
     # ---- controls (any thread) --------------------------------------------------------------------------------
+    def _command(self, *cmd) -> int | None:
+        """Send a command to the worker process, if one runs (call with the lock held). Returns its number."""
+        if self._conn is None:
+            return None
+        self._seq += 1
+        try:
+            with self._send_lock:
+                self._conn.send((self._seq, *cmd))
+        except (OSError, ValueError):  # the worker has just ended: the job thread reports how
+            return None
+        return self._seq
+
+    def _wait_for(self, seq: int | None, timeout: float = 30.0):
+        """Wait until the worker has handled command `seq` and the mirror shows its effect."""
+        if seq is None:
+            return
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._acked < seq and self._conn is not None and time.monotonic() < deadline:
+                self._cond.wait(timeout=0.05)
+
     def pause(self):
+        """Pause after the current step. Returns once the worker has paused (so the step count then stays put)."""
         with self._cond:
             self._paused = True
             if self.state == RUNNING:
                 self.state = PAUSED
             self._rate.clear()
+            seq = self._command("pause")
             self._cond.notify_all()
+        self._wait_for(seq)
 
     def resume(self):
         with self._cond:
@@ -147,6 +220,7 @@ class Job:
             if self.state == PAUSED:
                 self.state = RUNNING
             self._rate.clear()
+            self._command("resume")
             self._cond.notify_all()
             interrupted = self.state == INTERRUPTED
         if interrupted:
@@ -158,7 +232,8 @@ class Job:
             self._paused = True
             if self.state == RUNNING:
                 self.state = PAUSED
-            self._steps_requested += n
+            if self._command("step", n) is None:
+                self._steps_requested += n  # a worker yet to start takes them
             self._rate.clear()
             self._cond.notify_all()
             interrupted = self.state == INTERRUPTED
@@ -172,6 +247,7 @@ class Job:
             if self.state in (QUEUED, INTERRUPTED):
                 self.state = STOPPED
                 self._t_ended = time.time()
+            self._command("stop")
             self._cond.notify_all()
         if was_interrupted:  # record the new state, so the next server start does not offer it as resumable
             self.registry._autosave(self, final=True)
@@ -187,6 +263,7 @@ class Job:
         with self._cond:
             self.delay_s = seconds
             self._rate.clear()
+            self._command("delay", seconds)
             self._cond.notify_all()
 
     def update(self, **changes) -> str:
@@ -199,9 +276,15 @@ class Job:
             if bad:
                 raise ValueError(f"{', '.join(bad)} cannot change once a run has started: only "
                                  f"{', '.join(LIVE_SETTINGS)} can; start a new run for the others")
-            text = self.trainer.update(**changes)
-            self.train_config = self.trainer.config
-            return text
+            if self._conn is None:  # no worker now: the mirror takes it (a resumed run starts from it)
+                text = self.trainer.update(**changes)
+                self.train_config = self.trainer.config
+                return text
+            new_cfg, text = describe_changes(self.trainer.config, changes)  # ValueError before anything changes
+            self.trainer.config = self.train_config = new_cfg
+            seq = self._command("update", changes)  # the worker records the event; the next sync brings it
+        self._wait_for(seq)
+        return text
 
     # ---- reading (any thread) ---------------------------------------------------------------------------------
     @property
@@ -306,8 +389,8 @@ class Job:
         self._thread = thread  # only once started: join() may run in another thread at any time
 
     def _run(self):
+        conn = proc = None
         try:
-            torch.set_num_threads(self.registry.threads)  # this thread's OpenMP pool only
             self._ensure_trainer()
             with self._lock:
                 trainer = self.trainer
@@ -315,39 +398,58 @@ class Job:
                 reason = self.extra.get("restore_error")
                 if reason:
                     raise RuntimeError(f"the autosaved run could not be restored: {reason}")
-                trainer = Trainer(self.train_config, self.model_config)
+                # the mirror: built from the same seed as the worker's trainer, so it starts with the same weights
+                trainer, state = Trainer(self.train_config, self.model_config), None
+            else:  # a restored run resumes where its autosave ended
+                with self._lock:
+                    state = pack(trainer.state_dict())
+            ctx = worker_context()
+            conn, child_conn = ctx.Pipe()
             with self._lock:
                 self.trainer = trainer
                 self.model_config = trainer.model.config
                 self._weights_version += 1
-                # wall-clock bookkeeping of this thread's training (benchmarks compare it with the CLI)
-                self.extra["train_wall"] = {"t0": time.time(), "t1": None, "step0": trainer.step_count,
-                                            "steps": 0, "batch_size": trainer.config.batch_size}
-            while True:
+                opts = {"paused": self._paused, "steps_requested": self._steps_requested, "stop": self._stop,
+                        "delay_s": self.delay_s, "seq": self._seq, "threads": self.registry.job_threads(),
+                        "nice": self.registry.nice, "autosave_interval_s": self.registry.autosave_interval_s,
+                        "environ": dict(os.environ), "cwd": os.getcwd()}
+                self._steps_requested = 0
+                self._acked = self._seq
+                self._conn = conn  # from here on, the controls talk to the worker
+                args = (child_conn, self.train_config.to_dict(), self.model_config.to_dict(), state, opts)
+            proc = ctx.Process(target=worker_main, args=args, name=f"vae-job-{self.id}", daemon=True)
+            proc.start()
+            child_conn.close()
+            self.registry._share_threads()
+            end = None
+            while end is None:
+                if not conn.poll(0.5):
+                    if not proc.is_alive():
+                        raise RuntimeError(f"the training process ended unexpectedly (exit code {proc.exitcode}); "
+                                           "the weights of its last sync are kept")
+                    continue
+                try:
+                    kind, payload = unpack(conn.recv_bytes())
+                except EOFError:
+                    proc.join(5)
+                    raise RuntimeError(f"the training process ended unexpectedly (exit code {proc.exitcode}); "
+                                       "the weights of its last sync are kept") from None
                 with self._cond:
-                    while not trainer.done and self._paused and self._steps_requested == 0 and not self._stop:
-                        self._cond.wait()
-                    if self._stop:
-                        self.state = STOPPED
-                        break
-                    if trainer.done:
-                        self.state = FINISHED
-                        break
-                    if self._steps_requested:
-                        self._steps_requested -= 1
-                    rec = trainer.step()
-                    self._weights_version += 1
-                    self._rate.append((time.perf_counter(), trainer.step_count))
-                    delay = self.delay_s
-                    if rec["epoch_end"]:  # queued before anyone can see the new epoch: flush() then covers it
-                        self.registry._autosave(self, background=True)
-                if delay > 0:
-                    with self._cond:  # an interruptible sleep: stop/pause/delay change wake it
-                        self._cond.wait(timeout=delay)
-        except TrainingDiverged as exc:
+                    if "steps" in payload:
+                        self._apply_sync(trainer, payload)
+                    if kind == "end":
+                        end = payload["end"]
+                    self._cond.notify_all()
+                if kind == "sync" and "full" in payload:  # an epoch ended: autosave (spaced by the worker)
+                    self.registry._autosave(self, background=True)
             with self._lock:
-                self.state, self.error = FAILED, str(exc)
-                self.extra["failed_step"] = exc.step
+                if end["state"] == "failed":
+                    self.state, self.error = FAILED, end["error"]
+                    for k in ("failed_step", "traceback"):
+                        if k in end:
+                            self.extra[k] = end[k]
+                else:
+                    self.state = FINISHED if end["state"] == "finished" else STOPPED
                 self._weights_version += 1
         except Exception as exc:  # shown on the page, not only in the console
             with self._lock:
@@ -355,15 +457,40 @@ class Job:
                 self.error = f"{type(exc).__name__}: {exc}"
                 self.extra["traceback"] = traceback.format_exc(limit=6)
         finally:
-            with self._lock:
+            with self._cond:
+                self._conn = None
                 self._t_ended = time.time()
                 self._rate.clear()
-                wall = self.extra.get("train_wall")
-                if wall is not None and self.trainer is not None:
-                    wall.update(t1=self._t_ended, steps=self.trainer.step_count - wall["step0"])
+                self._cond.notify_all()
+            if conn is not None:
+                conn.close()
+            if proc is not None and proc.pid is not None:  # it started
+                proc.join(10)
+                if proc.is_alive():
+                    proc.kill()
             self.registry._autosave(self, final=True)
             self._occupies_slot = False
             self.registry._schedule()
+            self.registry._share_threads()
+
+    def _apply_sync(self, t: Trainer, p: dict):
+        """Bring the mirror trainer up to date with a worker sync (called with the lock held)."""
+        h = t.history
+        for part, key in (("step", "steps"), ("epoch", "epochs")):
+            for k, v in p[key].items():
+                h[part].setdefault(k, []).extend(v)
+        h["events"].extend(p["events"])
+        moved = p["step_count"] != t.step_count
+        t.step_count, t.epoch = int(p["step_count"]), int(p["epoch"])
+        t.model.load_state_dict(p["weights"])
+        if "full" in p:
+            self._worker_state = p["full"]
+        self._acked = max(self._acked, int(p["ack"]))
+        self.extra.update(train_wall=p["train_wall"], threads=p["threads"], pid=p["pid"])
+        if moved:
+            self._weights_version += 1
+            if self.state == RUNNING:
+                self._rate.append((time.perf_counter(), t.step_count))
 
 
 def _empty_history(state: dict | None, steps: bool = True) -> dict:
@@ -425,6 +552,10 @@ def _warm_up():
     on a busy machine. Done once in the background when the registry is made, so Start answers at once."""
     try:
         make_optimizer([torch.nn.Parameter(torch.zeros(1))], 1e-3)
+        if worker_context().get_start_method() == "forkserver":  # boot it now: it imports torch once, for good
+            from multiprocessing import forkserver
+
+            forkserver.ensure_running()
     except Exception:  # only a head start: the job would then pay the cost itself
         pass
 
@@ -432,7 +563,7 @@ def _warm_up():
 class JobRegistry:
     def __init__(self, max_concurrent: int | None = None, autosave_dir: str | os.PathLike | None = None,
                  restore: bool = True, threads: int | None = None, warm_up: bool = True,
-                 autosave_interval_s: float = 1.0):
+                 autosave_interval_s: float = 1.0, nice: int | None = None):
         if max_concurrent is None:
             env = os.environ.get(MAX_JOBS_ENV, "2")
             try:
@@ -442,9 +573,12 @@ class JobRegistry:
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent={max_concurrent} is not allowed: at least 1 job must be able to run")
         self.max_concurrent = max_concurrent
-        self.threads = int(threads) if threads else default_threads(max_concurrent)
-        if self.threads < 1:
+        self.threads = int(threads) if threads is not None else default_threads()  # None: threads_per_job()
+        if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={threads} is not allowed: give at least 1")
+        self.nice = int(nice) if nice is not None else default_nice()
+        if self.nice < 0:
+            raise ValueError(f"nice={nice} is not allowed: give 0 (same priority as the UI) or more (lower)")
         self.autosave_dir = Path(autosave_dir) if autosave_dir else None
         # every epoch end autosaves, except within this many seconds of the job's last autosave: digits epochs take
         # ~0.1 s, and a save per epoch would cost ~20 % of the throughput. A restart loses at most
@@ -503,6 +637,14 @@ class JobRegistry:
             except ValueError:
                 return None
 
+    def job_threads(self) -> int:
+        """torch CPU threads for each running job now."""
+        if self.threads is not None:
+            return self.threads
+        with self._lock:
+            n = sum(1 for j in self._jobs.values() if j._occupies_slot)
+        return threads_per_job(n)
+
     def running(self) -> list[Job]:
         with self._lock:
             return [j for j in self._jobs.values() if j._occupies_slot]
@@ -529,6 +671,13 @@ class JobRegistry:
                 job._start()
                 busy += 1
 
+    def _share_threads(self):
+        """Tell each running worker its share of the cores (after a job starts or ends)."""
+        n = self.job_threads()
+        for job in self.running():
+            with job._lock:
+                job._command("threads", n)
+
     def _requeue(self, job: Job):
         with self._lock:
             if job.state == INTERRUPTED:
@@ -551,7 +700,10 @@ class JobRegistry:
         with job._lock:
             job._last_autosave = now
             t = job.trainer
-            state = t.state_dict()
+            if job._worker_state is not None:  # the worker's state at its last sync, which the mirror matches
+                state = {**job._worker_state, "history": copy_history(t.history)}
+            else:  # a restored run not resumed since
+                state = t.state_dict()
             # the history is stored once: the checkpoint's and the trainer state's are the same object
             ck = make_checkpoint(t.model, train_config=t.config, history=None, metrics=t.last_epoch() or {},
                                  dataset=t.config.dataset)
@@ -612,5 +764,5 @@ def _attach_restored_trainer(job: Job):
     job._weights_version += 1
 
 
-__all__ = ["JobRegistry", "Job", "JobSnapshot", "copy_history", "default_threads", "QUEUED", "RUNNING", "PAUSED",
-           "FINISHED", "STOPPED", "FAILED", "INTERRUPTED", "ACTIVE", "LIVE_SETTINGS"]
+__all__ = ["JobRegistry", "Job", "JobSnapshot", "copy_history", "default_threads", "threads_per_job", "default_nice",
+           "QUEUED", "RUNNING", "PAUSED", "FINISHED", "STOPPED", "FAILED", "INTERRUPTED", "ACTIVE", "LIVE_SETTINGS"]

@@ -53,6 +53,13 @@ def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr, foreach=True)
 
 
+def describe_changes(config: TrainConfig, changes: dict) -> tuple[TrainConfig, str]:
+    """The config with the changes (validated: ValueError naming the field) and the text marking them on curves."""
+    new_cfg = dataclasses.replace(config, **changes)  # runs TrainConfig validation
+    text = ", ".join(f"{k}: {getattr(config, k)!r} -> {v!r}" for k, v in changes.items() if getattr(config, k) != v)
+    return new_cfg, text
+
+
 def default_model_config(data: Dataset, **overrides) -> ModelConfig:
     """A model config that fits a dataset: its dimension, image shape and usual likelihood."""
     kw = dict(input_dim=data.dim, image_shape=data.image_shape, likelihood=data.info.default_likelihood)
@@ -127,9 +134,7 @@ class Trainer:
     # ---- changes while running ----------------------------------------------------------------------------------
     def update(self, **changes) -> str:
         """Change lr, beta or the schedule's settings mid-run (validated). Returns the event text, also recorded."""
-        new_cfg = dataclasses.replace(self.config, **changes)  # runs TrainConfig validation
-        text = ", ".join(f"{k}: {getattr(self.config, k)!r} -> {v!r}" for k, v in changes.items()
-                         if getattr(self.config, k) != v)
+        new_cfg, text = describe_changes(self.config, changes)
         self.config = new_cfg
         if "lr" in changes:
             for group in self.optimizer.param_groups:

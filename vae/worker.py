@@ -1,0 +1,177 @@
+"""The training process behind a dashboard job (vae.jobs): one Trainer, driven by commands over a pipe.
+
+Training runs in its own process, not in a thread of the web server: the server's Python (every page's script run)
+and the training loop then never wait for one another's GIL, and the process runs at a lower OS priority, so the
+pages answer as fast while a job trains as when nothing does, and the job gets the CPU the pages leave.
+
+Parent -> worker, any time: (seq, "pause") (seq, "resume") (seq, "step", n) (seq, "stop") (seq, "delay", s)
+(seq, "update", {changes}) (seq, "threads", n). The worker handles them between steps.
+Worker -> parent: ("sync", payload) with what is new since the last sync (step and epoch records, events, the
+counters, the model weights, the last command handled, and now and then the whole resumable state without the
+history), at most every SYNC_S while running, after every step in slow motion or single steps, and before it waits
+while paused; ("end", {...}) once, last.
+"""
+from __future__ import annotations
+
+import io
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+from .config import ModelConfig, TrainConfig
+from .trainer import Trainer, TrainingDiverged
+
+SYNC_S = 0.2  # seconds between syncs while running at full speed
+
+
+def pack(obj) -> bytes:
+    """Bytes for the pipe: torch.save of plain containers and tensors (no shared-memory handles to keep alive)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def unpack(data: bytes):
+    """The inverse of pack(), with torch.load(weights_only=True): a message can carry data, never code."""
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def resumable_state(trainer: Trainer) -> dict:
+    """Trainer.state_dict() without the history (the parent has that already, record by record)."""
+    return {"model": {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()},
+            "optimizer": trainer._clone_optimizer_state(), "step_count": trainer.step_count,
+            "epoch": trainer.epoch, "generator": trainer.generator.get_state(),
+            "train_config": trainer.config.to_dict()}
+
+
+class _Worker:
+    def __init__(self, conn, trainer: Trainer, opts: dict):
+        self.conn, self.trainer = conn, trainer
+        self.paused = bool(opts.get("paused"))
+        self.steps_requested = int(opts.get("steps_requested", 0))
+        self.stop = bool(opts.get("stop"))
+        self.delay = float(opts.get("delay_s", 0.0))
+        self.full_interval = float(opts.get("autosave_interval_s", 1.0))
+        self.ack = int(opts.get("seq", 0))
+        h = trainer.history
+        self.sent = {"step": len(h["step"]["step"]), "epoch": len(h["epoch"]["epoch"]), "events": len(h["events"])}
+        self.last_sync = 0.0
+        self.last_full = float("-inf")
+        self.epoch_ended = False  # an epoch ended since the last full state was sent
+        self.wall = {"t0": time.time(), "t1": None, "step0": trainer.step_count, "steps": 0,
+                     "batch_size": trainer.config.batch_size}
+
+    # ---- commands -----------------------------------------------------------------------------------------------
+    def handle(self, msg):
+        seq, kind, *args = msg
+        if kind == "pause":
+            self.paused = True
+        elif kind == "resume":
+            self.paused = False
+        elif kind == "step":
+            self.paused = True
+            self.steps_requested += int(args[0])
+        elif kind == "stop":
+            self.stop = True
+        elif kind == "delay":
+            self.delay = float(args[0])
+        elif kind == "update":
+            self.trainer.update(**args[0])  # validated by the parent first
+        elif kind == "threads":
+            torch.set_num_threads(int(args[0]))
+        self.ack = max(self.ack, seq)
+        return True
+
+    def drain(self) -> bool:
+        """Handle every command that has arrived. True if there were any."""
+        got = False
+        while self.conn.poll(0):
+            got = self.handle(self.conn.recv()) or got
+        return got
+
+    # ---- syncs --------------------------------------------------------------------------------------------------
+    def sync(self, full: bool = False, kind: str = "sync", **extra):
+        t, h = self.trainer, self.trainer.history
+        s, e, v = self.sent["step"], self.sent["epoch"], self.sent["events"]
+        payload = {"steps": {k: x[s:] for k, x in h["step"].items()},
+                   "epochs": {k: x[e:] for k, x in h["epoch"].items()},
+                   "events": h["events"][v:], "step_count": t.step_count, "epoch": t.epoch,
+                   "config": t.config.to_dict(), "paused": self.paused and not self.steps_requested,
+                   "ack": self.ack, "weights": {k: v.detach().cpu().clone() for k, v in t.model.state_dict().items()},
+                   "train_wall": dict(self.wall, steps=t.step_count - self.wall["step0"]),
+                   "threads": torch.get_num_threads(), "pid": os.getpid()}
+        if full or (self.epoch_ended and time.monotonic() - self.last_full >= self.full_interval):
+            payload["full"] = resumable_state(t)
+            self.last_full, self.epoch_ended = time.monotonic(), False
+        payload.update(extra)
+        self.conn.send_bytes(pack((kind, payload)))
+        self.sent = {"step": len(h["step"]["step"]), "epoch": len(h["epoch"]["epoch"]), "events": len(h["events"])}
+        self.last_sync = time.monotonic()
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def run(self) -> str:
+        t = self.trainer
+        self.sync()
+        while True:
+            if self.drain():
+                self.sync()  # the parent may be waiting for this command's acknowledgement
+            if self.stop:
+                return "stopped"
+            if t.done:
+                return "finished"
+            if self.paused and not self.steps_requested:
+                self.handle(self.conn.recv())  # waits; nothing runs while paused
+                self.sync()
+                continue
+            if self.steps_requested:
+                self.steps_requested -= 1
+            rec = t.step()
+            self.epoch_ended = self.epoch_ended or rec["epoch_end"]
+            slow = self.delay > 0 or self.paused
+            if slow or time.monotonic() - self.last_sync >= SYNC_S or (
+                    rec["epoch_end"] and time.monotonic() - self.last_full >= self.full_interval):
+                self.sync()
+            if self.delay > 0:
+                self.conn.poll(self.delay)  # an interruptible sleep: a command ends it
+
+
+def worker_main(conn, train_config: dict, model_config: dict | None, state: dict | None, opts: dict):
+    """Entry point of the training process."""
+    os.environ.update(opts.get("environ", {}))
+    if opts.get("cwd"):
+        os.chdir(opts["cwd"])
+    if opts.get("nice", 0) > 0 and hasattr(os, "nice"):
+        try:
+            os.nice(int(opts["nice"]))
+        except OSError:
+            pass
+    torch.set_num_threads(int(opts.get("threads", 1)))
+    trainer = worker = None
+    try:
+        trainer = Trainer(TrainConfig.from_dict(train_config),
+                          ModelConfig.from_dict(model_config) if model_config else None)
+        if state is not None:
+            trainer.load_state_dict(unpack(state))
+        worker = _Worker(conn, trainer, opts)
+        end = {"state": worker.run()}
+    except TrainingDiverged as exc:  # the trainer has put the last good weights back
+        end = {"state": "failed", "error": str(exc), "failed_step": exc.step}
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return  # the server has gone: nothing to report to
+    except Exception as exc:
+        end = {"state": "failed", "error": f"{type(exc).__name__}: {exc}",
+               "traceback": traceback.format_exc(limit=6)}
+    try:
+        if worker is not None:
+            worker.wall["t1"] = time.time()
+            worker.sync(full=True, kind="end", end=end)
+        else:
+            conn.send_bytes(pack(("end", {"end": end})))
+    except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
+        pass
+    finally:
+        conn.close()
+        sys.stdout.flush()
