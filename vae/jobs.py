@@ -23,6 +23,7 @@ gets what the UI leaves.
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import copy
 import itertools
@@ -127,6 +128,10 @@ def default_nice() -> int:
     return 10 if n is None else n
 
 
+class _WorkerLost(RuntimeError):
+    """The worker process ended without saying how (killed, crashed, or the server is shutting down)."""
+
+
 _CONTEXT = None
 
 
@@ -176,10 +181,12 @@ class Job:
         self._rate = collections.deque(maxlen=RATE_WINDOW)  # (time, step) of recent steps, cleared on pause
         self._last_autosave = float("-inf")  # time.monotonic() of the last autosave
         self._conn = None  # the pipe to the worker process while one runs
+        self._last_threads: int | None = None  # the thread count last sent to the worker
         self._send_lock = threading.Lock()
         self._seq = 0  # commands sent to the worker
         self._acked = 0  # the last command the worker has handled and synced
         self._worker_state: dict | None = None  # the worker's last resumable state (without the history)
+        self._worker_config: dict | None = None  # the train config of the worker's last sync
 
     # ---- controls (any thread) --------------------------------------------------------------------------------
     def _command(self, *cmd) -> int | None:
@@ -213,6 +220,7 @@ class Job:
             seq = self._command("pause")
             self._cond.notify_all()
         self._wait_for(seq)
+        self.registry._share_threads()  # its cores go to the others
 
     def resume(self):
         with self._cond:
@@ -225,6 +233,7 @@ class Job:
             interrupted = self.state == INTERRUPTED
         if interrupted:
             self.registry._requeue(self)
+        self.registry._share_threads()
 
     def step_once(self, n: int = 1):
         """Run n single steps, then stay paused."""
@@ -389,77 +398,80 @@ class Job:
         self._thread = thread  # only once started: join() may run in another thread at any time
 
     def _run(self):
-        conn = proc = None
+        conn = child_conn = proc = None
+        outcome = None  # (state, error, extra) once the worker has ended; applied after the final autosave
         try:
             self._ensure_trainer()
             with self._lock:
-                trainer = self.trainer
+                trainer, train_config, model_config = self.trainer, self.train_config, self.model_config
             if trainer is None:
                 reason = self.extra.get("restore_error")
                 if reason:
                     raise RuntimeError(f"the autosaved run could not be restored: {reason}")
                 # the mirror: built from the same seed as the worker's trainer, so it starts with the same weights
-                trainer, state = Trainer(self.train_config, self.model_config), None
-            else:  # a restored run resumes where its autosave ended
-                with self._lock:
-                    state = pack(trainer.state_dict())
+                trainer = Trainer(train_config, model_config)
             ctx = worker_context()
             conn, child_conn = ctx.Pipe()
             with self._lock:
+                if self.trainer is not None:  # a restored run resumes where its autosave ended
+                    state = pack(self.trainer.state_dict())
+                else:
+                    state = None
+                    trainer.config = self.train_config  # update() may have changed it while the mirror was built
                 self.trainer = trainer
                 self.model_config = trainer.model.config
                 self._weights_version += 1
                 opts = {"paused": self._paused, "steps_requested": self._steps_requested, "stop": self._stop,
-                        "delay_s": self.delay_s, "seq": self._seq, "threads": self.registry.job_threads(),
-                        "nice": self.registry.nice, "autosave_interval_s": self.registry.autosave_interval_s,
+                        "delay_s": self.delay_s, "seq": self._seq, "nice": self.registry.nice,
+                        "threads": self.registry.job_threads(extra=0 if self._paused else 1),
+                        "autosave_interval_s": self.registry.autosave_interval_s,
                         "environ": dict(os.environ), "cwd": os.getcwd()}
                 self._steps_requested = 0
                 self._acked = self._seq
+                self._last_threads = opts["threads"]
                 self._conn = conn  # from here on, the controls talk to the worker
                 args = (child_conn, self.train_config.to_dict(), self.model_config.to_dict(), state, opts)
             proc = ctx.Process(target=worker_main, args=args, name=f"vae-job-{self.id}", daemon=True)
-            proc.start()
-            child_conn.close()
+            try:
+                proc.start()
+            finally:
+                child_conn.close()
             self.registry._share_threads()
+            crashed = f"the training process ended unexpectedly (exit code {{}}); the weights of its last sync are kept"
             end = None
             while end is None:
                 if not conn.poll(0.5):
                     if not proc.is_alive():
-                        raise RuntimeError(f"the training process ended unexpectedly (exit code {proc.exitcode}); "
-                                           "the weights of its last sync are kept")
+                        raise _WorkerLost(crashed.format(proc.exitcode))
                     continue
                 try:
                     kind, payload = unpack(conn.recv_bytes())
-                except EOFError:
+                except (EOFError, OSError):
                     proc.join(5)
-                    raise RuntimeError(f"the training process ended unexpectedly (exit code {proc.exitcode}); "
-                                       "the weights of its last sync are kept") from None
+                    raise _WorkerLost(crashed.format(proc.exitcode)) from None
                 with self._cond:
                     if "steps" in payload:
                         self._apply_sync(trainer, payload)
                     if kind == "end":
                         end = payload["end"]
+                    elif "full" in payload:  # an epoch ended: autosave, queued before anyone sees the new epoch
+                        self.registry._autosave(self, background=True)
                     self._cond.notify_all()
-                if kind == "sync" and "full" in payload:  # an epoch ended: autosave (spaced by the worker)
-                    self.registry._autosave(self, background=True)
-            with self._lock:
-                if end["state"] == "failed":
-                    self.state, self.error = FAILED, end["error"]
-                    for k in ("failed_step", "traceback"):
-                        if k in end:
-                            self.extra[k] = end[k]
-                else:
-                    self.state = FINISHED if end["state"] == "finished" else STOPPED
-                self._weights_version += 1
+            extra = {k: end[k] for k in ("failed_step", "traceback") if k in end}
+            outcome = (FAILED, end.get("error"), extra) if end["state"] == "failed" else \
+                (FINISHED if end["state"] == "finished" else STOPPED, None, {})
         except Exception as exc:  # shown on the page, not only in the console
-            with self._lock:
-                self.state = FAILED
-                self.error = f"{type(exc).__name__}: {exc}"
-                self.extra["traceback"] = traceback.format_exc(limit=6)
+            if isinstance(exc, _WorkerLost):
+                if self.registry._exiting:  # the server is shutting down: the last autosave stands (resumable)
+                    outcome = "exiting"
+                else:
+                    with self._lock:  # the mirror's weights, counters and history agree: save those
+                        self._worker_state = None
+            if outcome is None:
+                outcome = (FAILED, f"{type(exc).__name__}: {exc}", {"traceback": traceback.format_exc(limit=6)})
         finally:
             with self._cond:
                 self._conn = None
-                self._t_ended = time.time()
                 self._rate.clear()
                 self._cond.notify_all()
             if conn is not None:
@@ -468,7 +480,14 @@ class Job:
                 proc.join(10)
                 if proc.is_alive():
                     proc.kill()
-            self.registry._autosave(self, final=True)
+            if outcome != "exiting":
+                with self._lock:  # the final state, then its autosave: the job is not "ended" before it is saved
+                    state, error, extra = outcome
+                    self.state, self.error = state, error if error is not None else self.error
+                    self.extra.update(extra)
+                    self._t_ended = time.time()
+                    self._weights_version += 1
+                    self.registry._autosave(self, final=True)
             self._occupies_slot = False
             self.registry._schedule()
             self.registry._share_threads()
@@ -480,6 +499,9 @@ class Job:
             for k, v in p[key].items():
                 h[part].setdefault(k, []).extend(v)
         h["events"].extend(p["events"])
+        if p["config"] != self._worker_config:  # the worker applied an update(): the mirror follows
+            self._worker_config = p["config"]
+            t.config = self.train_config = TrainConfig.from_dict(p["config"])
         moved = p["step_count"] != t.step_count
         t.step_count, t.epoch = int(p["step_count"]), int(p["epoch"])
         t.model.load_state_dict(p["weights"])
@@ -589,6 +611,9 @@ class JobRegistry:
         self._queue: list[Job] = []
         self._counter = itertools.count(1)
         self._writer = _AutosaveWriter()
+        self._share_lock = threading.Lock()
+        self._exiting = False
+        atexit.register(self._at_exit)  # runs before multiprocessing's own exit hook ends the workers
         if warm_up:
             threading.Thread(target=_warm_up, name="vae-warm-up", daemon=True).start()
         if restore and self.autosave_dir is not None:
@@ -624,6 +649,8 @@ class JobRegistry:
             if job.state in ACTIVE:
                 raise ValueError(f"run {job.name!r} is {job.state}: stop it before removing it")
             del self._jobs[job_id]
+        if job._thread is not None:  # its last autosave must not land after the file is gone
+            job._thread.join(30)
         if self.autosave_dir is not None:
             path = self.autosave_dir / f"{job_id}.pt"
             self._writer.discard(path)
@@ -637,12 +664,13 @@ class JobRegistry:
             except ValueError:
                 return None
 
-    def job_threads(self) -> int:
-        """torch CPU threads for each running job now."""
+    def job_threads(self, extra: int = 0) -> int:
+        """torch CPU threads for each training worker now: the cores shared among the running jobs that are not
+        paused (and `extra` more about to start). Takes no lock (a job asks with its own lock held)."""
         if self.threads is not None:
             return self.threads
-        with self._lock:
-            n = sum(1 for j in self._jobs.values() if j._occupies_slot)
+        jobs = list(self._jobs.values())
+        n = sum(1 for j in jobs if j._occupies_slot and not j._paused and j._conn is not None) + extra
         return threads_per_job(n)
 
     def running(self) -> list[Job]:
@@ -662,6 +690,9 @@ class JobRegistry:
         self.flush(timeout)
 
     # ---- internals --------------------------------------------------------------------------------------------
+    def _at_exit(self):
+        self._exiting = True
+
     def _schedule(self):
         with self._lock:
             self._queue = [j for j in self._queue if j.state == QUEUED and not j._stop]
@@ -672,11 +703,15 @@ class JobRegistry:
                 busy += 1
 
     def _share_threads(self):
-        """Tell each running worker its share of the cores (after a job starts or ends)."""
-        n = self.job_threads()
-        for job in self.running():
-            with job._lock:
-                job._command("threads", n)
+        """Tell each running worker its share of the cores (after a job starts, ends, pauses or resumes). Serialised,
+        so that a stale count never lands after a newer one."""
+        with self._share_lock:
+            n = self.job_threads()
+            for job in self.running():
+                with job._lock:
+                    if job._last_threads != n:
+                        if job._command("threads", n) is not None:
+                            job._last_threads = n
 
     def _requeue(self, job: Job):
         with self._lock:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import sys
 import time
 import traceback
@@ -60,7 +61,6 @@ class _Worker:
         self.sent = {"step": len(h["step"]["step"]), "epoch": len(h["epoch"]["epoch"]), "events": len(h["events"])}
         self.last_sync = 0.0
         self.last_full = float("-inf")
-        self.epoch_ended = False  # an epoch ended since the last full state was sent
         self.wall = {"t0": time.time(), "t1": None, "step0": trainer.step_count, "steps": 0,
                      "batch_size": trainer.config.batch_size}
 
@@ -103,9 +103,9 @@ class _Worker:
                    "ack": self.ack, "weights": {k: v.detach().cpu().clone() for k, v in t.model.state_dict().items()},
                    "train_wall": dict(self.wall, steps=t.step_count - self.wall["step0"]),
                    "threads": torch.get_num_threads(), "pid": os.getpid()}
-        if full or (self.epoch_ended and time.monotonic() - self.last_full >= self.full_interval):
+        if full:
             payload["full"] = resumable_state(t)
-            self.last_full, self.epoch_ended = time.monotonic(), False
+            self.last_full = time.monotonic()
         payload.update(extra)
         self.conn.send_bytes(pack((kind, payload)))
         self.sent = {"step": len(h["step"]["step"]), "epoch": len(h["epoch"]["epoch"]), "events": len(h["events"])}
@@ -129,17 +129,19 @@ class _Worker:
             if self.steps_requested:
                 self.steps_requested -= 1
             rec = t.step()
-            self.epoch_ended = self.epoch_ended or rec["epoch_end"]
-            slow = self.delay > 0 or self.paused
-            if slow or time.monotonic() - self.last_sync >= SYNC_S or (
-                    rec["epoch_end"] and time.monotonic() - self.last_full >= self.full_interval):
-                self.sync()
+            # the resumable state (for the autosave) only right at an epoch end: a resumed run starts an epoch
+            full = rec["epoch_end"] and time.monotonic() - self.last_full >= self.full_interval
+            if full or self.delay > 0 or self.paused or time.monotonic() - self.last_sync >= SYNC_S:
+                self.sync(full=full)
             if self.delay > 0:
                 self.conn.poll(self.delay)  # an interruptible sleep: a command ends it
 
 
 def worker_main(conn, train_config: dict, model_config: dict | None, state: dict | None, opts: dict):
     """Entry point of the training process."""
+    # a Ctrl-C in the server's terminal reaches its whole process group: the server decides what happens to the
+    # run (the worker ends when the pipe closes), so the worker does not die of it on its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(opts.get("environ", {}))
     if opts.get("cwd"):
         os.chdir(opts["cwd"])
