@@ -308,29 +308,29 @@ def test_bad_settings_are_clear_errors(monkeypatch):
 
 
 def test_threads_per_job_share_the_cores():
-    assert threads_per_job(1, cores=8) == 8  # alone: all of them, as the CLI
-    assert threads_per_job(2, cores=8) == 4
+    assert threads_per_job(1, cores=8) == 7  # alone: all but one, which the server and the browser keep
+    assert threads_per_job(2, cores=8) == 3
+    assert threads_per_job(1, cores=2) == 1
     assert threads_per_job(3, cores=2) == 1  # never zero
-    assert threads_per_job(0, cores=2) == 2
+    assert threads_per_job(0, cores=1) == 1
 
 
 def test_workers_run_at_lower_priority_and_share_the_cores(registries, tmp_path, monkeypatch):
     monkeypatch.delenv("VAE_JOB_THREADS", raising=False)
     reg = registries(max_concurrent=2, autosave_dir=tmp_path, restore=False, warm_up=False, nice=5, threads=None)
     assert reg.threads is None
-    cores = os.cpu_count()
+    alone, half = threads_per_job(1), threads_per_job(2)
     a = reg.submit(tc(epochs=5000), mc())
-    wait_until(lambda: a.snapshot().extra.get("threads") == cores, what="job a to train on every core")
+    wait_until(lambda: a.snapshot().extra.get("threads") == alone, what="job a to train on its cores")
     assert a.snapshot().extra["pid"] != os.getpid()  # in a process of its own
     nice_a = os.getpriority(os.PRIO_PROCESS, a.snapshot().extra["pid"]) if hasattr(os, "getpriority") else None
     b = reg.submit(tc(epochs=5000), mc())
-    half = max(1, cores // 2)
     wait_until(lambda: a.snapshot().extra.get("threads") == half and b.snapshot().extra.get("threads") == half,
                what="both jobs to share the cores")
     b.stop()
     b.join(30)
-    wait_until(lambda: a.snapshot().extra.get("threads") == cores, what="job a to take every core again")
+    wait_until(lambda: a.snapshot().extra.get("threads") == alone, what="job a to take the cores again")
     a.stop()
     a.join(30)
     if nice_a is not None:
-        assert nice_a == min(19, os.nice(0) + 5)  # the server's own priority is untouched
+        assert nice_a >= min(19, os.nice(0) + 5)  # at least that much lower (the worker server may be lower still)

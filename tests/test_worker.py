@@ -34,6 +34,7 @@ def test_resumable_states_are_sent_only_at_epoch_ends():
     pipe = FakePipe()
     w = _Worker(pipe, t, {"delay_s": 1e-4, "autosave_interval_s": 0.0})  # slow motion: a sync after every step
     assert w.run() == "finished"
+    w.close()  # the sender thread has sent everything
     syncs = [p for kind, p in pipe.sent if kind == "sync"]
     assert len(syncs) == 1 + t.step_count  # the first one, then one per step
     full = [p["full"]["step_count"] for p in syncs if "full" in p]
@@ -42,6 +43,7 @@ def test_resumable_states_are_sent_only_at_epoch_ends():
     steps = [s for p in syncs for s in p["steps"]["step"]]
     assert steps == t.history["step"]["step"]
     assert [e for p in syncs for e in p["epochs"]["epoch"]] == [1, 2, 3]
+    assert all("weights" in p for p in syncs)  # in slow motion every sync carries the weights
 
 
 def test_commands_are_handled_between_steps_and_acknowledged():
@@ -49,6 +51,7 @@ def test_commands_are_handled_between_steps_and_acknowledged():
     pipe = FakePipe([(1, "step", 3), (2, "update", {"beta": 2.0})])
     w = _Worker(pipe, t, {"paused": True})
     assert w.run() == "stopped"  # 3 single steps, then it waits (paused), then the stop
+    w.close()
     assert t.step_count == 3 and t.config.beta == 2.0
     assert t.history["events"] == [{"step": 0, "epoch": 0, "text": "beta: 1.0 -> 2.0"}]
     assert [s for s in t.history["step"]["beta"]] == [2.0] * 3

@@ -15,11 +15,11 @@ dropped) and start as others end. Every finished epoch is autosaved atomically b
 restart loses at most one epoch: restored jobs come back as "interrupted" and can be resumed; ended ones keep their
 weights. (Epochs shorter than a second are saved at most once a second: see JobRegistry.autosave_interval_s.)
 
-CPU: a job's process trains with all the machine's cores while it runs alone (as the CLI does) and with an equal
-share of them when several run, so that jobs do not oversubscribe a small machine (OpenMP spin-waits make that many
-times slower). $VAE_JOB_THREADS fixes the count. Worker processes run at a lower OS priority (nice +10,
-$VAE_JOB_NICE), so the web server's script runs, and a browser on the same machine, take the CPU first: training
-gets what the UI leaves.
+CPU: a job's worker trains with the machine's cores but one (left to the web server and the browser) while it runs
+alone, and with an equal share of those when several run, so that jobs do not oversubscribe a small machine
+(OpenMP spin-waits make that many times slower). $VAE_JOB_THREADS fixes the count. Workers run at a lower OS
+priority (nice +10, $VAE_JOB_NICE), so the web server's script runs, and a browser on the same machine, take the CPU
+first: training gets what the UI leaves.
 """
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ class JobSnapshot:
     history: dict
     train_config: dict
     model_config: dict | None
-    weights_version: int  # bumps whenever the weights change (each step): a cache key for the latest weights
+    weights_version: int  # bumps when the weights seen here change (about once a second while a run goes on, every
+    # step in slow motion or single steps): a cache key for the latest weights
     created: float
     group: str | None = None
     extra: dict = field(default_factory=dict)
@@ -117,9 +118,11 @@ def default_threads() -> int | None:
 
 
 def threads_per_job(running: int, cores: int | None = None) -> int:
-    """All the cores for a job that runs alone, an equal share of them (>= 1) for each of several."""
+    """The cores but one (left to the web server and a browser on the same machine), shared equally among the
+    running jobs, at least 1 each. On 2 cores a job trains on 1 thread: with a browser drawing the live view on the
+    other core, 2 OpenMP threads wait on each other and run slower than 1 (benchmarks/bench_dashboard.py)."""
     cores = cores or os.cpu_count() or 1
-    return max(1, cores // max(1, running))
+    return max(1, (cores - 1) // max(1, running))
 
 
 def default_nice() -> int:
@@ -423,6 +426,7 @@ class Job:
                 self._weights_version += 1
                 opts = {"paused": self._paused, "steps_requested": self._steps_requested, "stop": self._stop,
                         "delay_s": self.delay_s, "seq": self._seq, "nice": self.registry.nice,
+                        "base_nice": os.nice(0) if hasattr(os, "nice") else 0,
                         "threads": self.registry.job_threads(extra=0 if self._paused else 1),
                         "autosave_interval_s": self.registry.autosave_interval_s,
                         "environ": dict(os.environ), "cwd": os.getcwd()}
@@ -504,13 +508,14 @@ class Job:
             t.config = self.train_config = TrainConfig.from_dict(p["config"])
         moved = p["step_count"] != t.step_count
         t.step_count, t.epoch = int(p["step_count"]), int(p["epoch"])
-        t.model.load_state_dict(p["weights"])
+        if "weights" in p:  # at most every WEIGHTS_S at full speed
+            t.model.load_state_dict(p["weights"])
+            self._weights_version += 1
         if "full" in p:
             self._worker_state = p["full"]
         self._acked = max(self._acked, int(p["ack"]))
         self.extra.update(train_wall=p["train_wall"], threads=p["threads"], pid=p["pid"])
         if moved:
-            self._weights_version += 1
             if self.state == RUNNING:
                 self._rate.append((time.perf_counter(), t.step_count))
 

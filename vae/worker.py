@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import io
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -26,6 +28,7 @@ from .config import ModelConfig, TrainConfig
 from .trainer import Trainer, TrainingDiverged
 
 SYNC_S = 0.2  # seconds between syncs while running at full speed
+WEIGHTS_S = 1.0  # ... and between the model weights they carry (every sync in slow motion, single steps, pauses)
 
 
 def pack(obj) -> bytes:
@@ -51,6 +54,12 @@ def resumable_state(trainer: Trainer) -> dict:
 class _Worker:
     def __init__(self, conn, trainer: Trainer, opts: dict):
         self.conn, self.trainer = conn, trainer
+        # messages go out from a sender thread: a server busy redrawing a page reads them late, and the training
+        # loop must not wait for it (one message with the weights fills a pipe's buffer)
+        self.outbox: queue.Queue = queue.Queue()
+        self.sender = threading.Thread(target=self._send_loop, name="vae-worker-sender", daemon=True)
+        self.sender.start()
+        self.last_weights = float("-inf")
         self.paused = bool(opts.get("paused"))
         self.steps_requested = int(opts.get("steps_requested", 0))
         self.stop = bool(opts.get("stop"))
@@ -93,6 +102,21 @@ class _Worker:
         return got
 
     # ---- syncs --------------------------------------------------------------------------------------------------
+    def _send_loop(self):
+        while True:
+            data = self.outbox.get()
+            if data is None:
+                return
+            try:
+                self.conn.send_bytes(data)
+            except (OSError, ValueError):  # the server has gone: the training loop finds out at its next read
+                return
+
+    def close(self, timeout: float = 60.0):
+        """Send what is queued, then stop the sender thread."""
+        self.outbox.put(None)
+        self.sender.join(timeout)
+
     def sync(self, full: bool = False, kind: str = "sync", **extra):
         t, h = self.trainer, self.trainer.history
         s, e, v = self.sent["step"], self.sent["epoch"], self.sent["events"]
@@ -100,14 +124,19 @@ class _Worker:
                    "epochs": {k: x[e:] for k, x in h["epoch"].items()},
                    "events": h["events"][v:], "step_count": t.step_count, "epoch": t.epoch,
                    "config": t.config.to_dict(), "paused": self.paused and not self.steps_requested,
-                   "ack": self.ack, "weights": {k: v.detach().cpu().clone() for k, v in t.model.state_dict().items()},
+                   "ack": self.ack,
                    "train_wall": dict(self.wall, steps=t.step_count - self.wall["step0"]),
                    "threads": torch.get_num_threads(), "pid": os.getpid()}
+        now = time.monotonic()
         if full:
             payload["full"] = resumable_state(t)
-            self.last_full = time.monotonic()
+            payload["weights"] = payload["full"]["model"]
+            self.last_full = self.last_weights = now
+        elif kind != "sync" or self.paused or self.delay > 0 or now - self.last_weights >= WEIGHTS_S:
+            payload["weights"] = {k: v.detach().cpu().clone() for k, v in t.model.state_dict().items()}
+            self.last_weights = now
         payload.update(extra)
-        self.conn.send_bytes(pack((kind, payload)))
+        self.outbox.put(pack((kind, payload)))
         self.sent = {"step": len(h["step"]["step"]), "epoch": len(h["epoch"]["epoch"]), "events": len(h["events"])}
         self.last_sync = time.monotonic()
 
@@ -145,9 +174,11 @@ def worker_main(conn, train_config: dict, model_config: dict | None, state: dict
     os.environ.update(opts.get("environ", {}))
     if opts.get("cwd"):
         os.chdir(opts["cwd"])
-    if opts.get("nice", 0) > 0 and hasattr(os, "nice"):
+    if hasattr(os, "nice"):  # the server's priority + nice (the forkserver may have lowered it part of the way)
         try:
-            os.nice(int(opts["nice"]))
+            delta = int(opts.get("base_nice", 0)) + int(opts.get("nice", 0)) - os.nice(0)
+            if delta > 0:
+                os.nice(delta)
         except OSError:
             pass
     torch.set_num_threads(int(opts.get("threads", 1)))
@@ -170,6 +201,7 @@ def worker_main(conn, train_config: dict, model_config: dict | None, state: dict
         if worker is not None:
             worker.wall["t1"] = time.time()
             worker.sync(full=True, kind="end", end=end)
+            worker.close()
         else:
             conn.send_bytes(pack(("end", {"end": end})))
     except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
