@@ -8,7 +8,8 @@
     256-128, d = 8, batch 64). Wall clock, per-epoch test evaluation included, model set-up excluded, for both:
       - dashboard: the job's own clock (vae.jobs records it; read back from its autosave file);
       - CLI: Trainer.fit() timed in a fresh process, as `python -m vae train` runs it, with torch's default threads
-        (a job running alone takes as many: see vae.jobs).
+        (all cores; a dashboard job trains on the cores but one, which it leaves to the server and the browser: see
+        vae.jobs).
     The two alternate, --repeats times each; medians are compared.
     Also the trainer's own compute-only samples/s (history "samples_per_s") of both. Target: >= 85 %.
 (b) Interaction latency on another page: a widget on Home (the sidebar's presentation toggle, a full rerun of Home)
