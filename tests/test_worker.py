@@ -92,3 +92,44 @@ def test_a_killed_worker_fails_the_job_and_keeps_consistent_weights(registries, 
     assert saved["job"]["state"] == FAILED
     assert state["step_count"] == len(state["history"]["step"]["step"]) == snap.step
     assert all(torch.equal(state["model"][k], saved["state_dict"][k]) for k in saved["state_dict"])
+
+
+SERVER_EXIT = r"""
+import sys, time
+sys.path[:0] = [sys.argv[2], sys.argv[3]]
+from test_jobs import mc, tc
+from vae.jobs import JobRegistry
+
+if __name__ == "__main__":
+    reg = JobRegistry(autosave_dir=sys.argv[1], autosave_interval_s=0, threads=1)
+    job = reg.submit(tc(epochs=5000), mc(), name="survivor")
+    job.set_delay(0.002)
+    deadline = time.monotonic() + 120
+    while job.snapshot().epoch < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    reg.flush()
+    print(job.id, flush=True)
+    sys.exit(0)  # the server goes away with the run still going (as on Ctrl-C or a restart)
+"""
+
+
+def test_a_server_exit_leaves_a_running_job_resumable(tmp_path, registries):  # noqa: F811
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vae.jobs import INTERRUPTED
+
+    root, tests = Path(__file__).resolve().parent.parent, Path(__file__).resolve().parent
+    out = subprocess.run([sys.executable, "-c", SERVER_EXIT, str(tmp_path), str(root), str(tests)],
+                         capture_output=True, text=True, timeout=180, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    job_id = out.stdout.split()[-1]
+    back = registries(autosave_dir=tmp_path).get(job_id)
+    assert back is not None and back.state == INTERRUPTED and back.has_weights  # not "failed"
+    snap = back.snapshot()
+    assert snap.epoch >= 3 and snap.step == snap.epoch * snap.steps_per_epoch  # saved at an epoch end
+    back.resume()
+    wait_until(lambda: back.snapshot().step > snap.step, what="the resumed run to go on")
+    back.stop()
+    assert back.join(60)

@@ -465,12 +465,11 @@ class Job:
             outcome = (FAILED, end.get("error"), extra) if end["state"] == "failed" else \
                 (FINISHED if end["state"] == "finished" else STOPPED, None, {})
         except Exception as exc:  # shown on the page, not only in the console
-            if isinstance(exc, _WorkerLost):
-                if self.registry._exiting:  # the server is shutting down: the last autosave stands (resumable)
-                    outcome = "exiting"
-                else:
-                    with self._lock:  # the mirror's weights, counters and history agree: save those
-                        self._worker_state = None
+            if self.registry._exiting:  # the server is shutting down: the last autosave stands (resumable)
+                outcome = "exiting"
+            elif isinstance(exc, _WorkerLost):
+                with self._lock:  # the mirror's weights, counters and history agree: save those
+                    self._worker_state = None
             if outcome is None:
                 outcome = (FAILED, f"{type(exc).__name__}: {exc}", {"traceback": traceback.format_exc(limit=6)})
         finally:
@@ -696,7 +695,21 @@ class JobRegistry:
 
     # ---- internals --------------------------------------------------------------------------------------------
     def _at_exit(self):
+        """The interpreter is exiting (the server stops): end the job threads without marking their runs failed
+        (the last autosave stands, resumable after a restart), before torch is torn down under them."""
         self._exiting = True
+        jobs = self.jobs()
+        for job in jobs:
+            conn = job._conn
+            if conn is not None:
+                try:
+                    conn.close()  # its worker sees the pipe close and ends; its thread stops waiting for it
+                except OSError:
+                    pass
+        for job in jobs:
+            if job._thread is not None:
+                job._thread.join(5)
+        self._writer.flush(5)
 
     def _schedule(self):
         with self._lock:
