@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from e2e_support import APP_READY, CHROMIUM, CHROMIUM_ARGS, free_port  # noqa: E402
+from e2e_support import CHROMIUM, CHROMIUM_ARGS, free_port, stop_server, wait_ready  # noqa: E402
+from vae.bench import cpu_name  # noqa: E402
 
 CONFIG = dict(dataset="digits", batch_size=64, lr=3e-3, beta=1.0, seed=0, device="cpu")
 MODEL = dict(hidden=(256, 128), latent_dim=8)
@@ -115,17 +116,9 @@ def start_server(tmp: Path, wait: bool = True, log_to: Path | None = None):
     return proc, url, t0, t_health
 
 
-def stop_server(proc):
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 def ready(pg, timeout_ms=120_000):
-    pg.wait_for_timeout(300)
-    pg.wait_for_selector(APP_READY, timeout=timeout_ms)
+    pg.wait_for_timeout(300)  # a rerun just asked for may not have begun yet
+    wait_ready(pg, timeout_ms)
 
 
 def open_train(pg, url):
@@ -321,8 +314,7 @@ def main(argv=None):
     import torch
     from playwright.sync_api import sync_playwright
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     machine = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                "load_avg_start": os.getloadavg()}
     log(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}; load average {load()}")

@@ -27,10 +27,11 @@ import atexit
 import collections
 import copy
 import itertools
+import multiprocessing.util  # noqa: F401  (its exit hook must be registered before ours: see _at_exit)
 import os
 import secrets
-import sys
 import threading
+import weakref
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -131,6 +132,15 @@ def default_nice() -> int:
     return 10 if n is None else n
 
 
+_REGISTRIES: "weakref.WeakSet[JobRegistry]" = weakref.WeakSet()
+
+
+@atexit.register  # registered after multiprocessing's own exit hook, so it runs before that one ends the workers
+def _at_exit():
+    for registry in list(_REGISTRIES):
+        registry._at_exit()
+
+
 class _WorkerLost(RuntimeError):
     """The worker process ended without saying how (killed, crashed, or the server is shutting down)."""
 
@@ -182,7 +192,6 @@ class Job:
         self._t_started: float | None = None
         self._t_ended: float | None = None
         self._rate = collections.deque(maxlen=RATE_WINDOW)  # (time, step) of recent steps, cleared on pause
-        self._last_autosave = float("-inf")  # time.monotonic() of the last autosave
         self._conn = None  # the pipe to the worker process while one runs
         self._last_threads: int | None = None  # the thread count last sent to the worker
         self._send_lock = threading.Lock()
@@ -441,7 +450,7 @@ class Job:
             finally:
                 child_conn.close()
             self.registry._share_threads()
-            crashed = f"the training process ended unexpectedly (exit code {{}}); the weights of its last sync are kept"
+            crashed = "the training process ended unexpectedly (exit code {}); the weights of its last sync are kept"
             end = None
             while end is None:
                 if not conn.poll(0.5):
@@ -606,9 +615,9 @@ class JobRegistry:
         if self.nice < 0:
             raise ValueError(f"nice={nice} is not allowed: give 0 (same priority as the UI) or more (lower)")
         self.autosave_dir = Path(autosave_dir) if autosave_dir else None
-        # every epoch end autosaves, except within this many seconds of the job's last autosave: digits epochs take
-        # ~0.1 s, and a save per epoch would cost ~20 % of the throughput. A restart loses at most
-        # max(one epoch, this interval); the final state is always saved.
+        # every epoch end autosaves, except within this many seconds of the job's last autosave (the worker decides,
+        # when it sends its resumable state): digits epochs take ~0.1 s, and a save per epoch would cost ~20 % of
+        # the throughput. A restart loses at most max(one epoch, this interval); the final state is always saved.
         self.autosave_interval_s = float(autosave_interval_s)
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
@@ -617,7 +626,7 @@ class JobRegistry:
         self._writer = _AutosaveWriter()
         self._share_lock = threading.Lock()
         self._exiting = False
-        atexit.register(self._at_exit)  # runs before multiprocessing's own exit hook ends the workers
+        _REGISTRIES.add(self)  # see _at_exit()
         if warm_up:
             threading.Thread(target=_warm_up, name="vae-warm-up", daemon=True).start()
         if restore and self.autosave_dir is not None:
@@ -744,14 +753,10 @@ class JobRegistry:
         is written by the writer thread, else here (final saves: the state must be on disk when the job ends)."""
         if self.autosave_dir is None:
             return
-        now = time.monotonic()
-        if background and now - job._last_autosave < self.autosave_interval_s:
-            return
         job._ensure_trainer()
         if job.trainer is None:
             return
         with job._lock:
-            job._last_autosave = now
             t = job.trainer
             if job._worker_state is not None:  # the worker's state at its last sync, which the mirror matches
                 state = {**job._worker_state, "history": copy_history(t.history)}

@@ -250,14 +250,17 @@ class Trainer:
                 "steps": self.step_count}
 
     # ---- resumable state (autosave) -----------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Everything needed to resume exactly at an epoch boundary: weights, Adam state, counters, RNG, history.
-        Plain tensors and containers only, so it loads with weights_only=True."""
+    def state_dict(self, history: bool = True) -> dict:
+        """Everything needed to resume exactly at an epoch boundary: weights, Adam state, counters, RNG, history
+        (history=False leaves it out, for a caller that has it already). Plain tensors and containers only, so it
+        loads with weights_only=True."""
         # copies, not views: training goes on (in place, maybe in another thread) while the state is saved
-        return {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-                "optimizer": self._clone_optimizer_state(), "step_count": self.step_count, "epoch": self.epoch,
-                "generator": self.generator.get_state(), "history": copy.deepcopy(self.history),
-                "train_config": self.config.to_dict()}
+        state = {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+                 "optimizer": self._clone_optimizer_state(), "step_count": self.step_count, "epoch": self.epoch,
+                 "generator": self.generator.get_state(), "train_config": self.config.to_dict()}
+        if history:
+            state["history"] = copy.deepcopy(self.history)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])

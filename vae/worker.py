@@ -17,7 +17,6 @@ import io
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 import traceback
@@ -43,14 +42,6 @@ def unpack(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
-def resumable_state(trainer: Trainer) -> dict:
-    """Trainer.state_dict() without the history (the parent has that already, record by record)."""
-    return {"model": {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()},
-            "optimizer": trainer._clone_optimizer_state(), "step_count": trainer.step_count,
-            "epoch": trainer.epoch, "generator": trainer.generator.get_state(),
-            "train_config": trainer.config.to_dict()}
-
-
 class _Worker:
     def __init__(self, conn, trainer: Trainer, opts: dict):
         self.conn, self.trainer = conn, trainer
@@ -66,12 +57,15 @@ class _Worker:
         self.delay = float(opts.get("delay_s", 0.0))
         self.full_interval = float(opts.get("autosave_interval_s", 1.0))
         self.ack = int(opts.get("seq", 0))
-        h = trainer.history
-        self.sent = {"step": len(h["step"]["step"]), "epoch": len(h["epoch"]["epoch"]), "events": len(h["events"])}
+        self.sent = self._lengths()  # what the parent has of the history
         self.last_sync = 0.0
         self.last_full = float("-inf")
         self.wall = {"t0": time.time(), "t1": None, "step0": trainer.step_count, "steps": 0,
                      "batch_size": trainer.config.batch_size}
+
+    def _lengths(self) -> dict:
+        h = self.trainer.history
+        return {"step": len(h["step"]["step"]), "epoch": len(h["epoch"]["epoch"]), "events": len(h["events"])}
 
     # ---- commands -----------------------------------------------------------------------------------------------
     def handle(self, msg):
@@ -92,13 +86,13 @@ class _Worker:
         elif kind == "threads":
             torch.set_num_threads(int(args[0]))
         self.ack = max(self.ack, seq)
-        return True
 
     def drain(self) -> bool:
         """Handle every command that has arrived. True if there were any."""
         got = False
         while self.conn.poll(0):
-            got = self.handle(self.conn.recv()) or got
+            self.handle(self.conn.recv())
+            got = True
         return got
 
     # ---- syncs --------------------------------------------------------------------------------------------------
@@ -129,16 +123,16 @@ class _Worker:
                    "threads": torch.get_num_threads(), "pid": os.getpid()}
         now = time.monotonic()
         if full:
-            payload["full"] = resumable_state(t)
+            payload["full"] = t.state_dict(history=False)  # the parent has the history, record by record
             payload["weights"] = payload["full"]["model"]
             self.last_full = self.last_weights = now
         elif kind != "sync" or self.paused or self.delay > 0 or now - self.last_weights >= WEIGHTS_S:
-            payload["weights"] = {k: v.detach().cpu().clone() for k, v in t.model.state_dict().items()}
+            payload["weights"] = t.model.state_dict()  # no copy: pack() serialises it before training goes on
             self.last_weights = now
         payload.update(extra)
         self.outbox.put(pack((kind, payload)))
-        self.sent = {"step": len(h["step"]["step"]), "epoch": len(h["epoch"]["epoch"]), "events": len(h["events"])}
-        self.last_sync = time.monotonic()
+        self.sent = self._lengths()
+        self.last_sync = now
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def run(self) -> str:
@@ -208,4 +202,3 @@ def worker_main(conn, train_config: dict, model_config: dict | None, state: dict
         pass
     finally:
         conn.close()
-        sys.stdout.flush()
