@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from vae import load_checkpoint, load_dataset  # noqa: E402
+from vae.bench import cpu_name  # noqa: E402
 from vae import anatomy as an  # noqa: E402
 from vae.diagnostics import grid_log_px  # noqa: E402
 from vae.losses import iw_log_px  # noqa: E402
@@ -46,11 +46,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"load average before {os.getloadavg()[0]:.1f}")
     x = load_dataset("digits", "test").x
