@@ -58,11 +58,11 @@ def small_train_config():
 def make_trainer(digits_train, digits_test, small_train_config):
     """Factory: a Trainer on digits with a small MLP (hidden 32, d = 4) unless overridden."""
 
-    def make(model_overrides: dict | None = None, **train_overrides) -> Trainer:
+    def make(model_overrides: dict | None = None, fused: bool = True, **train_overrides) -> Trainer:
         mkw = dict(hidden=(32,), latent_dim=4)
         mkw.update(model_overrides or {})
         return Trainer(small_train_config(**train_overrides), default_model_config(digits_train, **mkw),
-                       digits_train, digits_test)
+                       digits_train, digits_test, fused=fused)
 
     return make
 

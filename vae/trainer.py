@@ -21,6 +21,7 @@ from .config import ModelConfig, TrainConfig
 from .data import Dataset, load_dataset
 from .device import resolve_device
 from .diagnostics import evaluate
+from .fused import AdamStep, FusedStep, unsupported_reason
 from .losses import elbo_terms
 from .model import VAE
 from .schedules import make_schedule
@@ -76,7 +77,10 @@ def build_model(config: ModelConfig, seed: int) -> VAE:
 
 class Trainer:
     def __init__(self, train_config: TrainConfig | None = None, model_config: ModelConfig | None = None,
-                 train_data: Dataset | None = None, test_data: Dataset | None = None, model: VAE | None = None):
+                 train_data: Dataset | None = None, test_data: Dataset | None = None, model: VAE | None = None,
+                 fused: bool = True):
+        """fused: the MLP's step with the backward pass written out (vae.fused; the same loss and gradients, in
+        fewer operations) where the model allows; False always takes autograd."""
         cfg = self.config = train_config or TrainConfig()
         self.device = resolve_device(cfg.device)
         self.train_data = train_data or load_dataset(cfg.dataset, "train", cfg.data_root, binarize=cfg.binarize,
@@ -93,6 +97,8 @@ class Trainer:
         self.x_test = self.test_data.x.to(self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.optimizer = make_optimizer(self.model.parameters(), cfg.lr)
+        self._adam = AdamStep(self.optimizer)
+        self._fused = FusedStep(self.model) if fused and unsupported_reason(self.model) is None else None
         self.steps_per_epoch = math.ceil(self.x_train.shape[0] / cfg.batch_size)
         self.schedule = make_schedule(cfg, self.steps_per_epoch)
         self.history = new_history()
@@ -100,6 +106,7 @@ class Trainer:
         self.epoch = 0  # completed epochs
         self._perm = None
         self._pos = 0
+        self._xb = None
         self._reset_epoch_sums()
         self._last_good = self._snapshot()
 
@@ -155,18 +162,24 @@ class Trainer:
             self._perm = torch.randperm(n, generator=self.generator, device=self.device)
             self._pos = 0
         idx = self._perm[self._pos:self._pos + cfg.batch_size]
-        xb = self.x_train.index_select(0, idx)
+        if self._xb is None or self._xb.shape[0] != idx.shape[0]:  # one batch buffer, refilled each step
+            self._xb = self.x_train.new_empty((idx.shape[0], self.x_train.shape[1]))
+        xb = torch.index_select(self.x_train, 0, idx, out=self._xb)
         beta = self.schedule.beta(self.step_count)
         capacity = self.schedule.capacity(self.step_count)
-        self.model.train()
-        terms = elbo_terms(self.model, xb, beta=beta, free_bits=cfg.free_bits, capacity=capacity,
-                           generator=self.generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        terms.loss.backward()
-        checks = [terms.loss.detach(), terms.recon.detach(), terms.kl.detach()]
+        if not self.model.training:  # train() walks every module: ~0.1 ms a step for nothing
+            self.model.train()
+        if self._fused is not None:  # sets every .grad
+            checks = [self._fused.forward_backward(xb, beta, cfg.free_bits, capacity, self.generator)]
+        else:
+            terms = elbo_terms(self.model, xb, beta=beta, free_bits=cfg.free_bits, capacity=capacity,
+                               generator=self.generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            terms.loss.backward()
+            checks = [torch.stack([terms.loss.detach(), terms.recon.detach(), terms.kl.detach()])]
         if cfg.grad_clip > 0:
-            checks.append(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
-        vals = torch.stack(checks).tolist()
+            checks.append(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).reshape(1))
+        vals = torch.cat(checks).tolist()
         if not all(math.isfinite(v) for v in vals):
             self._restore_last_good()
             what = "gradient norm" if all(math.isfinite(v) for v in vals[:3]) else "loss"
@@ -174,7 +187,7 @@ class Trainer:
                 f"the {what} became {vals[0] if what == 'loss' else vals[3]} at step {self.step_count} "
                 f"(epoch {self.epoch + 1}); the weights from the end of epoch {self.epoch} are kept. "
                 f"Try a lower lr (now {cfg.lr:g}), gradient clipping, or a smaller beta"))
-        self.optimizer.step()
+        self._adam.step()
         loss, recon, kl = vals[:3]
         self.step_count += 1
         self._pos += xb.shape[0]

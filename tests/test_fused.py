@@ -1,0 +1,183 @@
+"""The fused MLP step (vae.fused) against autograd: the same loss terms and the same gradient for every parameter,
+for each likelihood, with free bits, a capacity and the logvar clamp; Adam without its wrapper gives the very same
+weights as Optimizer.step; and a Trainer on the fused step follows the autograd one."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import gen, tiny_model
+from vae.fused import AdamStep, FusedStep, unsupported_reason
+from vae.losses import elbo_terms
+from vae.trainer import make_optimizer
+
+
+def _autograd(model, x, seed, **kw):
+    model.zero_grad(set_to_none=True)
+    terms = elbo_terms(model, x, generator=gen(seed), **kw)
+    terms.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return torch.stack([terms.loss, terms.recon, terms.kl]).detach(), grads
+
+
+def _fused(model, x, seed, **kw):
+    model.zero_grad(set_to_none=True)
+    vals = FusedStep(model).forward_backward(x, generator=gen(seed), **kw)
+    return vals, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _data(model, n=24, seed=1):
+    x = torch.rand(n, model.config.input_dim, generator=gen(seed), dtype=torch.float64)
+    if model.config.likelihood == "bernoulli":
+        x = (x > 0.5).to(torch.float64) * 0.9 + 0.05  # grey levels, not only 0/1
+    return x
+
+
+CASES = [
+    dict(likelihood="bernoulli", hidden=(32,)),
+    dict(likelihood="bernoulli", hidden=(32, 16)),
+    dict(likelihood="gaussian", hidden=(16, 8), sigma=0.3),
+    dict(likelihood="gaussian-learned", hidden=(16,)),
+]
+OBJECTIVES = [
+    dict(beta=1.0),
+    dict(beta=4.0),
+    dict(beta=0.5, free_bits=0.4),
+    dict(beta=2.0, capacity=1.5),
+    dict(beta=3.0, free_bits=0.2, capacity=0.5),
+]
+
+
+@pytest.mark.parametrize("model_kw", CASES, ids=lambda c: f"{c['likelihood']}-{len(c['hidden'])}")
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+def test_terms_and_gradients_match_autograd(model_kw, objective):
+    model = tiny_model(seed=2, **model_kw).double()
+    x = _data(model)
+    want_vals, want = _autograd(model, x, seed=5, **objective)
+    got_vals, got = _fused(model, x, seed=5, **objective)  # the same seed: the same reparameterisation noise
+    torch.testing.assert_close(got_vals, want_vals, rtol=1e-10, atol=1e-10)
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_free_bits_floor_stops_the_kl_gradient_of_the_held_dimensions():
+    model = tiny_model(seed=0, latent_dim=4).double()
+    x = _data(model)
+    _, plain = _fused(model, x, seed=0, beta=1.0)
+    _, floored = _fused(model, x, seed=0, beta=1.0, free_bits=1e6)  # every dimension held at the floor
+    _, autograd_floored = _autograd(model, x, seed=0, beta=1.0, free_bits=1e6)
+    assert not torch.allclose(plain["enc_out.bias"], floored["enc_out.bias"])
+    torch.testing.assert_close(floored["enc_out.bias"], autograd_floored["enc_out.bias"])
+
+
+def test_the_logvar_clamp_passes_no_gradient_where_it_bites():
+    model = tiny_model(seed=0, latent_dim=3).double()
+    with torch.no_grad():
+        model.enc_out.bias[3:] = torch.tensor([-80.0, 0.0, 60.0], dtype=torch.float64)  # below, inside, above
+    x = _data(model)
+    _, want = _autograd(model, x, seed=3)
+    _, got = _fused(model, x, seed=3)
+    torch.testing.assert_close(got["enc_out.bias"], want["enc_out.bias"])
+    assert got["enc_out.bias"][3] == 0 and got["enc_out.bias"][5] == 0 and got["enc_out.bias"][4] != 0
+
+
+def test_bernoulli_recon_is_stable_for_saturated_logits_in_float32():
+    model = tiny_model(seed=0)
+    x = _data(model).float()
+    with torch.no_grad():  # logits of +-100 and more: softplus(l) - x l without overflow or cancellation
+        model.decoder[-1].bias.copy_(torch.linspace(-150, 150, model.config.input_dim))
+    vals, _ = _fused(model, x, seed=0)
+    out = model(x, generator=gen(0))
+    want = F.binary_cross_entropy_with_logits(out.recon, x, reduction="sum") / x.shape[0]
+    assert torch.isfinite(vals).all()
+    torch.testing.assert_close(vals[1], want.detach(), rtol=1e-5, atol=1e-3)
+
+
+def test_smaller_last_batch_and_float32_match_autograd():
+    model = tiny_model(seed=4, hidden=(32, 16))
+    fused = FusedStep(model)
+    for n in (24, 7, 24):  # buffers re-made for a new batch size, then reused
+        x = _data(model, n=n, seed=n).float()
+        want_vals, want = _autograd(model, x, seed=n, beta=2.0)
+        model.zero_grad(set_to_none=True)
+        got_vals = fused.forward_backward(x, beta=2.0, generator=gen(n))
+        torch.testing.assert_close(got_vals, want_vals, rtol=1e-5, atol=1e-4)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_models_the_fused_step_does_not_cover_say_why():
+    assert unsupported_reason(tiny_model()) is None
+    conv = tiny_model(arch="conv", input_dim=784, image_shape=(28, 28), hidden=(32,))
+    ar = tiny_model(decoder="autoregressive")
+    assert "arch='conv'" in unsupported_reason(conv)
+    assert "decoder='autoregressive'" in unsupported_reason(ar)
+    with pytest.raises(ValueError, match="conv"):
+        FusedStep(conv)
+
+
+def _adam_pair(seed=0):
+    models = [tiny_model(seed=seed, hidden=(16, 8)) for _ in range(2)]
+    return models, [make_optimizer(m.parameters(), 1e-2) for m in models]
+
+
+def _set_grads(models, step):
+    for m in models:
+        for i, p in enumerate(m.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen(100 * step + i))
+
+
+def test_adam_without_its_wrapper_gives_the_same_weights_bit_for_bit():
+    (a, b), (opt_a, opt_b) = _adam_pair()
+    direct = AdamStep(opt_b)
+    assert direct.direct  # torch has the fused CPU kernel (torch >= 2.4)
+    for step in range(5):
+        _set_grads((a, b), step)
+        opt_a.step()
+        direct.step()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+    assert opt_a.state_dict()["state"][0]["step"] == opt_b.state_dict()["state"][0]["step"] == 5
+
+
+def test_adam_direct_step_follows_a_loaded_state():
+    (a, b), (opt_a, opt_b) = _adam_pair()
+    direct = AdamStep(opt_b)
+    for step in range(3):
+        _set_grads((a, b), step)
+        opt_a.step()
+        direct.step()
+    saved_w = {k: v.clone() for k, v in b.state_dict().items()}
+    saved_opt = {"state": {k: {n: t.clone() for n, t in s.items()} for k, s in opt_b.state_dict()["state"].items()},
+                 "param_groups": opt_b.state_dict()["param_groups"]}
+    _set_grads((b,), 50)
+    direct.step()  # a step that is then undone, as the NaN guard does
+    b.load_state_dict(saved_w)
+    opt_b.load_state_dict(saved_opt)  # new state tensors: the direct step must use these
+    _set_grads((a, b), 3)
+    opt_a.step()
+    direct.step()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+
+
+@pytest.mark.parametrize("settings", [dict(free_bits=0.1), dict(grad_clip=0.5, beta=2.0)], ids=["free-bits", "clip"])
+def test_a_trainer_on_the_fused_step_follows_the_autograd_one(make_trainer, settings):
+    fused, plain = make_trainer(epochs=2, **settings), make_trainer(epochs=2, fused=False, **settings)
+    assert fused._fused is not None and plain._fused is None
+    fused.fit()
+    plain.fit()
+    hf, hp = fused.history["step"], plain.history["step"]
+    assert len(hf["loss"]) == len(hp["loss"]) == 24
+    for key in ("loss", "recon", "kl"):
+        torch.testing.assert_close(torch.tensor(hf[key]), torch.tensor(hp[key]), rtol=1e-3, atol=1e-3)
+    assert fused.history["epoch"]["test_elbo"][-1] == pytest.approx(plain.history["epoch"]["test_elbo"][-1], abs=0.05)
+
+
+def test_the_autoregressive_decoder_trains_on_autograd(make_trainer):
+    t = make_trainer(model_overrides=dict(arch="mlp", decoder="autoregressive"))
+    assert t._fused is None
+    rec = t.step()
+    assert rec["step"] == 1
