@@ -166,7 +166,7 @@ def test_adam_direct_step_follows_a_loaded_state():
 @pytest.mark.parametrize("settings", [dict(free_bits=0.1), dict(grad_clip=0.5, beta=2.0)], ids=["free-bits", "clip"])
 def test_a_trainer_on_the_fused_step_follows_the_autograd_one(make_trainer, settings):
     fused, plain = make_trainer(epochs=2, **settings), make_trainer(epochs=2, fused=False, **settings)
-    assert fused._fused is not None and plain._fused is None
+    assert fused.fused and not plain.fused
     fused.fit()
     plain.fit()
     hf, hp = fused.history["step"], plain.history["step"]
@@ -178,6 +178,6 @@ def test_a_trainer_on_the_fused_step_follows_the_autograd_one(make_trainer, sett
 
 def test_the_autoregressive_decoder_trains_on_autograd(make_trainer):
     t = make_trainer(model_overrides=dict(arch="mlp", decoder="autoregressive"))
-    assert t._fused is None
+    assert not t.fused
     rec = t.step()
     assert rec["step"] == 1

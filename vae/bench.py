@@ -203,7 +203,7 @@ def run_ours(images, steps, batch_size, seed, device, log) -> tuple[float, float
         elapsed += time.perf_counter() - t0
         done += n
     sps = steps * batch_size / elapsed
-    path = "fused step" if trainer._fused is not None else "autograd step"
+    path = "fused step" if trainer.fused else "autograd step"
     log(f"ours (in-memory trainer, {path}, {device}): {sps:,.0f} samples/s over {steps} steps")
     return sps, elapsed / steps
 

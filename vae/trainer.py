@@ -116,6 +116,11 @@ class Trainer:
         return self.epoch >= self.config.epochs
 
     @property
+    def fused(self) -> bool:
+        """True when steps run vae.fused's hand-written backward pass, False when they run autograd."""
+        return self._fused is not None
+
+    @property
     def total_steps(self) -> int:
         return self.config.epochs * self.steps_per_epoch
 
