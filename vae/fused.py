@@ -33,6 +33,8 @@ def unsupported_reason(model: VAE) -> str | None:
         return f"arch={c.arch!r}: the fused step covers the MLP"
     if c.decoder != "standard":
         return f"decoder={c.decoder!r}: the fused step covers the standard decoder"
+    if c.likelihood not in ("bernoulli", "gaussian", "gaussian-learned"):
+        return f"likelihood={c.likelihood!r}: the fused step has no gradient for it"
     return None
 
 
@@ -58,20 +60,26 @@ class FusedStep:
         dec = _linears(model.decoder)
         self.dec, self.dec_out = dec[:-1], dec[-1]  # hidden layers (ReLU), then the decoder parameters
         self.d = model.config.latent_dim
-        self.params = [p for p in model.parameters()]
+        layers = (*self.enc, self.enc_out, *self.dec, self.dec_out)
+        written = [p for layer in layers for p in (layer.weight, layer.bias)]
+        if model.config.likelihood == "gaussian-learned":
+            written.append(model.log_sigma)
+        # every .grad is overwritten each step, never zeroed: a parameter not written here would keep a stale one
+        if {id(p) for p in written} != {id(p) for p in model.parameters()}:
+            raise ValueError("the model has parameters the fused step does not compute gradients for")
+        self.ref = written[0]  # dtype and device of the buffers
         self._bufs: dict = {}
 
     def _buf(self, name: str, *shape) -> torch.Tensor:
-        t = self._bufs.get(name)
-        if t is None or t.shape != shape:
-            ref = self.params[0]
+        t, ref = self._bufs.get(name), self.ref
+        if t is None or t.shape != shape or t.dtype != ref.dtype or t.device != ref.device:
             t = self._bufs[name] = torch.empty(shape, dtype=ref.dtype, device=ref.device)
         return t
 
     def _ones(self, n: int) -> torch.Tensor:
         t = self._bufs.get("ones")
-        if t is None or t.shape[0] != n:
-            t = self._bufs["ones"] = torch.ones(n, dtype=self.params[0].dtype, device=self.params[0].device)
+        if t is None or t.shape[0] != n or t.dtype != self.ref.dtype or t.device != self.ref.device:
+            t = self._bufs["ones"] = torch.ones(n, dtype=self.ref.dtype, device=self.ref.device)
         return t
 
     def _grad(self, p: torch.Tensor) -> torch.Tensor:
@@ -113,13 +121,11 @@ class FusedStep:
         # ---- the terms, and dloss/d(decoder parameters) into g (each / B: the batch mean) --------------------
         g = self._buf("g_out", B, cfg.input_dim)
         if cfg.likelihood == "bernoulli":
-            # BCE(l, x) = softplus(l) - x l, and softplus(l) = max(l, 0) + log(1 + exp(-|l|)), summed as
-            # (sum l + sum |l|) / 2 + sum log(1 + exp(-|l|)) - x . l: a few passes that vectorise (softplus does not)
-            t = torch.abs(out, out=g)
-            abs_sum = t.sum()
-            log_sum = t.neg_().exp_().add_(1.0).log_().sum()
-            flat = out.view(-1)
-            recon_sum = (flat.sum() + abs_sum) * 0.5 + log_sum - torch.dot(x.reshape(-1), flat)
+            # BCE(l, x) = softplus(l) - x l = [max(l, 0) - x l] + log(1 + exp(-|l|)), with x in [0, 1]: both parts
+            # are >= 0 element by element, so their sums do not cancel. A few passes that vectorise (softplus and
+            # log_sigmoid do not).
+            log_sum = torch.abs(out, out=g).neg_().exp_().add_(1.0).log_().sum()
+            recon_sum = torch.clamp_min(out, 0.0, out=g).addcmul_(x, out, value=-1.0).sum() + log_sum
             torch.sigmoid(out, out=g).sub_(x).div_(B)  # d BCE / d logits = sigmoid(l) - x
         else:
             r = torch.sub(out, x, out=g)  # m - x
@@ -168,7 +174,7 @@ class FusedStep:
         torch.mul(mu, g_kl, out=gmu).div_(B).add_(gz)
         torch.mul(gz, eps, out=glogvar).mul_(std).mul_(0.5)
         kl_lv = std.square().sub_(1.0).mul_(0.5 / B)
-        glogvar.add_(kl_lv.mul_(g_kl) if isinstance(g_kl, torch.Tensor) else kl_lv.mul_(g_kl))
+        glogvar.add_(kl_lv.mul_(g_kl))
         glogvar.mul_(logvar == raw_logvar)  # the clamp passes the gradient where it left the value as it was
         # ---- backward through the encoder -------------------------------------------------------------------
         gy = gh
@@ -180,7 +186,7 @@ class FusedStep:
             if ga is not None:
                 _relu_backward(ga, a)
             gy = ga
-        return torch.stack([torch.as_tensor(loss), torch.as_tensor(recon), kl])
+        return torch.stack([loss, recon, kl])
 
 
 class AdamStep:
@@ -190,20 +196,25 @@ class AdamStep:
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
-        groups = optimizer.param_groups
+        self.direct_steps = 0  # steps taken without the wrapper
+
+    def covered(self) -> bool:
+        """Whether the direct call does what Optimizer.step would, for the settings as they are now (checked at
+        every step: load_state_dict brings the saved groups' settings)."""
+        opt, groups = self.optimizer, self.optimizer.param_groups
         g = groups[0]
-        self.direct = (isinstance(optimizer, torch.optim.Adam) and len(groups) == 1 and g.get("fused")
-                       and not g["amsgrad"] and not g["maximize"] and g["weight_decay"] == 0
-                       and not g.get("differentiable") and not g.get("capturable")
-                       and not g.get("decoupled_weight_decay")
-                       and not torch.is_tensor(g["lr"]) and hasattr(torch, "_fused_adam_"))
+        return (isinstance(opt, torch.optim.Adam) and len(groups) == 1 and bool(g.get("fused"))
+                and not g["amsgrad"] and not g["maximize"] and g["weight_decay"] == 0
+                and not g.get("differentiable") and not g.get("capturable") and not g.get("decoupled_weight_decay")
+                and not torch.is_tensor(g["lr"]) and hasattr(torch, "_fused_adam_"))
 
     def step(self):
         opt = self.optimizer
         group = opt.param_groups[0]
         params = group["params"]
-        if not self.direct or any(p not in opt.state for p in params):
-            return opt.step()  # the first step creates Adam's state
+        # the first step creates Adam's state; a parameter without a gradient is skipped as Adam skips it
+        if not self.covered() or any(p.grad is None or p not in opt.state for p in params):
+            return opt.step()
         st = [opt.state[p] for p in params]  # read each time: load_state_dict replaces these tensors
         exp_avgs, exp_avg_sqs, steps = [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st], \
             [s["step"] for s in st]
@@ -213,4 +224,5 @@ class AdamStep:
         torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"],
                            beta1=beta1, beta2=beta2, weight_decay=0.0, eps=group["eps"], maximize=False,
                            grad_scale=None, found_inf=None)
+        self.direct_steps += 1
         return None

@@ -54,6 +54,12 @@ def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr, foreach=True)
 
 
+def _copy_optimizer_state(sd: dict) -> dict:
+    """An optimizer state_dict whose tensors are copies (the groups' settings are plain values)."""
+    return {"state": {k: {n: (t.clone() if torch.is_tensor(t) else t) for n, t in s.items()}
+                      for k, s in sd["state"].items()}, "param_groups": copy.deepcopy(sd["param_groups"])}
+
+
 def describe_changes(config: TrainConfig, changes: dict) -> tuple[TrainConfig, str]:
     """The config with the changes (validated: ValueError naming the field) and the text marking them on curves."""
     new_cfg = dataclasses.replace(config, **changes)  # runs TrainConfig validation
@@ -129,14 +135,14 @@ class Trainer:
             self._clone_optimizer_state()
 
     def _clone_optimizer_state(self):
-        sd = self.optimizer.state_dict()
-        return {"state": {k: {n: (t.clone() if torch.is_tensor(t) else t) for n, t in s.items()}
-                          for k, s in sd["state"].items()}, "param_groups": sd["param_groups"]}
+        return _copy_optimizer_state(self.optimizer.state_dict())
 
     def _restore_last_good(self):
         weights, opt = self._last_good
         self.model.load_state_dict(weights)
-        self.optimizer.load_state_dict(opt)
+        # a copy: load_state_dict keeps the tensors it is given, and the steps after it must not write into the
+        # snapshot (a second divergence in the same epoch goes back to the same state)
+        self.optimizer.load_state_dict(_copy_optimizer_state(opt))
         for group in self.optimizer.param_groups:  # Adam's state goes back, but an lr set by update() stays
             group["lr"] = self.config.lr
 
