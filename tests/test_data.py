@@ -132,3 +132,19 @@ def test_data_root(monkeypatch, tmp_path):
     monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path))
     assert data_root() == tmp_path
     assert str(data_root("elsewhere")) == "elsewhere"  # the argument wins over the environment
+
+
+def test_digits_read_without_scikit_learn_equal_load_digits(monkeypatch):
+    from sklearn.datasets import load_digits
+
+    from vae import data
+
+    data_direct, target_direct = data.digits_arrays()  # the bundled CSV, read directly
+    ref = load_digits()
+    np.testing.assert_array_equal(data_direct, ref.data)
+    np.testing.assert_array_equal(target_direct, ref.target)
+    # where the CSV is not found (another layout of scikit-learn), load_digits() gives the same arrays
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    data_fallback, target_fallback = data.digits_arrays()
+    np.testing.assert_array_equal(data_fallback, ref.data)
+    np.testing.assert_array_equal(target_fallback, ref.target)

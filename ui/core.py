@@ -277,6 +277,12 @@ def warm_imports() -> bool:
     import importlib
     import threading
 
+    # scikit-learn imports pandas, and Plotly's validators look pandas up in sys.modules without importing it: a
+    # page run drawing a figure while the thread below is half-way through pandas' import got the partially
+    # initialised module (AttributeError: ... has no attribute 'Series'). Imported here, in the script's thread
+    # (0.2 s, after the page has rendered), the thread never leaves a half-imported module that a page peeks at.
+    import pandas  # noqa: F401
+
     def run():
         for name in ("sklearn.decomposition", "sklearn.manifold"):
             importlib.import_module(name)

@@ -10,6 +10,7 @@ The train/test split of digits and moons is a fixed seeded permutation (80/20); 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,13 +86,27 @@ def _split_indices(n: int, split: str) -> np.ndarray:
     return np.sort(perm[n_test:] if split == "train" else perm[:n_test])
 
 
-def _load_digits(split):
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits: data (1797, 64) with values 0..16 and the labels, as load_digits() gives
+    them. Read straight from the CSV that scikit-learn ships, without importing scikit-learn (about a second at a
+    cold start, on the Home page's first render); through load_digits() where the file is not found."""
+    spec = importlib.util.find_spec("sklearn")  # locates the package without running its __init__
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            table = np.loadtxt(path, delimiter=",")
+            return table[:, :-1], table[:, -1].astype(int)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    idx = _split_indices(len(d.target), split)
-    x = torch.from_numpy((d.data[idx] / 16.0).astype(np.float32))
-    return x, torch.from_numpy(d.target[idx].astype(np.int64))
+    return d.data, d.target
+
+
+def _load_digits(split):
+    data, target = digits_arrays()
+    idx = _split_indices(len(target), split)
+    x = torch.from_numpy((data[idx] / 16.0).astype(np.float32))
+    return x, torch.from_numpy(target[idx].astype(np.int64))
 
 
 def _load_moons(split):
