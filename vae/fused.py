@@ -18,12 +18,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .model import LOG_2PI, VAE
-
-LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # VAE.encode's clamp
+from .model import LOG_2PI, LOGVAR_MAX, LOGVAR_MIN, VAE
 
 
 def unsupported_reason(model: VAE) -> str | None:
@@ -70,16 +67,13 @@ class FusedStep:
         self.ref = written[0]  # dtype and device of the buffers
         self._bufs: dict = {}
 
-    def _buf(self, name: str, *shape) -> torch.Tensor:
+    def _buf(self, name: str, *shape, fill: float | None = None) -> torch.Tensor:
+        """A buffer kept between steps, made anew for a new shape, dtype or device (filled with `fill` then)."""
         t, ref = self._bufs.get(name), self.ref
         if t is None or t.shape != shape or t.dtype != ref.dtype or t.device != ref.device:
             t = self._bufs[name] = torch.empty(shape, dtype=ref.dtype, device=ref.device)
-        return t
-
-    def _ones(self, n: int) -> torch.Tensor:
-        t = self._bufs.get("ones")
-        if t is None or t.shape[0] != n or t.dtype != self.ref.dtype or t.device != self.ref.device:
-            t = self._bufs["ones"] = torch.ones(n, dtype=self.ref.dtype, device=self.ref.device)
+            if fill is not None:
+                t.fill_(fill)
         return t
 
     def _grad(self, p: torch.Tensor) -> torch.Tensor:
@@ -94,10 +88,10 @@ class FusedStep:
     def _linear_backward(self, layer: nn.Linear, a: torch.Tensor, gy: torch.Tensor, ga: torch.Tensor | None):
         """Given gy = dloss/dy for y = a W^T + b: W.grad = gy^T a, b.grad = sum_b gy, and ga = gy W (if asked)."""
         torch.mm(gy.t(), a, out=self._grad(layer.weight))
-        torch.mv(gy.t(), self._ones(gy.shape[0]), out=self._grad(layer.bias))  # a GEMV: faster than sum(0)
+        ones = self._buf("ones", gy.shape[0], fill=1.0)
+        torch.mv(gy.t(), ones, out=self._grad(layer.bias))  # a GEMV: faster than sum(0)
         if ga is not None:
             torch.mm(gy, layer.weight, out=ga)
-        return ga
 
     @torch.no_grad()
     def forward_backward(self, x: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0,
@@ -130,10 +124,10 @@ class FusedStep:
         else:
             r = torch.sub(out, x, out=g)  # m - x
             if cfg.likelihood == "gaussian":
-                log_sigma = math.log(cfg.sigma)
+                inv_var = cfg.sigma ** -2
                 sq = torch.dot(r.view(-1), r.view(-1))
-                recon_sum = 0.5 * sq * math.exp(-2 * log_sigma) + B * cfg.input_dim * (log_sigma + 0.5 * LOG_2PI)
-                r.mul_(math.exp(-2 * log_sigma) / B)
+                recon_sum = 0.5 * inv_var * sq + B * cfg.input_dim * (math.log(cfg.sigma) + 0.5 * LOG_2PI)
+                r.mul_(inv_var / B)
             else:  # gaussian-learned: a per-pixel log sigma, (D,)
                 ls = model.log_sigma
                 inv_var = torch.exp(-2 * ls)

@@ -15,6 +15,7 @@ from torch import nn
 from .config import ModelConfig
 
 LOG_2PI = math.log(2 * math.pi)
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # encode() clamps log sigma^2 to this range: exp() stays finite
 
 
 class ForwardOutput(NamedTuple):
@@ -81,7 +82,7 @@ class VAE(nn.Module):
         """x (B, D) -> mu, logvar, each (B, d)."""
         h = self.enc_out(self.encoder(x))
         mu, logvar = h.chunk(2, dim=-1)
-        return mu, logvar.clamp(-30.0, 20.0)
+        return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     @staticmethod
     def reparameterize(mu, logvar, generator: torch.Generator | None = None):

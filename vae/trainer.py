@@ -132,10 +132,7 @@ class Trainer:
 
     def _snapshot(self):
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}, \
-            self._clone_optimizer_state()
-
-    def _clone_optimizer_state(self):
-        return _copy_optimizer_state(self.optimizer.state_dict())
+            _copy_optimizer_state(self.optimizer.state_dict())
 
     def _restore_last_good(self):
         weights, opt = self._last_good
@@ -280,7 +277,7 @@ class Trainer:
         loads with weights_only=True."""
         # copies, not views: training goes on (in place, maybe in another thread) while the state is saved
         state = {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-                 "optimizer": self._clone_optimizer_state(), "step_count": self.step_count, "epoch": self.epoch,
+                 "optimizer": _copy_optimizer_state(self.optimizer.state_dict()), "step_count": self.step_count, "epoch": self.epoch,
                  "generator": self.generator.get_state(), "train_config": self.config.to_dict()}
         if history:
             state["history"] = copy.deepcopy(self.history)
