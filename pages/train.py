@@ -2,6 +2,7 @@
 import streamlit as st
 
 from ui import train_views as tv
+from ui.core import expander
 from vae.jobs import ACTIVE, INTERRUPTED
 
 st.title("Train a VAE, live")
@@ -16,17 +17,20 @@ if requested and job is None:
 
 tv.controls(job)
 tv.show_messages()
-with st.expander("Configuration: presets and every trainer option", expanded=job is None,
-                 icon=":material/settings:"):
+# open while there is no run; closed once one is on screen (until the user opens it)
+with expander("Configuration: presets and every trainer option", "exp_config", icon=":material/settings:",
+              open_for=(job.id if job else None, job is None)):
     tv.config_panel(locked=job is not None and job.state in ACTIVE)
 if job is not None and job.state in (*ACTIVE, INTERRUPTED) and job.trainer is not None:
-    with st.expander("Change while running: β, schedule, free bits, lr", icon=":material/tune:"):
+    with expander("Change while running: β, schedule, free bits, lr", "exp_live", icon=":material/tune:"):
         tv.live_settings(job)
 c1, c2 = st.columns(2)
 if job is not None:
-    with c1.expander("Save and download", expanded=job.state not in ACTIVE, icon=":material/save:"):
+    ended = job.state not in ACTIVE  # open when the run ends (or one that has ended is picked)
+    with expander("Save and download", "exp_save", icon=":material/save:", where=c1,
+                  open_for=((job.id, ended), ended)):
         tv.save_panel(job)
-with c2.expander("All runs on this server", icon=":material/list:"):
+with expander("All runs on this server", "exp_runs", icon=":material/list:", where=c2):
     tv.runs_table()
     if job is not None and job.state not in ACTIVE:
         st.button("Forget this run", key="btn_forget", icon=":material/delete:", on_click=tv._on_forget,

@@ -150,3 +150,37 @@ def test_failure_queue_and_unknown_run_are_shown(registry):
     at.query_params["run"] = "nosuchrun"
     at.run()
     assert not at.exception and any("not on this server" in w.value for w in at.warning)
+
+
+def expanded(at) -> dict[str, bool]:
+    """label (first word) -> whether the page sends that expander open."""
+    return {e.label.split(":")[0].split()[0]: e.proto.expanded for e in at.expander}
+
+
+def test_the_panels_open_and_close_with_the_run_and_stay_as_left_across_pages(registry):
+    at = small_run(open_page(PAGE), epochs=5000)
+    assert expanded(at)["Configuration"] and "Save" not in expanded(at)  # no run yet: the options are open
+    at.button(key="btn_start").click().run()
+    job = registry.get(at.query_params["run"])
+    wait_until(lambda: job.trainer is not None, what="the run's trainer")
+    at.run()
+    ex = expanded(at)
+    assert not ex["Configuration"] and not ex["Save"] and not ex["Change"]  # a run on screen: the live view leads
+    at.session_state["exp_config"] = True  # the user opens the configuration (to read it) while it runs
+    at.run()
+    assert expanded(at)["Configuration"]
+    at.button(key="btn_stop").click().run()
+    assert job.join(60) and job.state == STOPPED
+    at.run()
+    ex = expanded(at)
+    assert ex["Save"] and ex["Configuration"]  # the run ended: Save opens by itself; the rest stays as left
+    at.session_state["exp_save"] = False  # the user closes it: a rerun does not reopen it
+    at.run()
+    assert not expanded(at)["Save"]
+    at.session_state["exp_save"] = True
+    at.run()
+    at.switch_page("pages/home.py").run()
+    at.switch_page(PAGE).run()  # Streamlit dropped the widgets' state on Home; the page kept a copy
+    ex = expanded(at)
+    assert ex["Save"] and ex["Configuration"] and not ex["All"], ex
+    assert not at.exception

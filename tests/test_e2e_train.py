@@ -142,6 +142,14 @@ def test_train_run_live_pause_resume_stop_save_reload_and_a_second_session(brows
         p1.wait_for_function("() => document.body.innerText.includes('· stopped')")
         stopped_at = step_of(p1)
         name = f"e2e-{run1}"
+        # the run has ended: the Save panel opens by itself
+        try:
+            p1.locator(".st-key-exp_save details[open] .st-key-save_name input").first.wait_for(timeout=60_000)
+        except Exception as exc:
+            shot(p1, "train-stopped-save-closed")
+            panel = p1.evaluate("""() => { const e = document.querySelector('.st-key-exp_save');
+                return e ? e.outerHTML.slice(0, 600) : 'no .st-key-exp_save'; }""")
+            raise AssertionError(f"the Save panel did not open when the run stopped: {panel}") from exc
         box = p1.locator(".st-key-save_name input").first
         box.fill(name)
         box.press("Enter")

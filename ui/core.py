@@ -268,6 +268,24 @@ def style_fig(fig, height: int | None = None):
     return fig
 
 
+def expander(label: str, key: str, *, open_for: tuple | None = None, expanded: bool = False, where=st, **kw):
+    """A keyed expander whose open/closed state the server knows (`st.session_state[key]`), so that it stays as the
+    user left it across reruns and across visits to other pages (Streamlit drops a widget's state on a page that
+    does not draw it, so a copy is kept under `_open_<key>`). `open_for=(token, want_open)`: whenever `token`
+    changes, the expander is put in the `want_open` state once, e.g. the Save panel opens when a run ends, and a
+    user who closes it again is not overruled by the next rerun. Opening or closing it reruns the page. `where`: the
+    container to draw it in (st, a column, the sidebar)."""
+    shadow, token = f"_open_{key}", f"_open_for_{key}"
+    if open_for is not None and (token not in st.session_state or st.session_state[token] != open_for[0]):
+        st.session_state[token] = open_for[0]
+        st.session_state[key] = bool(open_for[1])
+    elif key not in st.session_state and shadow in st.session_state:
+        st.session_state[key] = st.session_state[shadow]
+    box = where.expander(label, expanded=expanded, key=key, on_change="rerun", **kw)
+    st.session_state[shadow] = bool(box.open)
+    return box
+
+
 # ---- the sidebar ---------------------------------------------------------------------------------------------------
 @st.cache_resource
 def warm_imports() -> bool:
