@@ -217,3 +217,37 @@ def test_input_dim_must_match_the_data(digits_train, digits_test, small_train_co
 
     with pytest.raises(ValueError, match="input_dim=784"):
         Trainer(small_train_config(), ModelConfig(input_dim=784, image_shape=(28, 28)), digits_train, digits_test)
+
+
+FLUSH_CHECK = r"""
+import sys, torch
+from vae.device import flush_denormals
+if sys.argv[1] == "trainer":
+    from vae import Trainer, TrainConfig
+    Trainer(TrainConfig(dataset="moons", epochs=1, max_examples=64, device="cpu"))
+elif sys.argv[1] == "flush":
+    print("supported", flush_denormals())
+tiny = torch.full((1 << 20,), 1e-30)  # 1e-30 * 1e-10 is a float32 denormal (below 1.2e-38)
+y = tiny * 1e-10  # 2^20 elements: torch runs it on its thread pool, started here
+print("nonzero", int((y != 0).sum()))
+"""
+
+
+@pytest.mark.parametrize("how", ["flush", "trainer"])
+def test_denormals_are_flushed_on_every_thread_before_training(how):
+    """Adam's state of an always-zero-gradient weight decays into denormals and makes every step slower for good
+    (vae.device.flush_denormals): a Trainer, like the CLI and the dashboard's workers, flushes them, on torch's
+    thread pool too. Without it the same product is a denormal, not 0."""
+    import subprocess
+    import sys
+
+    def nonzero(mode):
+        out = subprocess.run([sys.executable, "-c", FLUSH_CHECK, mode], capture_output=True, text=True,
+                             check=True).stdout
+        return out, int(out.split("nonzero")[1])
+
+    out, n = nonzero(how)
+    if "supported False" in out:
+        pytest.skip("this CPU has no flush-to-zero mode")  # not an x86 CPU with SSE3
+    assert n == 0, out
+    assert nonzero("none")[1] == 1 << 20  # the reference: denormals, every one

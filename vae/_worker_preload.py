@@ -13,7 +13,10 @@ import torch  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from . import worker  # noqa: F401,E402
+from .device import flush_denormals  # noqa: E402
 from .trainer import make_optimizer  # noqa: E402
+
+flush_denormals()  # the workers forked from here start with it (vae.device.flush_denormals)
 
 load_digits()  # its file into the page cache
 make_optimizer([torch.nn.Parameter(torch.zeros(1))], 1e-3)

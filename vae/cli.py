@@ -179,9 +179,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse prints its own one-line usage error and exits 2
     from .checkpoint import CheckpointError
+    from .device import flush_denormals
     from .data import DatasetUnavailable
     from .trainer import TrainingDiverged
 
+    flush_denormals()  # before torch's thread pool starts (it inherits the mode): vae.device.flush_denormals
     try:
         result = COMMANDS[args.command](args)
     except (ValueError, CheckpointError, DatasetUnavailable, TrainingDiverged) as exc:

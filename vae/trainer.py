@@ -19,7 +19,7 @@ import torch
 
 from .config import ModelConfig, TrainConfig
 from .data import Dataset, load_dataset
-from .device import resolve_device
+from .device import flush_denormals, resolve_device
 from .diagnostics import evaluate
 from .fused import AdamStep, FusedStep, unsupported_reason
 from .losses import elbo_terms
@@ -86,9 +86,12 @@ class Trainer:
                  train_data: Dataset | None = None, test_data: Dataset | None = None, model: VAE | None = None,
                  fused: bool = True):
         """fused: the MLP's step with the backward pass written out (vae.fused; the same loss and gradients, in
-        fewer operations) where the model allows; False always takes autograd."""
+        fewer operations) where the model allows; False always takes autograd. A Trainer sets the CPU to flush
+        denormals to zero (vae.device.flush_denormals: Adam's state of a weight whose gradient is always 0 would
+        slow every step down for good), on this thread and on torch's thread pool if that has not started yet."""
         cfg = self.config = train_config or TrainConfig()
         self.device = resolve_device(cfg.device)
+        flush_denormals()  # Adam's state decays into denormals on constant pixels: see vae.device.flush_denormals
         self.train_data = train_data or load_dataset(cfg.dataset, "train", cfg.data_root, binarize=cfg.binarize,
                                                      max_examples=cfg.max_examples)
         self.test_data = test_data or load_dataset(cfg.dataset, "test", cfg.data_root, binarize=cfg.binarize)

@@ -24,6 +24,7 @@ import traceback
 import torch
 
 from .config import ModelConfig, TrainConfig
+from .device import flush_denormals
 from .trainer import Trainer, TrainingDiverged
 
 SYNC_S = 0.2  # seconds between syncs while running at full speed
@@ -175,6 +176,7 @@ def worker_main(conn, train_config: dict, model_config: dict | None, state: dict
                 os.nice(delta)
         except OSError:
             pass
+    flush_denormals()  # before the thread pool starts, which takes it from this thread
     torch.set_num_threads(int(opts.get("threads", 1)))
     trainer = worker = None
     try:
