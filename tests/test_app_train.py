@@ -184,3 +184,39 @@ def test_the_panels_open_and_close_with_the_run_and_stay_as_left_across_pages(re
     ex = expanded(at)
     assert ex["Save"] and ex["Configuration"] and not ex["All"], ex
     assert not at.exception
+
+
+def test_a_run_that_ends_while_the_page_draws_leaves_no_part_showing_the_old_state(registry, monkeypatch):
+    """The job's thread can end a run while the page's script runs. The page reads the state once, so the live view
+    keeps polling as the rest of the page saw it, its first poll finds the run ended and redraws the whole page:
+    the Save panel opens. (Reading it afresh at the live view, the page stayed with a closed Save panel and a
+    status saying "stopped", and nothing redrew it: seen once in CI's browser test.)"""
+    import ui.train_views as tv
+
+    cfg = TrainConfig(dataset="digits", epochs=1, batch_size=64, max_examples=128, device="cpu")
+    job = registry.submit(cfg, model_config_for("digits", hidden=(16,)))
+    assert job.join(120) and job.state == FINISHED
+    ended = {"now": False}  # the run "ends" when the page reaches its live view
+
+    class EndingJob:
+        def __getattr__(self, name):
+            return getattr(job, name)
+
+        @property
+        def state(self):
+            return job.state if ended["now"] else RUNNING
+
+    real_live_view = tv.live_view
+
+    def live_view(*args, **kwargs):
+        ended["now"] = True
+        return real_live_view(*args, **kwargs)
+
+    at = open_page(PAGE)
+    at.query_params["run"] = job.id
+    monkeypatch.setattr(tv, "current_job", lambda: EndingJob() if registry.get(job.id) else None)
+    monkeypatch.setattr(tv, "live_view", live_view)
+    at.run()
+    assert not at.exception
+    assert any("· finished" in m.value for m in at.markdown)  # the status, drawn by the redraw
+    assert expanded(at)["Save"]

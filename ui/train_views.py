@@ -327,9 +327,11 @@ def run_picker(job: Job | None, where=st):
                          "reattaches to it")
 
 
-def controls(job: Job | None):
-    """One row: the run picker, Start, Pause/Resume, Step, Stop, Reset and the slow-motion speed."""
-    state = job.state if job is not None else None
+def controls(job: Job | None, state: str | None = None):
+    """One row: the run picker, Start, Pause/Resume, Step, Stop, Reset and the slow-motion speed. state: the job's
+    state as the page read it (default: now)."""
+    if state is None and job is not None:
+        state = job.state
     cols = st.columns([2.2, 1, 1.1, 1, 1, 1, 2.2], vertical_alignment="bottom")
     run_picker(job, cols[0])
     cols[1].button("Start", key="btn_start", type="primary", icon=":material/play_arrow:", on_click=_on_start,
@@ -434,7 +436,7 @@ def save_panel(job: Job):
 
 
 # ---- the live view ---------------------------------------------------------------------------------------------------
-def live_view(job: Job):
+def live_view(job: Job, state: str | None = None):
     """The curve options and the comparison picker (widgets: outside the polled parts, so a redraw does not rebuild
     them), then two fragments that poll the job while it is active, each redrawing only itself: the status (state,
     progress, ETA, samples/s, figures, collapse banner) every POLL_S, the charts and image grids every CHART_POLL_S
@@ -448,7 +450,9 @@ def live_view(job: Job):
     c3.multiselect("Compare with earlier runs and checkpoints", list(options), key="compare_runs",
                    format_func=lambda r: options.get(r, r), placeholder="overlay other runs…",
                    help="Test ELBO, KL and active units per epoch of this run and the ones picked")
-    active = job.state in ACTIVE
+    # as the rest of the page saw it: if the run has ended since, the status fragment's first poll sees it and
+    # redraws the whole page (with the state read then), so no part of the page is left showing the old state
+    active = (state or job.state) in ACTIVE
     st.fragment(run_every=POLL_S if active else None)(_live_status)(job.id, active)
     st.fragment(run_every=CHART_POLL_S if active else None)(_live_charts)(job.id, active)
 
