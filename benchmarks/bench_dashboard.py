@@ -13,9 +13,9 @@
     The two alternate, --repeats times each; medians are compared.
     Also the trainer's own compute-only samples/s (history "samples_per_s") of both. Target: >= 85 %.
 (b) Interaction latency on another page: a widget on Home (the sidebar's presentation toggle, a full rerun of Home)
-    clicked in a second browser context, timed in the page from the click until its effect shows (the larger type
-    on or off) with the script idle, while nothing trains and while a job trains with its live view open in the
-    first context.
+    clicked in a second browser context, timed in the page from the click until its effect shows (presentation
+    mode's layout on or off) with the script idle, while nothing trains and while a job trains with its live view
+    open in the first context.
 (c) Cold start: from `streamlit run app.py` to the server answering, and to Home rendered in Chromium (its images
     drawn, the script idle).
 
@@ -63,7 +63,8 @@ print(json.dumps({"wall_s": wall, "steps": t.step_count, "samples_per_s": t.step
 """
 
 ROUND_TRIP_JS = """async () => {
-  // from the click until the page shows its effect (presentation mode's 22 px type on or off) and the script is idle
+  // from the click until the page shows its effect (presentation mode's 2.5rem side padding on or off: ui.core's
+  // PRESENT_CSS) and the script is idle
   const box = document.querySelector('[data-testid=stSidebar] .st-key-present input');
   const want = !box.checked;
   const t0 = performance.now();
@@ -71,7 +72,8 @@ ROUND_TRIP_JS = """async () => {
   return await new Promise(resolve => {
     const tick = () => {
       const app = document.querySelector('[data-testid=stApp]');
-      const on = getComputedStyle(document.documentElement).fontSize === '22px';
+      const main = document.querySelector('[data-testid=stMainBlockContainer]');
+      const on = !!main && getComputedStyle(main).paddingLeft === '40px';
       if (on === want && app && app.getAttribute('data-test-script-state') === 'notRunning') {
         resolve(performance.now() - t0);
       } else if (performance.now() - t0 > 60000) {

@@ -7,7 +7,7 @@ from ui.core import current, get_dataset, load_selection, presenting, recon_and_
 from ui.tradeoff import (collect_points, details_rd, group_jobs, group_progress, kl_bars_figure, plane_figure, split_figure,
                          state_line, stop_group, submit_group)
 from vae.jobs import ACTIVE
-from vae.tradeoff import SHORT_TRAIN, SWEEP_SCHEDULES, sweep_specs
+from vae.tradeoff import SHORT_TRAIN, SWEEP_SCHEDULES, repeated_betas, sweep_specs
 
 DEFAULT_A = "file:checkpoints/sweep/digits-beta-1.pt"
 NONE = "(none)"
@@ -124,7 +124,13 @@ with right:
                 st.error(str(exc))
             else:
                 st.session_state["rd_sweep"] = submit_group(specs, "sweep")
+                again = repeated_betas(betas_text)
+                if again:
+                    st.session_state["_rd_note"] = (f"β = {', '.join(f'{b:g}' for b in again)} given more than once: "
+                                                    f"each β runs once ({len(specs)} runs)")
                 st.rerun()
+    if st.session_state.get("_rd_note"):
+        st.info(st.session_state.pop("_rd_note"))
 
 for msg in problems[:3]:
     st.warning(msg)

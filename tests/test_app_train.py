@@ -94,6 +94,7 @@ def test_a_short_run_from_the_page_produces_metrics_and_saves(registry, tmp_path
     at.button(key="btn_save").click().run()
     assert (tmp_path / "user" / "from-apptest.pt").is_file()
     assert any("Saved from-apptest.pt" in s.value for s in at.success)
+    assert any(f"in {tmp_path / 'user'}:" in s.value for s in at.success)  # the folder it went to, named
     at.text_input(key="save_name").set_value("../escape").run()
     at.button(key="btn_save").click().run()
     assert any("not allowed" in e.value for e in at.error) and not (tmp_path / "escape.pt").exists()
@@ -105,6 +106,8 @@ def test_reset_step_start_stop_drive_the_run_on_screen(registry):
     job = registry.get(at.query_params["run"])
     wait_until(lambda: job.trainer is not None, what="the fresh run")
     assert job.state == PAUSED and job.snapshot().step == 0
+    at.run()
+    assert any("Paused before its first step" in i.value for i in at.info)
     at.button(key="btn_step").click().run()
     wait_until(lambda: job.snapshot().step == 1, what="one step")
     assert job.state == PAUSED
@@ -220,3 +223,51 @@ def test_a_run_that_ends_while_the_page_draws_leaves_no_part_showing_the_old_sta
     assert not at.exception
     assert any("· finished" in m.value for m in at.markdown)  # the status, drawn by the redraw
     assert expanded(at)["Save"]
+
+
+def test_clearing_the_preset_keeps_the_options_and_breaks_nothing(registry):
+    at = open_page(PAGE)
+    at.number_input(key="cfg_epochs").set_value(77).run()
+    at.selectbox(key="train_preset").set_value(None).run()  # its x, or Escape in the browser
+    assert not at.exception and at.number_input(key="cfg_epochs").value == 77
+
+
+def test_coming_back_from_another_page_shows_the_run_watched_before(registry):
+    at = small_run(open_page(PAGE), epochs=5000)
+    at.button(key="btn_start").click().run()
+    run_id = at.query_params["run"]
+    job = registry.get(run_id)
+    at.switch_page("pages/latent.py").run()
+    at.query_params.pop("run", None)  # the sidebar's link to Train carries no ?run=
+    at.switch_page(PAGE).run()
+    assert not at.exception and at.query_params["run"] == run_id
+    assert at.selectbox(key="run_pick").value == run_id
+    at.selectbox(key="run_pick").set_value("").run()  # "— new run —" chosen: no run is put back after that
+    at.switch_page("pages/home.py").run()
+    at.query_params.pop("run", None)
+    at.switch_page(PAGE).run()
+    assert "run" not in at.query_params and at.selectbox(key="run_pick").value == ""
+    job.stop()
+    registry.remove(job.id) if job.join(60) else None
+    at.session_state["_train_run"] = job.id  # a run the server has forgotten is not put back
+    at.run()
+    assert not at.exception and "run" not in at.query_params
+
+
+def test_the_kl_heatmap_keeps_a_fixed_floor_and_a_top_of_at_least_one_nat():
+    """A collapsed run (every KL ~ 0.001 nats) must look dark, not stretched to its noise; a run whose dimensions
+    carry more than a nat gets a scale up to its largest value."""
+    from vae.trainer import new_history
+    from ui.train_figures import collapse_figure
+
+    def top(kl_rows):
+        h = new_history()
+        h["epoch"]["epoch"] = list(range(1, len(kl_rows) + 1))
+        h["epoch"]["test_kl_per_dim"] = kl_rows
+        h["epoch"]["active_units"] = [0] * len(kl_rows)
+        heat = collapse_figure(h)["data"][0]
+        assert heat["type"] == "heatmap" and heat["zmin"] == 0
+        return heat["zmax"]
+
+    assert top([[0.0015, 0.001, 0.0], [0.001, 0.0005, 0.0]]) == 1.0
+    assert top([[0.2, 3.5], [0.1, 4.25]]) == 4.25

@@ -14,7 +14,7 @@ from vae.checkpoint import load_checkpoint
 from vae.diagnostics import evaluate
 from vae.tradeoff import (LAB_REMEDIES, PRESETS, REMEDIES, beta_line, clip_line, describe_objective, frontier,
                           iso_elbo_lines, kl_heatmap, lab_specs, nice_step, parse_betas, plane_box, rate_distortion,
-                          run_summary, sweep_specs, trajectory)
+                          repeated_betas, run_summary, sweep_specs, trajectory)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,6 +135,8 @@ def test_trajectory_heatmap_and_summary_follow_the_history(make_trainer):
 def test_parse_betas_accepts_lists_and_refuses_bad_text():
     assert parse_betas("0.5, 1, 4") == (0.5, 1.0, 4.0)
     assert parse_betas("1 2;4,,1") == (1.0, 2.0, 4.0)  # separators, duplicates dropped
+    assert repeated_betas("1 2;4,,1, 1.0, 2e0, 3") == (1.0, 2.0)  # ... and named, for the page to say so
+    assert repeated_betas("0.5, 1, 4") == ()
     for bad in ("", "  ", "a, 1", "-1", "inf", "nan", "2000", ",".join(str(i) for i in range(13))):
         with pytest.raises(ValueError, match="β"):
             parse_betas(bad)

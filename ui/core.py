@@ -242,13 +242,20 @@ def accept_upload(filename: str, data: bytes) -> Path:
 # ---- presentation mode -------------------------------------------------------------------------------------------
 PRESENT_CSS = """
 <style>
-html, body, [data-testid="stAppViewContainer"] { font-size: 22px; }
-[data-testid="stMarkdownContainer"] p, [data-testid="stMarkdownContainer"] li { font-size: 1.25rem; }
-h1 { font-size: 3rem !important; } h2 { font-size: 2.3rem !important; } h3 { font-size: 1.8rem !important; }
-.katex { font-size: 1.45em !important; }
-[data-testid="stMetricValue"] { font-size: 2.6rem !important; }
+/* Presentation mode: the content (text, formulas, figures, numbers) grows; the controls keep their size, so rows of
+   buttons and narrow columns still fit (a bigger root font made every widget bigger and cut their labels). */
+[data-testid="stMainBlockContainer"], .block-container { max-width: 100% !important; padding-top: 1rem !important;
+  padding-left: 2.5rem !important; padding-right: 2.5rem !important; }
+[data-testid="stMain"] [data-testid="stMarkdown"] p, [data-testid="stMain"] [data-testid="stMarkdown"] li,
+[data-testid="stMain"] [data-testid="stAlert"] p { font-size: 1.4rem; line-height: 1.55; }
+[data-testid="stMain"] [data-testid="stCaptionContainer"], [data-testid="stMain"] [data-testid="stCaptionContainer"] p
+  { font-size: 1.1rem !important; }
+h1 { font-size: 2.9rem !important; } h2 { font-size: 2.2rem !important; } h3 { font-size: 1.75rem !important; }
+.katex { font-size: 1.3em !important; }
+.katex-display { overflow-x: auto; overflow-y: hidden; padding-bottom: 0.2rem; }
+[data-testid="stMetricValue"], [data-testid="stMetricValue"] p { font-size: 2.5rem !important; }
+[data-testid="stMetricLabel"] p { font-size: 1.1rem !important; }
 header[data-testid="stHeader"], [data-testid="stToolbar"], footer { display: none !important; }
-.block-container { padding-top: 1rem !important; max-width: 100% !important; }
 </style>
 """
 BASE_CSS = "<style>img { image-rendering: pixelated; image-rendering: crisp-edges; }</style>"

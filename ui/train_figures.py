@@ -107,8 +107,12 @@ def collapse_figure(history: dict) -> dict:
     data = []
     d = mat.shape[0] if mat.size else 0
     if d:
+        top = max(1.0, float(np.nanmax(mat)) if np.isfinite(mat).any() else 0.0)
         data.append(dict(type="heatmap", z=mat, x=_arr(epochs), y=list(range(1, d + 1)),
-                         colorscale=INFERNO, zmin=0, colorbar=dict(title=dict(text="nats"), len=0.62, y=0.69),
+                         # a fixed floor and a top of at least 1 nat: a collapsed run (all KL ~ 0.001) stays
+                         # dark instead of the scale stretching to its noise
+                         colorscale=INFERNO, zmin=0, zmax=top,
+                         colorbar=dict(title=dict(text="nats"), len=0.62, y=0.69),
                          hovertemplate="epoch %{x}<br>dim %{y}<br>KL %{z:.3f} nats<extra></extra>",
                          xaxis="x", yaxis="y"))
         data.append(dict(type="scatter", x=_arr(ec["epoch"]), y=_arr(ec["active_units"]),

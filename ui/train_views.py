@@ -75,7 +75,9 @@ def apply_preset(name: str):
 
 
 def _on_preset():
-    apply_preset(st.session_state["train_preset"])
+    name = st.session_state.get("train_preset")
+    if name in PRESETS:  # cleared (its x, or Escape): the options stay as they are
+        apply_preset(name)
 
 
 def configs_from_state():
@@ -116,8 +118,9 @@ def config_panel(locked: bool):
     keep = dict(persist_state="session")  # hidden options keep their values
     c1, c2 = st.columns([1, 2], vertical_alignment="bottom")
     c1.selectbox("Preset", list(PRESETS), key="train_preset", on_change=_on_preset, index=None,
-                 placeholder="choose a preset…", help="Fills in the options below; edit them freely afterwards")
-    if st.session_state.get("train_preset"):
+                 placeholder="choose a preset…", help="Fills in the options below; edit them freely afterwards",
+                 **keep)
+    if st.session_state.get("train_preset") in PRESETS:
         c2.caption(PRESETS[st.session_state["train_preset"]]["description"])
     if locked:
         st.caption("These options shape the *next* run (Start or Reset); use **Change while running** for the "
@@ -193,10 +196,24 @@ def current_job() -> Job | None:
 
 
 def set_run(job_id: str | None):
+    st.session_state["_train_run"] = job_id or None
     if job_id:
         st.query_params["run"] = job_id
     elif "run" in st.query_params:
         del st.query_params["run"]
+
+
+def restore_run():
+    """The run on screen follows ?run= in the URL; the sidebar's link to this page has none, so coming back from
+    another page puts back the run this session last watched (if the server still has it)."""
+    requested = st.query_params.get("run")
+    if requested:
+        st.session_state["_train_run"] = requested
+    elif st.session_state.get("_train_run"):
+        if registry().get(st.session_state["_train_run"]) is not None:
+            st.query_params["run"] = st.session_state["_train_run"]
+        else:
+            st.session_state["_train_run"] = None
 
 
 def _msg(kind: str, text: str):
@@ -332,7 +349,7 @@ def controls(job: Job | None, state: str | None = None):
     state as the page read it (default: now)."""
     if state is None and job is not None:
         state = job.state
-    cols = st.columns([2.2, 1, 1.1, 1, 1, 1, 2.2], vertical_alignment="bottom")
+    cols = st.columns([2.0, 1, 1.3, 1, 1, 1.05, 2.0], vertical_alignment="bottom")
     run_picker(job, cols[0])
     cols[1].button("Start", key="btn_start", type="primary", icon=":material/play_arrow:", on_click=_on_start,
                    width="stretch", help="Start a new run with the options below")
@@ -407,7 +424,16 @@ def _on_save(job_id: str):
     except ValueError as exc:
         _msg("error", f"Not saved: {exc}")
         return
-    _msg("success", f"Saved {path.name} in checkpoints/user: pick “saved: {path.stem}” in the sidebar on any page")
+    _msg("success", f"Saved {path.name} in {_shown_dir(path.parent)}: pick “saved: {path.stem}” in the sidebar on "
+         "any page")
+
+
+def _shown_dir(folder) -> str:
+    """A folder as the user knows it: relative to the app's folder when inside it (checkpoints/user)."""
+    try:
+        return str(folder.resolve().relative_to(core.ROOT.resolve()))
+    except (ValueError, AttributeError, OSError):
+        return str(folder)
 
 
 def save_panel(job: Job):
@@ -419,7 +445,7 @@ def save_panel(job: Job):
         st.session_state["_save_for"] = job.id
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
     c1.text_input("Checkpoint name", key="save_name", max_chars=64,
-                  help="Saved in checkpoints/user as <name>.pt; letters, digits, . _ - only")
+                  help=f"Saved in {_shown_dir(core.USER_DIR)} as <name>.pt; letters, digits, . _ - only")
     c2.checkbox("overwrite", key="save_overwrite")
     b1, b2, b3 = st.columns(3)
     b1.button("Save", key="btn_save", icon=":material/save:", on_click=_on_save, args=(job.id,), width="stretch",
@@ -469,7 +495,8 @@ def _live_status(job_id: str, polling: bool):
     h = snap.history
     if snap.step == 0:
         if snap.state in ACTIVE:
-            st.info("Waiting for the first step…" if snap.state != QUEUED else
+            st.info("Paused before its first step: press Start (or Step for one batch)." if snap.state == PAUSED
+                    else "Waiting for the first step…" if snap.state != QUEUED else
                     "Queued: the curves appear once the run starts.")
         return
     status = detect_collapse(h, train_config=snap.train_config, model_config=snap.model_config)

@@ -3,8 +3,9 @@
     cfg, mcfg = preset_configs("reproduce KL collapse")     # (TrainConfig, ModelConfig overrides)
 
 Settings follow REFERENCES.md: on digits with a 16-dimensional latent, beta = 4 with no warm-up collapses every
-dimension; free bits lambda = 0.5 at the same beta keeps them active; a linear warm-up to beta = 1 (Bowman et al.
-2016) lets the decoder learn to use z before the KL penalty bites.
+dimension; free bits lambda = 0.5 at the same beta keeps them active; with a linear warm-up to beta = 1 (Bowman et
+al. 2016) they go quiet in the first epochs and come back as the decoder learns to use z (seed 0 on this CPU: 0
+active from epoch 2 to 8, 16 by epoch 17, 11-16 after).
 """
 from __future__ import annotations
 
@@ -36,10 +37,11 @@ PRESETS: dict[str, dict] = {
         "model": dict(arch="mlp", hidden=(256, 128), latent_dim=16, likelihood="bernoulli", decoder="standard"),
     },
     "fix it with warm-up": {
-        "description": "KL warm-up (Bowman et al. 2016): beta rises linearly from 0 to 1 over 10 epochs, so the "
-                       "decoder learns to use z before the KL penalty bites; the dimensions stay active. (A warm-up "
-                       "to beta = 4 still collapses once beta is high: warm-up delays the penalty, it does not "
-                       "lower it.)",
+        "description": "KL warm-up (Bowman et al. 2016): beta rises linearly from 0 to 1 over 10 epochs. Watch "
+                       "the active units: on digits they still go quiet in the first epochs, while the decoder "
+                       "cannot use z yet, and come back as it learns to, around and after the end of the warm-up "
+                       "(with beta = 4 they never do). Warm-up delays the penalty, it does not lower it: a warm-up "
+                       "to beta = 4 still collapses once beta is high.",
         "train": dict(dataset="digits", epochs=30, batch_size=128, lr=2e-3, beta=1.0, beta_schedule="linear",
                       warmup_epochs=10.0, free_bits=0.0, seed=0),
         "model": dict(arch="mlp", hidden=(256, 128), latent_dim=16, likelihood="bernoulli", decoder="standard"),

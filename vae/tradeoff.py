@@ -251,6 +251,20 @@ def parse_betas(text) -> tuple[float, ...]:
     return tuple(out)
 
 
+def repeated_betas(text) -> tuple[float, ...]:
+    """The β values that text (as parse_betas reads it) gives more than once: each runs once, the user is told."""
+    seen, again = set(), []
+    for p in re.split(r"[,\s;]+", str(text or "").strip()):
+        try:
+            b = float(p)
+        except ValueError:
+            continue
+        if b in seen and b not in again:
+            again.append(b)
+        seen.add(b)
+    return tuple(again)
+
+
 def beta_label(beta: float) -> str:
     return f"β={beta:g}"
 
@@ -374,6 +388,6 @@ def run_summary(history: dict) -> dict | None:
 
 
 __all__ = ["RDPoint", "rate_distortion", "iso_elbo_lines", "beta_line", "clip_line", "plane_box", "frontier",
-           "nice_step", "describe_objective", "trajectory", "kl_heatmap", "RunSpec", "parse_betas", "sweep_specs", "model_config_for",
-           "Preset", "Remedy", "PRESETS", "REMEDIES", "LAB_REMEDIES", "lab_specs", "run_summary", "SHORT_MODEL",
+           "nice_step", "describe_objective", "trajectory", "kl_heatmap", "RunSpec", "parse_betas", "repeated_betas",
+           "sweep_specs", "model_config_for", "Preset", "Remedy", "PRESETS", "REMEDIES", "LAB_REMEDIES", "lab_specs", "run_summary", "SHORT_MODEL",
            "SHORT_TRAIN", "beta_label"]
