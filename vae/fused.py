@@ -40,6 +40,13 @@ def _relu_backward(grad: torch.Tensor, out: torch.Tensor) -> None:
     torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=grad)
 
 
+def _clamp_backward(grad: torch.Tensor, x: torch.Tensor, lo: float, hi: float) -> None:
+    """grad *= (lo < x < hi) in place, for clamp(x, lo, hi): one kernel (hardtanh's backward) where a comparison and
+    a multiply would be two. (autograd's clamp also passes the gradient at x == lo or hi exactly: a subgradient
+    either way, and a float lands there with probability 0.)"""
+    torch.ops.aten.hardtanh_backward.grad_input(grad, x, lo, hi, grad_input=grad)
+
+
 def _linears(seq: nn.Module) -> list[nn.Linear]:
     return [m for m in seq.modules() if isinstance(m, nn.Linear)]
 
@@ -85,13 +92,22 @@ class FusedStep:
     def _linear(layer: nn.Linear, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return torch.addmm(layer.bias, a, layer.weight.t(), out=out)
 
-    def _linear_backward(self, layer: nn.Linear, a: torch.Tensor, gy: torch.Tensor, ga: torch.Tensor | None):
-        """Given gy = dloss/dy for y = a W^T + b: W.grad = gy^T a, b.grad = sum_b gy, and ga = gy W (if asked)."""
-        torch.mm(gy.t(), a, out=self._grad(layer.weight))
+    def _linear_backward(self, layer: nn.Linear, a: torch.Tensor, gy: torch.Tensor, ga: torch.Tensor | None,
+                         scale: float = 1.0):
+        """Given gy = dloss/dy / scale for y = a W^T + b: W.grad = scale gy^T a, b.grad = scale sum_b gy, and
+        ga = scale gy W (if asked). A scale other than 1 costs nothing: the GEMMs' alpha."""
         ones = self._buf("ones", gy.shape[0], fill=1.0)
-        torch.mv(gy.t(), ones, out=self._grad(layer.bias))  # a GEMV: faster than sum(0)
-        if ga is not None:
-            torch.mm(gy, layer.weight, out=ga)
+        w, b = self._grad(layer.weight), self._grad(layer.bias)
+        if scale == 1.0:
+            torch.mm(gy.t(), a, out=w)
+            torch.mv(gy.t(), ones, out=b)  # a GEMV: faster than sum(0)
+            if ga is not None:
+                torch.mm(gy, layer.weight, out=ga)
+        else:  # beta=0: what the output held (a new .grad's garbage included) is not read
+            w.addmm_(gy.t(), a, beta=0, alpha=scale)
+            b.addmv_(gy.t(), ones, beta=0, alpha=scale)
+            if ga is not None:
+                torch.addmm(ga, gy, layer.weight, beta=0, alpha=scale, out=ga)
 
     @torch.no_grad()
     def forward_backward(self, x: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0,
@@ -112,31 +128,33 @@ class FusedStep:
         for i, layer in enumerate(self.dec):
             dacts.append(self._linear(layer, dacts[-1], self._buf(f"d{i}", B, layer.out_features)).relu_())
         out = self._linear(self.dec_out, dacts[-1], self._buf("out", B, cfg.input_dim))
-        # ---- the terms, and dloss/d(decoder parameters) into g (each / B: the batch mean) --------------------
+        # ---- the terms, and dloss/d(decoder parameters) into g, up to the factor g_scale (1/B: the batch mean;
+        # it is applied by the first backward GEMMs, as their alpha) -----------------------------------------
         g = self._buf("g_out", B, cfg.input_dim)
+        g_scale = 1.0 / B
         if cfg.likelihood == "bernoulli":
             # BCE(l, x) = softplus(l) - x l = [max(l, 0) - x l] + log(1 + exp(-|l|)), with x in [0, 1]: both parts
             # are >= 0 element by element, so their sums do not cancel. A few passes that vectorise (softplus and
             # log_sigmoid do not).
             log_sum = torch.abs(out, out=g).neg_().exp_().add_(1.0).log_().sum()
             recon_sum = torch.clamp_min(out, 0.0, out=g).addcmul_(x, out, value=-1.0).sum() + log_sum
-            torch.sigmoid(out, out=g).sub_(x).div_(B)  # d BCE / d logits = sigmoid(l) - x
+            torch.sigmoid(out, out=g).sub_(x)  # d BCE / d logits = sigmoid(l) - x
         else:
             r = torch.sub(out, x, out=g)  # m - x
             if cfg.likelihood == "gaussian":
                 inv_var = cfg.sigma ** -2
                 sq = torch.dot(r.view(-1), r.view(-1))
                 recon_sum = 0.5 * inv_var * sq + B * cfg.input_dim * (math.log(cfg.sigma) + 0.5 * LOG_2PI)
-                r.mul_(inv_var / B)
+                g_scale = inv_var / B
             else:  # gaussian-learned: a per-pixel log sigma, (D,)
                 ls = model.log_sigma
                 inv_var = torch.exp(-2 * ls)
                 r2 = r.square().sum(0)  # (D,)
                 recon_sum = 0.5 * torch.dot(r2, inv_var) + B * (ls.sum() + 0.5 * LOG_2PI * cfg.input_dim)
                 torch.mul(r2 * inv_var, -1.0 / B, out=self._grad(ls)).add_(1.0)  # (1/B) sum_b (1 - r^2 / s^2)
-                r.mul_(inv_var / B)
-        kl_bd = self._buf("kl_bd", B, d)
-        torch.mul(mu, mu, out=kl_bd).add_(std.square()).sub_(logvar).sub_(1.0)  # 2 KL per example and dim
+                r.mul_(inv_var)
+        var_m1 = torch.mul(std, std, out=self._buf("var_m1", B, d)).sub_(1.0)  # exp(logvar) - 1
+        kl_bd = torch.addcmul(var_m1, mu, mu, out=self._buf("kl_bd", B, d)).sub_(logvar)  # 2 KL per example, dim
         kl_per_dim = kl_bd.sum(0).mul_(0.5 / B)  # (d,)
         kl = kl_per_dim.sum()
         recon = recon_sum / B
@@ -156,7 +174,7 @@ class FusedStep:
             layer = self.dec_out if i == len(self.dec) else self.dec[i]
             a = dacts[i]
             ga = self._buf(f"gd{i}", B, a.shape[1])
-            self._linear_backward(layer, a, gy, ga)
+            self._linear_backward(layer, a, gy, ga, g_scale if i == len(self.dec) else 1.0)
             if i > 0:
                 _relu_backward(ga, a)
             gy = ga
@@ -165,11 +183,15 @@ class FusedStep:
         gh = self._buf("gh", B, 2 * d)
         gmu, glogvar = gh[:, :d], gh[:, d:]
         # dKL_d/dmu = mu / B, dKL_d/dlogvar = (exp(logvar) - 1) / (2B); dz/dmu = 1, dz/dlogvar = eps * std / 2
-        torch.mul(mu, g_kl, out=gmu).div_(B).add_(gz)
-        torch.mul(gz, eps, out=glogvar).mul_(std).mul_(0.5)
-        kl_lv = std.square().sub_(1.0).mul_(0.5 / B)
-        glogvar.add_(kl_lv.mul_(g_kl))
-        glogvar.mul_(logvar == raw_logvar)  # the clamp passes the gradient where it left the value as it was
+        k = g_kl / B  # a float, or a tensor (free bits: per dimension; capacity: the sign of R - C)
+        if torch.is_tensor(k):
+            torch.addcmul(gz, mu, k, out=gmu)
+        else:
+            torch.add(gz, mu, alpha=k, out=gmu)
+        kl_lv = torch.mul(var_m1, k * 0.5, out=self._buf("kl_lv", B, d))
+        torch.mul(gz, eps, out=glogvar)
+        torch.addcmul(kl_lv, glogvar, std, value=0.5, out=glogvar)
+        _clamp_backward(glogvar, raw_logvar, LOGVAR_MIN, LOGVAR_MAX)  # only where the clamp left logvar as it was
         # ---- backward through the encoder -------------------------------------------------------------------
         gy = gh
         for i in range(len(self.enc), -1, -1):
