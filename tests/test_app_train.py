@@ -271,3 +271,23 @@ def test_the_kl_heatmap_keeps_a_fixed_floor_and_a_top_of_at_least_one_nat():
 
     assert top([[0.0015, 0.001, 0.0], [0.001, 0.0005, 0.0]]) == 1.0
     assert top([[0.2, 3.5], [0.1, 4.25]]) == 4.25
+
+
+def test_the_comparison_names_runs_and_checkpoints_as_the_picker_does(registry):
+    import json
+
+    cfg = TrainConfig(dataset="digits", epochs=2, batch_size=64, max_examples=128, device="cpu")
+    other = registry.submit(cfg, model_config_for("digits", hidden=(16,)), name="earlier-run")
+    here = registry.submit(cfg, model_config_for("digits", hidden=(16,)), name="this-one")
+    assert other.join(120) and here.join(120)
+    at = open_page(PAGE)
+    at.query_params["run"] = here.id
+    at.run()
+    box = at.multiselect(key="compare_runs")
+    assert f"run: earlier-run ({other.id})" in box.options, box.options  # as shown
+    assert "shipped: digits-z2" in box.options and not any(o.startswith("file:") for o in box.options)
+    box.select(f"run: earlier-run ({other.id})").run()
+    fig = next(c for c in at.get("plotly_chart") if "fig_compare" in str(c.proto.id))
+    names = {t.get("name") for t in json.loads(fig.proto.spec)["data"]}
+    assert any(n and n.startswith("run: earlier-run") for n in names), names
+    assert not at.exception

@@ -629,8 +629,9 @@ def _compare_options(job: Job) -> dict[str, str]:
         if j.id != job.id:
             options[f"run:{j.id}"] = f"run: {j.name} ({j.id})"
     for folder in (core.USER_DIR, *core.SHIPPED_DIRS):
+        kind = "saved" if folder == core.USER_DIR else "shipped"  # as the sidebar's model picker names them
         for s in _checkpoint_list(str(folder)):
-            options[file_ref_str(s)] = f"file: {s.rsplit('/', 1)[-1]}"
+            options[file_ref_str(s)] = f"{kind}: {s.rsplit('/', 1)[-1].removesuffix('.pt')}"
     return options
 
 
@@ -640,10 +641,11 @@ def _compare(job: Job, history: dict):
     if not picked:
         return
     runs = [(f"this run: {job.name}", history, True)]
+    labels = _compare_options(job)
     for ref in picked:
         hist = _history_of(ref)
-        if hist:
-            runs.append((ref.split(":", 1)[1].rsplit("/", 1)[-1], hist, False))
+        if hist:  # the legend says what the picker said (a run's name, not only its id)
+            runs.append((labels.get(ref, ref.split(":", 1)[1].rsplit("/", 1)[-1]), hist, False))
     st.plotly_chart(compare_figure(runs), key="fig_compare", config=CHART_CONFIG)
 
 
