@@ -84,6 +84,7 @@ with left:
         st.info("No models on this data set yet: run a β sweep (right) or train one on the Train page.")
     st.fragment(plane_section, run_every=POLL_S if live else None)()
     st.toggle("Show training paths of runs (R, D per epoch)", value=True, key="rd_paths")
+    st.caption("Click a legend entry to hide or show its models (double-click one: only those).")
 
 with right:
     if len(datasets) > 1:

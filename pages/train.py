@@ -23,9 +23,10 @@ state = job.state if job is not None else None
 
 tv.controls(job, state)
 tv.show_messages()
-# open while there is no run; closed once one is on screen (until the user opens it)
+# open while there is no run, or a run Reset prepared (Start then uses these options); closed once a run is on
+# screen (until the user opens it)
 with expander("Configuration: presets and every trainer option", "exp_config", icon=":material/settings:",
-              open_for=(job.id if job else None, job is None)):
+              open_for=(job.id if job else None, job is None or tv._is_fresh(job))):
     tv.config_panel(locked=state in ACTIVE)
 if state in (*ACTIVE, INTERRUPTED) and job.trainer is not None:
     with expander("Change while running: β, schedule, free bits, lr", "exp_live", icon=":material/tune:"):

@@ -72,10 +72,11 @@ def test_tradeoff_page_shows_the_shipped_sweep_compares_and_refuses_bad_input(re
 
 def test_tradeoff_sweep_runs_through_the_registry_points_appear_and_cancel_stops_it(registry):
     at = open_page("pages/tradeoff.py")
-    at.text_input(key="rd_betas").set_value("0.5, 4")
+    at.text_input(key="rd_betas").set_value("0.5, 4, 4, 0.5, 4")
     at.number_input(key="rd_epochs").set_value(4)
     next(b for b in at.button if b.label == "Start sweep").click().run()
     assert not at.exception and not at.error
+    assert any("β = 4, 0.5 given more than once: each β runs once (2 runs)" in i.value for i in at.info)
     group = at.session_state["rd_sweep"]
     jobs = registry.jobs(group=group)
     assert [j.name for j in jobs] == ["sweep β=0.5", "sweep β=4"]

@@ -108,6 +108,7 @@ def test_reset_step_start_stop_drive_the_run_on_screen(registry):
     assert job.state == PAUSED and job.snapshot().step == 0
     at.run()
     assert any("Paused before its first step" in i.value for i in at.info)
+    assert expanded(at)["Configuration"]  # Start will run these options: they stay in view
     at.button(key="btn_step").click().run()
     wait_until(lambda: job.snapshot().step == 1, what="one step")
     assert job.state == PAUSED
@@ -285,7 +286,7 @@ def test_the_comparison_names_runs_and_checkpoints_as_the_picker_does(registry):
     at.run()
     box = at.multiselect(key="compare_runs")
     assert f"run: earlier-run ({other.id})" in box.options, box.options  # as shown
-    assert "shipped: digits-z2" in box.options and not any(o.startswith("file:") for o in box.options)
+    assert "shipped: digits-z2" in box.options and "shipped: sweep/digits-beta-1" in box.options  # as the sidebar
     box.select(f"run: earlier-run ({other.id})").run()
     fig = next(c for c in at.get("plotly_chart") if "fig_compare" in str(c.proto.id))
     names = {t.get("name") for t in json.loads(fig.proto.spec)["data"]}

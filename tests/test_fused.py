@@ -100,6 +100,45 @@ def test_the_logvar_clamp_passes_no_gradient_where_it_bites():
     assert got["enc_out.bias"][3] == 0 and got["enc_out.bias"][5] == 0 and got["enc_out.bias"][4] != 0
 
 
+def test_the_logvar_clamp_at_its_bounds_exactly_matches_autograd():
+    """raw logvar exactly at LOGVAR_MIN and LOGVAR_MAX (the logvar rows of the last encoder layer zeroed, the bias
+    on the bounds): the same gradient as autograd's clamp there (none), and inside."""
+    from vae.model import LOGVAR_MAX, LOGVAR_MIN
+
+    model = tiny_model(seed=0, latent_dim=3).double()
+    with torch.no_grad():
+        model.enc_out.weight[3:] = 0.0
+        model.enc_out.bias[3:] = torch.tensor([LOGVAR_MIN, -1.0, LOGVAR_MAX], dtype=torch.float64)
+    x = _data(model)
+    _, want = _autograd(model, x, seed=3)
+    _, got = _fused(model, x, seed=3)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert got["enc_out.bias"][4] != 0
+
+
+@pytest.mark.parametrize("model_kw", CASES, ids=lambda c: f"{c['likelihood']}-{len(c['hidden'])}")
+def test_nothing_left_in_the_gradients_or_buffers_is_read(model_kw):
+    """Every .grad and every kept buffer (but the ones vector) filled with NaN before a step: the step overwrites all
+    of them (its GEMMs with beta = 0 do not read their outputs), so the result is autograd's."""
+    model = tiny_model(seed=2, **model_kw).double()
+    _spread_posteriors(model)
+    x = _data(model)
+    objective = dict(beta=2.0, free_bits=0.4)
+    want_vals, want = _autograd(model, x, seed=5, **objective)
+    step = FusedStep(model)
+    step.forward_backward(x, generator=gen(0), **objective)  # makes the buffers and the .grads
+    for p in model.parameters():
+        p.grad.fill_(float("nan"))
+    for name, buf in step._bufs.items():
+        if name != "ones":
+            buf.fill_(float("nan"))
+    got_vals = step.forward_backward(x, generator=gen(5), **objective)
+    torch.testing.assert_close(got_vals, want_vals, rtol=1e-10, atol=1e-10)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_bernoulli_recon_is_stable_for_saturated_logits_in_float32():
     model = tiny_model(seed=0)
     x = _data(model).float()

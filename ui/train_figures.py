@@ -107,7 +107,8 @@ def collapse_figure(history: dict) -> dict:
     data = []
     d = mat.shape[0] if mat.size else 0
     if d:
-        top = max(1.0, float(np.nanmax(mat)) if np.isfinite(mat).any() else 0.0)
+        finite = mat[np.isfinite(mat)]
+        top = max(1.0, float(finite.max()) if finite.size else 0.0)
         data.append(dict(type="heatmap", z=mat, x=_arr(epochs), y=list(range(1, d + 1)),
                          # a fixed floor and a top of at least 1 nat: a collapsed run (all KL ~ 0.001) stays
                          # dark instead of the scale stretching to its noise

@@ -1,7 +1,8 @@
 """The Train page's pieces: the configuration (presets and every trainer option), the run controls, the settings that
 change mid-run, the live view (a fragment that polls the job's snapshot) and saving/downloading.
 
-State: the run on screen is the URL's ?run=<id> (st.query_params), so a reload or a shared link reattaches to it.
+State: the run on screen is the URL's ?run=<id> (st.query_params), so a reload or a shared link reattaches to it;
+coming back to the page without one (the sidebar's link) puts back the run this session watched last (restore_run).
 Every run lives in the process-wide registry (ui.core.get_registry); a button only ever acts on the run on screen.
 Buttons use callbacks (they run before the page), so what the page then draws already shows their effect.
 """
@@ -623,16 +624,9 @@ def _png(img: np.ndarray) -> bytes:
 
 
 def _compare_options(job: Job) -> dict[str, str]:
-    """ref -> label of the other runs on this server and the checkpoints (saved, shipped) that carry a history."""
-    options = {}
-    for j in registry().jobs():
-        if j.id != job.id:
-            options[f"run:{j.id}"] = f"run: {j.name} ({j.id})"
-    for folder in (core.USER_DIR, *core.SHIPPED_DIRS):
-        kind = "saved" if folder == core.USER_DIR else "shipped"  # as the sidebar's model picker names them
-        for s in _checkpoint_list(str(folder)):
-            options[file_ref_str(s)] = f"{kind}: {s.rsplit('/', 1)[-1].removesuffix('.pt')}"
-    return options
+    """ref -> label of the other runs on this server and the checkpoints, named as the sidebar's model picker names
+    them (ui.core.model_options)."""
+    return {ref: label for ref, label in core.model_options().items() if ref != f"run:{job.id}"}
 
 
 def _compare(job: Job, history: dict):

@@ -42,8 +42,7 @@ def _relu_backward(grad: torch.Tensor, out: torch.Tensor) -> None:
 
 def _clamp_backward(grad: torch.Tensor, x: torch.Tensor, lo: float, hi: float) -> None:
     """grad *= (lo < x < hi) in place, for clamp(x, lo, hi): one kernel (hardtanh's backward) where a comparison and
-    a multiply would be two. (autograd's clamp also passes the gradient at x == lo or hi exactly: a subgradient
-    either way, and a float lands there with probability 0.)"""
+    a multiply would be two. The same mask as autograd's clamp gives, at x == lo or hi included (no gradient)."""
     torch.ops.aten.hardtanh_backward.grad_input(grad, x, lo, hi, grad_input=grad)
 
 

@@ -229,9 +229,13 @@ def model_config_for(dataset: str, **overrides) -> ModelConfig:
     return ModelConfig(**kw)
 
 
+def _beta_tokens(text) -> list[str]:
+    return [p for p in re.split(r"[,\s;]+", str(text or "").strip()) if p]
+
+
 def parse_betas(text) -> tuple[float, ...]:
     """'0.5, 1, 4' -> (0.5, 1.0, 4.0): 1 to MAX_SWEEP distinct finite numbers >= 0, in the order given."""
-    parts = [p for p in re.split(r"[,\s;]+", str(text or "").strip()) if p]
+    parts = _beta_tokens(text)
     msg = (f"β values {str(text)!r} are not allowed: give 1 to {MAX_SWEEP} comma-separated numbers ≥ 0, "
            f"e.g. 0.5, 1, 2, 4")
     if not parts:
@@ -252,9 +256,9 @@ def parse_betas(text) -> tuple[float, ...]:
 
 
 def repeated_betas(text) -> tuple[float, ...]:
-    """The β values that text (as parse_betas reads it) gives more than once: each runs once, the user is told."""
+    """The β values that text (read as parse_betas reads it) gives more than once: each runs once, the user is told."""
     seen, again = set(), []
-    for p in re.split(r"[,\s;]+", str(text or "").strip()):
+    for p in _beta_tokens(text):
         try:
             b = float(p)
         except ValueError:
