@@ -292,3 +292,42 @@ def test_the_comparison_names_runs_and_checkpoints_as_the_picker_does(registry):
     names = {t.get("name") for t in json.loads(fig.proto.spec)["data"]}
     assert any(n and n.startswith("run: earlier-run") for n in names), names
     assert not at.exception
+
+
+def test_the_save_box_and_the_view_options_survive_a_visit_to_another_page(registry):
+    cfg = TrainConfig(dataset="digits", epochs=1, batch_size=64, max_examples=128, device="cpu")
+    job = registry.submit(cfg, model_config_for("digits", hidden=(16,)), name="kept-name")
+    assert job.join(120)
+    at = open_page(PAGE)
+    at.query_params["run"] = job.id
+    at.run()
+    assert at.text_input(key="save_name").value == "kept-name"
+    at.text_input(key="save_name").set_value("typed-name").run()
+    at.toggle(key="curves_log").set_value(True).run()
+    at.switch_page("pages/decode.py").run()
+    at.switch_page(PAGE).run()
+    assert not at.exception
+    assert at.text_input(key="save_name").value == "typed-name" and at.toggle(key="curves_log").value
+    assert at.select_slider(key="train_delay").value == job.delay_s
+
+
+def test_presentation_mode_enlarges_the_axes_of_the_live_figures(registry):
+    import json
+
+    from ui.core import PRESENT_TICK_PX
+
+    cfg = TrainConfig(dataset="digits", epochs=1, batch_size=64, max_examples=128, device="cpu")
+    job = registry.submit(cfg, model_config_for("digits", hidden=(16,)))
+    assert job.join(120)
+    sizes = {}
+    for present in (False, True):
+        at = open_page(PAGE, present=present)
+        at.query_params["run"] = job.id
+        at.run()
+        assert not at.exception
+        for chart in at.get("plotly_chart"):
+            layout = json.loads(chart.proto.spec)["layout"]
+            for name, axis in layout.items():
+                if name.startswith(("xaxis", "yaxis")):
+                    sizes.setdefault(present, set()).add((axis.get("tickfont") or {}).get("size"))
+    assert sizes[True] == {PRESENT_TICK_PX} and PRESENT_TICK_PX not in sizes[False]

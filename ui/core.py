@@ -265,11 +265,18 @@ def presenting() -> bool:
     return bool(st.session_state.get("present", False))
 
 
+PRESENT_TICK_PX, PRESENT_AXIS_TITLE_PX = 17, 19  # Plotly's axes in presentation mode (its theme's are ~11 px)
+
+
 def style_fig(fig, height: int | None = None):
-    """Common Plotly styling; bigger type in presentation mode."""
+    """Common Plotly styling; bigger type in presentation mode (the axes' too: Streamlit's Plotly theme sets their
+    fonts, so they do not follow the layout's)."""
     big = presenting()
     fig.update_layout(font=dict(size=20 if big else 13), margin=dict(l=10, r=10, t=50, b=10),
                       legend=dict(font=dict(size=18 if big else 12)))
+    if big:
+        for update in (fig.update_xaxes, fig.update_yaxes):
+            update(tickfont_size=PRESENT_TICK_PX, title_font_size=PRESENT_AXIS_TITLE_PX)
     if height:
         fig.update_layout(height=int(height * (1.25 if big else 1)))
     return fig

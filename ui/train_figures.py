@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ui.core import presenting
+from ui.core import PRESENT_AXIS_TITLE_PX, PRESENT_TICK_PX, presenting
 from vae.metrics import epoch_curves, kl_heatmap, step_curves
 
 TRAIN_COLOR, TEST_COLOR, EVENT_COLOR, BETA_COLOR = "#1f77b4", "#d62728", "#7f7f7f", "#2ca02c"
@@ -29,6 +29,13 @@ def _layout(height: int, **kw) -> dict:
     layout = dict(height=int(height * (1.25 if big else 1)), font=dict(size=20 if big else 13),
                   margin=dict(l=10, r=10, t=60, b=10), legend=dict(font=dict(size=18 if big else 12)))
     layout.update(kw)
+    if big:  # the axes' fonts too (as style_fig): Streamlit's Plotly theme sets them, the layout's font does not reach
+        for name, axis in layout.items():
+            if name.startswith(("xaxis", "yaxis")) and isinstance(axis, dict):
+                axis["tickfont"] = {**axis.get("tickfont", {}), "size": PRESENT_TICK_PX}
+                if isinstance(axis.get("title"), dict):
+                    axis["title"] = {**axis["title"], "font": {**axis["title"].get("font", {}),
+                                                               "size": PRESENT_AXIS_TITLE_PX}}
     return layout
 
 

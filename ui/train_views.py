@@ -346,31 +346,34 @@ def run_picker(job: Job | None, where=st):
 
 
 def controls(job: Job | None, state: str | None = None):
-    """One row: the run picker, Start, Pause/Resume, Step, Stop, Reset and the slow-motion speed. state: the job's
-    state as the page read it (default: now)."""
+    """The run picker and the slow-motion speed, then a row of Start, Pause/Resume, Step, Stop and Reset (two rows:
+    in one, on a 1024-px projector, the buttons were cut to their icons). state: the job's state as the page read it
+    (default: now)."""
     if state is None and job is not None:
         state = job.state
-    cols = st.columns([2.0, 1, 1.3, 1, 1, 1.05, 2.0], vertical_alignment="bottom")
-    run_picker(job, cols[0])
-    cols[1].button("Start", key="btn_start", type="primary", icon=":material/play_arrow:", on_click=_on_start,
+    top = st.columns([3, 2], vertical_alignment="bottom")
+    run_picker(job, top[0])
+    # the job's own delay whenever the slider shows another run, or comes back (Streamlit dropped it on another page)
+    if job is not None and (st.session_state.get("_delay_for") != job.id or "train_delay" not in st.session_state):
+        st.session_state["train_delay"] = min(SPEEDS, key=lambda s: abs(s - job.delay_s))
+        st.session_state["_delay_for"] = job.id
+    top[1].select_slider("Slow motion (pause per step)", SPEEDS, key="train_delay", on_change=_on_delay,
+                         format_func=lambda s: "off" if s == 0 else f"{s:g} s",
+                         help="For lectures: slow the run down to watch single steps; Step runs one batch")
+    cols = st.columns(5)
+    cols[0].button("Start", key="btn_start", type="primary", icon=":material/play_arrow:", on_click=_on_start,
                    width="stretch", help="Start a new run with the options below")
     paused = state in (PAUSED, INTERRUPTED) or (state == QUEUED and job.pause_requested)
     live = state in (*ACTIVE, INTERRUPTED)
-    cols[2].button("Resume" if paused else "Pause", key="btn_pause",
+    cols[1].button("Resume" if paused else "Pause", key="btn_pause",
                    icon=":material/play_circle:" if paused else ":material/pause:", on_click=_on_pause_resume,
                    disabled=not live, width="stretch")
-    cols[3].button("Step", key="btn_step", icon=":material/skip_next:", on_click=_on_step, width="stretch",
+    cols[2].button("Step", key="btn_step", icon=":material/skip_next:", on_click=_on_step, width="stretch",
                    disabled=not live, help="Run one batch, then stay paused")
-    cols[4].button("Stop", key="btn_stop", icon=":material/stop:", on_click=_on_stop, width="stretch",
+    cols[3].button("Stop", key="btn_stop", icon=":material/stop:", on_click=_on_stop, width="stretch",
                    disabled=not live, help="End this run (its weights stay savable)")
-    cols[5].button("Reset", key="btn_reset", icon=":material/restart_alt:", on_click=_on_reset, width="stretch",
+    cols[4].button("Reset", key="btn_reset", icon=":material/restart_alt:", on_click=_on_reset, width="stretch",
                    help="Back to epoch 0: a fresh run with the options below, paused before its first step")
-    if job is not None and st.session_state.get("_delay_for") != job.id:
-        st.session_state["train_delay"] = min(SPEEDS, key=lambda s: abs(s - job.delay_s))
-        st.session_state["_delay_for"] = job.id
-    cols[6].select_slider("Slow motion (pause per step)", SPEEDS, key="train_delay", on_change=_on_delay,
-                          format_func=lambda s: "off" if s == 0 else f"{s:g} s",
-                          help="For lectures: slow the run down to watch single steps; Step runs one batch")
 
 
 def live_settings(job: Job):
@@ -445,9 +448,9 @@ def save_panel(job: Job):
         st.session_state["save_name"] = job.name
         st.session_state["_save_for"] = job.id
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
-    c1.text_input("Checkpoint name", key="save_name", max_chars=64,
+    c1.text_input("Checkpoint name", key="save_name", max_chars=64, persist_state="session",  # kept across pages
                   help=f"Saved in {_shown_dir(core.USER_DIR)} as <name>.pt; letters, digits, . _ - only")
-    c2.checkbox("overwrite", key="save_overwrite")
+    c2.checkbox("overwrite", key="save_overwrite", persist_state="session")
     b1, b2, b3 = st.columns(3)
     b1.button("Save", key="btn_save", icon=":material/save:", on_click=_on_save, args=(job.id,), width="stretch",
               help="Current weights (for a failed run: the last good ones) with the history so far")
@@ -470,9 +473,9 @@ def live_view(job: Job, state: str | None = None):
     (a browser redraw of the charts costs far more CPU than the numbers; on a small machine that CPU is taken from
     the training thread). Static once the run has ended."""
     c1, c2, c3 = st.columns([1, 1.4, 3.2], vertical_alignment="bottom")
-    c1.toggle("log scale", key="curves_log", help="NLL and KL on a log axis")
+    c1.toggle("log scale", key="curves_log", help="NLL and KL on a log axis", persist_state="session")
     c2.select_slider("smoothing", (0.0, 0.3, 0.6, 0.8, 0.9, 0.95, 0.99), value=0.6, key="curves_smooth",
-                     help="Exponential moving average of the per-step train curves")
+                     persist_state="session", help="Exponential moving average of the per-step train curves")
     options = _compare_options(job)
     c3.multiselect("Compare with earlier runs and checkpoints", list(options), key="compare_runs",
                    format_func=lambda r: options.get(r, r), placeholder="overlay other runs…",
