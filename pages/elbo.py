@@ -205,7 +205,9 @@ st.latex(r"\mathcal L_K = \mathbb{E}\left[\log \frac1K \sum_{k=1}^K \frac{p_\the
 st.plotly_chart(iwae_fig(a, draws, grid_lp), width="stretch", key="elbo_iwae")
 st.caption(f"One nested draw: L_K uses the first K of the same {k} weights, so its last point is the IS estimate of "
            f"log p(x). The band is ±1 delta-method standard error. A single draw can wiggle; on average over draws "
-           f"L_K never decreases with K (Burda et al. 2015).")
+           f"L_K never decreases with K (Burda et al. 2015). The dashed log p(x) is itself an estimate with its own "
+           f"error: a curve that ends a little above it, within the bands, is Monte Carlo noise, not a bound "
+           f"broken.")
 
 # ---- 2-D: the true posterior -------------------------------------------------------------------------------------
 st.subheader("The gap as a picture: the true posterior against the encoder")

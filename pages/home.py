@@ -25,7 +25,7 @@ with left:
     st.markdown(
         "- **Reconstruction**: how well the decoder $p_\\theta$ explains $x$ from a code drawn from the encoder.\n"
         "- **KL to the prior (rate)**: how many nats the code carries about $x$. At $\\beta=1$ the loss is exactly "
-        "$-$ELBO; a $\\beta$-VAE weighs this term by $\\beta$.\n"
+        "$-\\text{ELBO}$; a $\\beta$-VAE weighs this term by $\\beta$.\n"
         "- Every figure in this app is in **nats per example**: summed over pixels and latent dimensions, averaged "
         "over the batch.")
 
@@ -60,5 +60,6 @@ st.markdown(
     "- **Train**: watch reconstruction fall and the KL rise, live; reproduce KL collapse and fix it.\n"
     "- **Latent space**: the codes of the test set, coloured by digit.\n"
     "- **Decode**: drive the decoder with one slider per latent dimension.\n"
-    "- **Trade-off**: models on the rate–distortion plane; the collapse lab puts remedies side by side.\n"
+    "- **Trade-off**: models on the rate–distortion plane, and a β sweep.\n"
+    "- **Collapse lab**: a collapsing run and its remedies (free bits, warm-up, cyclical, capacity), side by side.\n"
     "- **ELBO anatomy**: log p(x), the ELBO and the gap, for one image.")

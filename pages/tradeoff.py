@@ -3,7 +3,7 @@ registry, live training paths, and per-model details (reconstructions, samples, 
 split of the rate into I(x;z) and KL(q(z) ‖ p(z))), side by side for two models."""
 import streamlit as st
 
-from ui.core import current, get_dataset, load_selection, presenting, recon_and_samples, tile
+from ui.core import current, get_dataset, load_selection, recon_and_samples, tile
 from ui.tradeoff import (collect_points, details_rd, group_jobs, group_progress, kl_bars_figure, plane_figure, split_figure,
                          state_line, stop_group, submit_group)
 from vae.jobs import ACTIVE
@@ -40,7 +40,7 @@ for key, default in (("rd_a", DEFAULT_A if DEFAULT_A in by_ref else next(iter(by
 sweep_group = st.session_state.get("rd_sweep")
 live = any(p.live for p in on_plane) or any(j.snapshot().state in ACTIVE for j in group_jobs(sweep_group))
 
-left, right = st.columns([3, 1] if presenting() else [2.3, 1], gap="large")
+left, right = st.columns([2.3, 1], gap="large")  # in presentation mode too: its text column stays readable
 
 
 def plane_section():

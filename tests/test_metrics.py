@@ -120,10 +120,10 @@ def test_detect_collapse_on_an_empty_history_and_bad_patience():
 def test_remedies_follow_the_settings():
     plain = collapse_remedies({"beta": 4.0, "beta_schedule": "constant", "free_bits": 0.0}, {"decoder": "standard"})
     assert any("free bits" in r for r in plain) and any("warm-up" in r for r in plain)
-    assert any("lower beta (now 4)" in r for r in plain)
+    assert any("lower β (now 4)" in r for r in plain)
     fixed = collapse_remedies({"beta": 1.0, "beta_schedule": "linear", "free_bits": 0.5},
                               {"decoder": "autoregressive"})
-    assert not any("free bits" in r for r in fixed) and not any("lower beta" in r for r in fixed)
+    assert not any("free bits" in r for r in fixed) and not any("lower β" in r for r in fixed)
     assert "standard decoder" in fixed[0]
 
 

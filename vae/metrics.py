@@ -132,7 +132,7 @@ def detect_collapse(history: dict, kl_threshold: float = COLLAPSE_KL_NATS, patie
         if kls[-1] < kl_threshold:
             what.append(f"total KL {kls[-1]:.3f} nats < {kl_threshold:g}")
         status.reason = (f"posterior collapse since epoch {status.since_epoch}: {' and '.join(what)} for {run} "
-                         f"epochs; q_phi(z|x) ~ p(z) for every x, so the decoder ignores z")
+                         f"epochs; q_φ(z|x) ≈ p(z) for every x, so the decoder ignores z")
         status.remedies = collapse_remedies(train_config or {}, model_config or {})
     else:
         status.reason = "not collapsed" if run == 0 else f"low KL for {run} epoch(s): watching"
@@ -148,14 +148,14 @@ def collapse_remedies(train_config: dict, model_config: dict) -> list[str]:
         out.append("use the standard decoder: the autoregressive one sees the previous pixels and can model x "
                    "without z")
     if tc.get("free_bits", 0.0) == 0:
-        out.append("free bits: a per-dimension KL floor, lambda = 0.5 nats (Kingma et al. 2016)")
+        out.append("free bits: a per-dimension KL floor, λ = 0.5 nats (Kingma et al. 2016)")
     if tc.get("beta_schedule", "constant") == "constant":
-        out.append("KL warm-up: beta from 0 to 1 over ~10 epochs (Bowman et al. 2016), or cyclical annealing "
+        out.append("KL warm-up: β from 0 to 1 over ~10 epochs (Bowman et al. 2016), or cyclical annealing "
                    "(Fu et al. 2019)")
     if beta > 1 and tc.get("beta_schedule") != "capacity":
-        out.append(f"a lower beta (now {beta:g}): beta > 1 prices every nat of KL above its value to the ELBO")
+        out.append(f"a lower β (now {beta:g}): β > 1 prices every nat of KL above its value to the ELBO")
     if tc.get("beta_schedule") != "capacity":
-        out.append("capacity annealing: loss = recon + gamma |KL - C|, C rising to ~25 nats (Burgess et al. 2018)")
+        out.append("capacity annealing: loss = recon + γ·|KL − C|, C rising to ~25 nats (Burgess et al. 2018)")
     return out
 
 

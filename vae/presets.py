@@ -23,25 +23,25 @@ PRESETS: dict[str, dict] = {
         "model": dict(arch="mlp", hidden=(256, 128), latent_dim=8, likelihood="bernoulli", decoder="standard"),
     },
     "reproduce KL collapse": {
-        "description": "beta = 4 from the first step, no warm-up, 16 latent dimensions: the KL penalty wins, every "
+        "description": "β = 4 from the first step, no warm-up, 16 latent dimensions: the KL penalty wins, every "
                        "dimension's KL goes to 0 nats and the active units fall to 0 (posterior collapse).",
         "train": dict(dataset="digits", epochs=30, batch_size=128, lr=2e-3, beta=4.0, beta_schedule="constant",
                       free_bits=0.0, seed=0),
         "model": dict(arch="mlp", hidden=(256, 128), latent_dim=16, likelihood="bernoulli", decoder="standard"),
     },
     "fix it with free bits": {
-        "description": "The same beta = 4, with free bits lambda = 0.5 nats (Kingma et al. 2016): each dimension's "
-                       "batch-averaged KL below lambda costs nothing, so the dimensions come back to life.",
+        "description": "The same β = 4, with free bits λ = 0.5 nats (Kingma et al. 2016): each dimension's "
+                       "batch-averaged KL below λ costs nothing, so the dimensions come back to life.",
         "train": dict(dataset="digits", epochs=30, batch_size=128, lr=2e-3, beta=4.0, beta_schedule="constant",
                       free_bits=0.5, seed=0),
         "model": dict(arch="mlp", hidden=(256, 128), latent_dim=16, likelihood="bernoulli", decoder="standard"),
     },
     "fix it with warm-up": {
-        "description": "KL warm-up (Bowman et al. 2016): beta rises linearly from 0 to 1 over 10 epochs. Watch "
+        "description": "KL warm-up (Bowman et al. 2016): β rises linearly from 0 to 1 over 10 epochs. Watch "
                        "the active units: on digits they still go quiet in the first epochs, while the decoder "
                        "cannot use z yet, and come back as it learns to, around and after the end of the warm-up "
-                       "(with beta = 4 they never do). Warm-up delays the penalty, it does not lower it: a warm-up "
-                       "to beta = 4 still collapses once beta is high.",
+                       "(with β = 4 they never do). Warm-up delays the penalty, it does not lower it: a warm-up "
+                       "to β = 4 still collapses once β is high.",
         "train": dict(dataset="digits", epochs=30, batch_size=128, lr=2e-3, beta=1.0, beta_schedule="linear",
                       warmup_epochs=10.0, free_bits=0.0, seed=0),
         "model": dict(arch="mlp", hidden=(256, 128), latent_dim=16, likelihood="bernoulli", decoder="standard"),
