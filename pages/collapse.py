@@ -91,7 +91,8 @@ def results():
         if show_images:
             st.image(tile(x, shape, ncols=N_IMAGES, target_px=360), width="stretch",
                      caption="test images x. Below, per run: KL of each latent dimension (rows) over the epochs, "
-                             "dark 0 nats = collapsed to bright ≥ 1 nat; then its reconstructions of these images")
+                             "dark 0 nats = collapsed to bright ≥ 1 nat; then its reconstructions of these images "
+                             "(in two rows)")
     cols = st.columns(len(snaps))
     for i, (col, s) in enumerate(zip(cols, snaps)):
         with col:
@@ -109,7 +110,8 @@ def results():
             if show_images and s.weights_version > 0:
                 recon = run_images(s.id, s.weights_version, x)
                 if recon is not None:
-                    st.image(tile(recon, shape, ncols=N_IMAGES, target_px=300), width="stretch")
+                    # two rows of three: a narrow column (five runs side by side) still shows each digit large
+                    st.image(tile(recon, shape, ncols=(N_IMAGES + 1) // 2, target_px=300), width="stretch")
             role = roles[i] if i < len(roles) else ""
             if role in REMEDIES:
                 st.caption(f"{REMEDIES[role].short} ({REMEDIES[role].cite})")

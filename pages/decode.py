@@ -4,7 +4,7 @@ dimensions the decoder actually uses."""
 import numpy as np
 import streamlit as st
 
-from ui.core import current, need_model, selection_data, tile, to_images, upscale
+from ui.core import current, need_model, presenting, selection_data, tile, to_images, upscale
 from ui.latent import (dim_info, encoded_split, follow_live_run, points_figure, sensitivity, sensitivity_figure,
                        traversal_points_figure)
 from vae.latent_ops import (MAX_SLIDERS, SLIDER_LIMIT, compose_latent, decode_one, decode_points, interpolate,
@@ -134,7 +134,8 @@ else:
         lc, ic = st.columns([1, 8], vertical_alignment="center")
         tag = "" if info.active[dim] else " · inactive"
         lc.markdown(f"**z{dim + 1}**  \n{info.kl[dim]:.2f} nats{tag}" if info.known else f"**z{dim + 1}**")
-        ic.image(tile(grid[r], shape, ncols=n_cols, target_px=row_px), output_format="PNG")
+        ic.image(tile(grid[r], shape, ncols=n_cols, target_px=row_px), output_format="PNG",
+                 width="stretch" if presenting() else "content")  # the row as wide as the page on a projector
 
 # ---- interpolation ------------------------------------------------------------------------------------------------
 st.subheader("Interpolation between two test images")
