@@ -255,6 +255,8 @@ h1 { font-size: 2.9rem !important; } h2 { font-size: 2.2rem !important; } h3 { f
 .katex-display { overflow-x: auto; overflow-y: hidden; padding-bottom: 0.2rem; }
 [data-testid="stMetricValue"], [data-testid="stMetricValue"] p { font-size: 2.5rem !important; }
 [data-testid="stMetricLabel"] p { font-size: 1.1rem !important; }
+[data-testid="stMetricLabel"] [data-testid="stMarkdownContainer"], [data-testid="stMetricLabel"] p
+  { white-space: normal !important; overflow: visible !important; text-overflow: clip !important; }
 header[data-testid="stHeader"], [data-testid="stToolbar"], footer { display: none !important; }
 </style>
 """
