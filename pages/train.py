@@ -6,9 +6,9 @@ from ui.core import expander
 from vae.jobs import ACTIVE, INTERRUPTED
 
 st.title("Train a VAE, live")
-st.caption("Loss = reconstruction NLL + β·KL(q_φ(z|x) ‖ p(z)), in nats per example: −ELBO at β = 1. The "
-           "run goes on in the background: switch pages and come back to it, or reload or close the tab and find it again "
-           "in the run list or through the URL.")
+st.caption("Loss = reconstruction NLL + β·KL(q_φ(z|x) ‖ p(z)), in nats per example: −ELBO at β = 1. The run "
+           "goes on in the background: switch pages and come back to it, or reload or close the tab and find it "
+           "again in the run list or through the URL.")
 
 tv.restore_run()
 requested = st.query_params.get("run")
