@@ -393,5 +393,5 @@ def run_summary(history: dict) -> dict | None:
 
 __all__ = ["RDPoint", "rate_distortion", "iso_elbo_lines", "beta_line", "clip_line", "plane_box", "frontier",
            "nice_step", "describe_objective", "trajectory", "kl_heatmap", "RunSpec", "parse_betas", "repeated_betas",
-           "sweep_specs", "model_config_for", "Preset", "Remedy", "PRESETS", "REMEDIES", "LAB_REMEDIES", "lab_specs", "run_summary", "SHORT_MODEL",
-           "SHORT_TRAIN", "beta_label"]
+           "sweep_specs", "model_config_for", "Preset", "Remedy", "PRESETS", "REMEDIES", "LAB_REMEDIES", "lab_specs",
+           "run_summary", "SHORT_MODEL", "SHORT_TRAIN", "beta_label"]
