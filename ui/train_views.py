@@ -562,7 +562,10 @@ def _status(snap):
         st.progress(snap.progress, text=f"epoch {snap.epoch}/{snap.epochs} · step {snap.step}/{snap.total_steps}")
     h = snap.history["epoch"]
     m = st.columns(5)
-    m[0].metric("samples/s", f"{snap.samples_per_s:,.0f}" if snap.samples_per_s else "–")
+    m[0].metric("samples/s", f"{snap.samples_per_s:,.0f}" if snap.samples_per_s else "–",
+                help="While it runs: the live rate over the last steps (wall clock, slow-motion pauses included). "
+                     "Paused, stopped or finished: the last epoch's rate of training steps alone (no pauses, no "
+                     "test evaluation)")
     m[1].metric("ETA", format_duration(snap.eta_s) if snap.state == RUNNING else "–")
     m[2].metric("test ELBO (nats)", f"{h['test_elbo'][-1]:.2f}" if h["test_elbo"] else "–")
     m[3].metric("test KL (nats)", f"{h['test_kl'][-1]:.2f}" if h["test_kl"] else "–")
