@@ -434,10 +434,7 @@ def _on_save(job_id: str):
 
 def _shown_dir(folder) -> str:
     """A folder as the user knows it: relative to the app's folder when inside it (checkpoints/user)."""
-    try:
-        return str(folder.resolve().relative_to(core.ROOT.resolve()))
-    except (ValueError, AttributeError, OSError):
-        return str(folder)
+    return file_ref(folder).removeprefix("file:")
 
 
 def save_panel(job: Job):
@@ -647,19 +644,6 @@ def _compare(job: Job, history: dict):
         if hist:  # the legend says what the picker said (a run's name, not only its id)
             runs.append((labels.get(ref, ref.split(":", 1)[1].rsplit("/", 1)[-1]), hist, False))
     st.plotly_chart(compare_figure(runs), key="fig_compare", config=CHART_CONFIG)
-
-
-def _checkpoint_list(folder: str) -> list[str]:
-    """Paths of readable checkpoints in a folder (cached until a file there changes)."""
-    from pathlib import Path
-
-    return [s.path for s in core.checkpoints_in(Path(folder)) if s.error is None]
-
-
-def file_ref_str(path: str) -> str:
-    from pathlib import Path
-
-    return file_ref(Path(path))
 
 
 def _history_of(ref: str) -> dict | None:

@@ -280,7 +280,8 @@ class Trainer:
         loads with weights_only=True."""
         # copies, not views: training goes on (in place, maybe in another thread) while the state is saved
         state = {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-                 "optimizer": _copy_optimizer_state(self.optimizer.state_dict()), "step_count": self.step_count, "epoch": self.epoch,
+                 "optimizer": _copy_optimizer_state(self.optimizer.state_dict()), "step_count": self.step_count,
+                 "epoch": self.epoch,
                  "generator": self.generator.get_state(), "train_config": self.config.to_dict()}
         if history:
             state["history"] = copy.deepcopy(self.history)
