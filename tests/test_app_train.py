@@ -98,6 +98,12 @@ def test_a_short_run_from_the_page_produces_metrics_and_saves(registry, tmp_path
     at.text_input(key="save_name").set_value("../escape").run()
     at.button(key="btn_save").click().run()
     assert any("not allowed" in e.value for e in at.error) and not (tmp_path / "escape.pt").exists()
+    long = "a" * 70  # a pasted name over the limit is refused with its length, not cut or dropped by the box
+    at.text_input(key="save_name").set_value(long).run()
+    assert at.text_input(key="save_name").value == long
+    at.button(key="btn_save").click().run()
+    assert any("70 characters long: at most 64" in e.value for e in at.error)
+    assert not list((tmp_path / "user").glob("a*.pt"))
 
 
 def test_reset_step_start_stop_drive_the_run_on_screen(registry):

@@ -28,7 +28,8 @@ SHIPPED_DIRS = (CHECKPOINTS, CHECKPOINTS / "sweep")
 USER_DIR = Path(os.environ.get("VAE_USER_CHECKPOINTS", CHECKPOINTS / "user"))
 AUTOSAVE_DIR = Path(os.environ.get("VAE_AUTOSAVE_DIR", CHECKPOINTS / "autosave"))
 DEFAULT_MODEL = "file:checkpoints/digits-z2.pt"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_NAME = 64
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,%d}$" % (MAX_NAME - 1))
 
 
 # ---- the process-wide job registry -------------------------------------------------------------------------------
@@ -206,8 +207,11 @@ def validate_name(name: str) -> str:
     name = (name or "").strip()
     if name.endswith(".pt"):
         name = name[:-3]
+    if len(name) > MAX_NAME:  # told, not cut: a text box's max_chars drops a longer paste without a word
+        raise ValueError(f"the name is {len(name)} characters long: at most {MAX_NAME} are allowed (letters, "
+                         "digits, '.', '_' or '-')")
     if not NAME_RE.match(name) or ".." in name:
-        raise ValueError(f"name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+        raise ValueError(f"name {name!r} is not allowed: use 1-{MAX_NAME} letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
     return name
 

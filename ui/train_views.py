@@ -183,7 +183,7 @@ def config_panel(locked: bool):
         c1.selectbox("Device", ["auto", *available_devices()], key="cfg_device",
                      help="auto: cuda, then mps, then cpu; only devices this machine has", **keep)
         c2.number_input("Grad clip (0 = off)", 0.0, 1e6, step=1.0, key="cfg_grad_clip", format="%.1f", **keep)
-        st.text_input("Run name (optional)", key="cfg_name", max_chars=64,
+        st.text_input("Run name (optional)", key="cfg_name",
                       help="letters, digits, . _ - ; empty: a name from the settings", **keep)
 
 
@@ -445,7 +445,7 @@ def save_panel(job: Job):
         st.session_state["save_name"] = job.name
         st.session_state["_save_for"] = job.id
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
-    c1.text_input("Checkpoint name", key="save_name", max_chars=64, persist_state="session",  # kept across pages
+    c1.text_input("Checkpoint name", key="save_name", persist_state="session",  # kept across pages
                   help=f"Saved in {_shown_dir(core.USER_DIR)} as <name>.pt; letters, digits, . _ - only")
     c2.checkbox("overwrite", key="save_overwrite", persist_state="session")
     b1, b2, b3 = st.columns(3)
