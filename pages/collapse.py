@@ -100,7 +100,8 @@ def results():
             st.markdown(f"**{_short_name(s.name)}**")
             heat = kl_heatmap(s.history)
             if heat.size:
-                st.plotly_chart(heatmap_figure(heat, "", zmax=1.0, height=150),
+                # one scale for all (0 to >= 1 nat), drawn once, beside the last run's
+                st.plotly_chart(heatmap_figure(heat, "", zmax=1.0, height=150, show_scale=i == len(snaps) - 1),
                                 key=f"lab_heat_{i}")
             if sm is not None:
                 st.markdown(f"active units **{sm['active_units']}/{latent_dim}**  \nR {sm['rate']:.2f} · "

@@ -128,3 +128,5 @@ def test_collapse_lab_runs_preset_and_remedies_side_by_side(registry):
     z = heat["z"]
     shape = tuple(int(v) for v in z["shape"].split(",")) if isinstance(z, dict) else (len(z), len(z[0]))
     assert heat["type"] == "heatmap" and shape == (16, 12)  # latent dims x epochs
+    last = json.loads(charts[2].proto.spec)["data"][0]  # the one shared colour scale, beside the last run only
+    assert not heat["showscale"] and last["showscale"] and last["colorbar"]["ticktext"] == ["0", "0.5", "≥1"]

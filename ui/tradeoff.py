@@ -326,7 +326,9 @@ def heatmap_figure(heat: np.ndarray, title: str, zmax: float = 1.0, height: int 
     d, e = heat.shape if heat.size else (0, 0)
     fig = go.Figure(go.Heatmap(z=heat, x=list(range(1, e + 1)), y=[f"z{i + 1}" for i in range(d)],
                                colorscale="Viridis", zmin=0, zmax=zmax, showscale=show_scale,
-                               colorbar=dict(title="nats"),
+                               colorbar=dict(title=dict(text="nats", side="top"), thickness=10, len=1.0,
+                                             tickvals=[0, zmax / 2, zmax],
+                                             ticktext=["0", f"{zmax / 2:g}", f"≥{zmax:g}"]),
                                hovertemplate="epoch %{x}, %{y}: %{z:.3f} nats<extra></extra>"))
     fig.update_layout(title=title, xaxis_title="epoch" if title else None,
                       yaxis=dict(showticklabels=False, title="dims"))
