@@ -7,7 +7,7 @@ from ui.core import current, get_dataset, load_selection, recon_and_samples, til
 from ui.tradeoff import (collect_points, details_rd, group_jobs, group_progress, kl_bars_figure, plane_figure, split_figure,
                          state_line, stop_group, submit_group)
 from vae.jobs import ACTIVE
-from vae.tradeoff import SHORT_TRAIN, SWEEP_SCHEDULES, repeated_betas, sweep_specs
+from vae.tradeoff import SHORT_TRAIN, SWEEP_SCHEDULES, outliers, repeated_betas, sweep_specs
 
 DEFAULT_A = "file:checkpoints/sweep/digits-beta-1.pt"
 NONE = "(none)"
@@ -50,9 +50,15 @@ def plane_section():
     a, b = by_ref.get(st.session_state.get("rd_a")), by_ref.get(st.session_state.get("rd_b"))
     highlight = {p.ref: tag for p, tag in ((a, "A"), (b, "B")) if p is not None}
     a_now = next((p for p in pts if a is not None and p.ref == a.ref), None)
-    fig = plane_figure(pts, highlight, beta_for=a_now, show_paths=st.session_state.get("rd_paths", True))
+    zoom = st.session_state.get("rd_zoom", True)
+    fig = plane_figure(pts, highlight, beta_for=a_now, show_paths=st.session_state.get("rd_paths", True), zoom=zoom)
     event = st.plotly_chart(fig, on_select="rerun", selection_mode="points", key="rd_plane",
                             config={"scrollZoom": False})
+    far = [p for p, f in zip(pts, outliers([(p.rd["rate"], p.rd["distortion"]) for p in pts])) if f]
+    if far and zoom:
+        st.caption(f"Off the axes, far from the other models ({len(far)}): "
+                   + "; ".join(f"{p.label} (R {p.rd['rate']:.1f}, D {p.rd['distortion']:.1f} nats)" for p in far[:4])
+                   + (" …" if len(far) > 4 else "") + ". Untick “Zoom past outliers” below to see them.")
     clicked = [pt.get("customdata") for pt in (event.selection.points if event else []) if pt.get("customdata")]
     if clicked and clicked[0] != st.session_state.get("_rd_last_click"):
         st.session_state["_rd_last_click"] = clicked[0]
@@ -84,6 +90,9 @@ with left:
         st.info("No models on this data set yet: run a β sweep (right) or train one on the Train page.")
     st.fragment(plane_section, run_every=POLL_S if live else None)()
     st.toggle("Show training paths of runs (R, D per epoch)", value=True, key="rd_paths")
+    if any(outliers([(p.rd["rate"], p.rd["distortion"]) for p in on_plane])):
+        st.toggle("Zoom past outliers", value=True, key="rd_zoom",
+                  help="Fit the axes to the bulk of the models; the far ones are listed under the plane")
     st.caption("Click a legend entry to hide or show its models (double-click one: only those).")
 
 with right:

@@ -130,3 +130,31 @@ def test_collapse_lab_runs_preset_and_remedies_side_by_side(registry):
     assert heat["type"] == "heatmap" and shape == (16, 12)  # latent dims x epochs
     last = json.loads(charts[2].proto.spec)["data"][0]  # the one shared colour scale, beside the last run only
     assert not heat["showscale"] and last["showscale"] and last["colorbar"]["ticktext"] == ["0", "0.5", "≥1"]
+
+
+def test_an_extreme_model_does_not_squeeze_the_plane(registry, tmp_path, monkeypatch):
+    import torch
+
+    from vae import VAE, TrainConfig
+    from vae.checkpoint import make_checkpoint, save_checkpoint
+    from vae.presets import model_config_for
+
+    at = open_page("pages/tradeoff.py")  # the shipped models alone: nothing is far out, no zoom toggle
+    assert not at.exception and not [t for t in at.toggle if t.key == "rd_zoom"]
+    user = tmp_path / "user"
+    monkeypatch.setattr(ui.core, "USER_DIR", user)
+    monkeypatch.setattr(ui.tradeoff, "USER_DIR", user)
+    model = VAE(model_config_for("digits", latent_dim=16))
+    with torch.no_grad():  # every pixel predicted on, with great confidence: hundreds of nats of distortion
+        model.decoder[-1].bias.fill_(20.0)
+    save_checkpoint(user / "far-out.pt", make_checkpoint(model, TrainConfig(dataset="digits"), dataset="digits"))
+    at = open_page("pages/tradeoff.py")
+    assert not at.exception and not at.error
+    far = plane_traces(at)["saved"]["y"][0]
+    assert far > 200
+    y_range = json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]["yaxis"]["range"]
+    assert y_range[1] < 100  # fitted to the sweep, the far model off the axes ...
+    assert any("Off the axes" in c.value and "far-out" in c.value for c in at.caption)  # ... and named
+    at.toggle(key="rd_zoom").set_value(False).run()
+    y_range = json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]["yaxis"]["range"]
+    assert y_range[1] > far and not any("Off the axes" in c.value for c in at.caption)

@@ -13,7 +13,8 @@ from vae import Trainer
 from vae.checkpoint import load_checkpoint
 from vae.diagnostics import evaluate
 from vae.tradeoff import (LAB_REMEDIES, PRESETS, REMEDIES, beta_line, clip_line, describe_objective, frontier,
-                          iso_elbo_lines, kl_heatmap, lab_specs, nice_step, parse_betas, plane_box, rate_distortion,
+                          iso_elbo_lines, kl_heatmap, lab_specs, nice_step, outliers, parse_betas, plane_box,
+                          rate_distortion,
                           repeated_betas, run_summary, sweep_specs, trajectory)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +98,17 @@ def test_plane_box_contains_points_and_starts_at_zero_rate():
     r_min, r_max, d_min, d_max = plane_box(pts)
     assert r_min == 0.0 and r_max > 14.3 and d_min < 16.4 and d_max > 27.0
     assert plane_box([]) == (0.0, 10.0, 0.0, 30.0)
+
+
+def test_outliers_are_only_the_points_that_would_squeeze_the_rest():
+    sweep = [(14.3, 16.5), (6.0, 18.5), (3.3, 20.5), (1.3, 23.8), (0.0, 27.0), (0.0, 27.0), (3.1, 21.0)]
+    assert outliers(sweep) == [False] * 7  # the shipped sweep's spread, β = 0.1 at R = 14 included
+    assert outliers(sweep + [(0.0, 300.0)])[-1] and outliers(sweep + [(80.0, 14.0)])[-1]  # far on D, far on R
+    assert outliers(sweep + [(0.0, 300.0)])[:-1] == [False] * 7
+    assert outliers([(0.0, 1.0), (0.0, 1.0), (0.0, 1.0), (0.0, 1.0), (0.5, 1.5)]) == [False] * 5  # IQR 0: 1 nat floor
+    assert outliers([(1.0, 2.0), (50.0, 900.0)]) == [False, False]  # too few to tell
+    assert outliers([(1.0, 2.0), (float("nan"), 3.0), (2.0, 2.0), (3.0, 3.0), (4.0, 4.0)]) == [
+        False, True, False, False, False]  # a non-finite point cannot be drawn
 
 
 def test_frontier_is_the_set_of_beta_optima():

@@ -17,8 +17,8 @@ from vae.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoi
 from vae.config import ModelConfig
 from vae.jobs import ACTIVE, FAILED
 from vae.model import VAE
-from vae.tradeoff import (beta_line, describe_objective, frontier, iso_elbo_lines, plane_box, rate_distortion,
-                          trajectory)
+from vae.tradeoff import (beta_line, describe_objective, frontier, iso_elbo_lines, outliers, plane_box,
+                          rate_distortion, trajectory)
 
 SOURCE_STYLE = {  # legend name -> (colour, marker symbol)
     "shipped sweep": ("#1f77b4", "circle"),
@@ -208,15 +208,21 @@ def _hover(p: PlanePoint) -> str:
 
 
 def plane_figure(points: list[PlanePoint], highlight: dict[str, str] | None = None, beta_for: PlanePoint | None = None,
-                 show_paths: bool = True, height: int = 640) -> go.Figure:
+                 show_paths: bool = True, height: int = 640, zoom: bool = False) -> go.Figure:
     """The rate–distortion plane: points by source, iso-ELBO lines (slope -1), the empirical frontier, training
-    paths of runs, and for beta_for the line of slope -β through its point."""
+    paths of runs, and for beta_for the line of slope -β through its point. zoom: the axes fit the points but the
+    outliers (vae.tradeoff.outliers), which fall off them, so that one extreme β does not squeeze the rest."""
     highlight = highlight or {}
     xy = [(p.rd["rate"], p.rd["distortion"]) for p in points]
-    for p in points:
+    far = outliers(xy) if zoom else [False] * len(points)
+    fit = [q for q, f in zip(xy, far) if not f]
+    for p, f in zip(points, far):
         if show_paths and p.path.get("epoch"):
-            xy += list(zip(p.path["rate"], p.path["distortion"]))
-    box = plane_box(xy)
+            path = list(zip(p.path["rate"], p.path["distortion"]))
+            xy += path
+            if not f:
+                fit += path
+    box = plane_box(fit)
     fig = go.Figure()
     for elbo, ((r0, d0), (r1, d1)) in iso_elbo_lines(box):
         fig.add_trace(go.Scatter(x=[r0, r1], y=[d0, d1], mode="lines", line=dict(color="#bbb", width=1, dash="dot"),

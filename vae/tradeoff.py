@@ -138,6 +138,21 @@ def plane_box(points, pad: float = 0.08) -> tuple:
     return 0.0, r_max * (1 + 1.5 * pad) + 0.5, d_lo - pad * span, d_hi + pad * span  # room for labels on the right
 
 
+def outliers(points, k: float = 5.0, floor: float = 1.0) -> list[bool]:
+    """Which (R, D) points lie far out on either axis: beyond the quartiles by more than k interquartile ranges
+    (the range taken as at least `floor` nats, so that tight clusters do not make every neighbour an outlier). With
+    fewer than 4 finite points, none; a non-finite point is one."""
+    pts = [(float(r), float(d)) for r, d in points]
+    ok = [math.isfinite(r) and math.isfinite(d) for r, d in pts]
+    good = np.asarray([p for p, f in zip(pts, ok) if f], dtype=float).reshape(-1, 2)
+    if len(good) < 4:
+        return [not f for f in ok]
+    q1, q3 = np.percentile(good, [25, 75], axis=0)
+    reach = k * np.maximum(q3 - q1, floor)
+    lo, hi = q1 - reach, q3 + reach
+    return [not f or not (lo[0] <= r <= hi[0] and lo[1] <= d <= hi[1]) for (r, d), f in zip(pts, ok)]
+
+
 def frontier(points) -> list[int]:
     """Indices of the empirical achievable frontier: the points that minimise D + beta R for some beta >= 0 (the
     lower-left convex hull), ordered by rate. Each one is the beta-VAE optimum among these models for the betas
