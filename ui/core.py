@@ -264,7 +264,13 @@ h1 { font-size: 2.9rem !important; } h2 { font-size: 2.2rem !important; } h3 { f
 header[data-testid="stHeader"], [data-testid="stToolbar"], footer { display: none !important; }
 </style>
 """
-BASE_CSS = "<style>img { image-rendering: pixelated; image-rendering: crisp-edges; }</style>"
+# Pairs of widgets side by side inside a column (the Train page's options) wrap onto two rows where the column is too
+# narrow for both (a 1024 px window with the sidebar open), rather than cutting their values to three letters.
+BASE_CSS = """<style>
+img { image-rendering: pixelated; image-rendering: crisp-edges; }
+[data-testid="stColumn"] [data-testid="stHorizontalBlock"] { flex-wrap: wrap; }
+[data-testid="stColumn"] [data-testid="stHorizontalBlock"] > [data-testid="stColumn"] { min-width: 7.5rem; }
+</style>"""
 
 
 def presenting() -> bool:

@@ -148,7 +148,7 @@ def config_panel(locked: bool):
         if st.session_state.get("cfg_likelihood") == "gaussian":
             c2.number_input("σ (fixed)", 0.001, 10.0, step=0.01, key="cfg_sigma", format="%.3f", **keep)
         else:
-            c2.toggle("Binarize data", key="cfg_binarize", help="static Bernoulli binarisation (seeded)", **keep)
+            c2.toggle("Binarize", key="cfg_binarize", help="Binarize the data: static Bernoulli binarisation (seeded)", **keep)
     with beta_col:
         st.markdown("**KL weight β**")
         c1, c2 = st.columns(2)
