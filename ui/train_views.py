@@ -148,7 +148,8 @@ def config_panel(locked: bool):
         if st.session_state.get("cfg_likelihood") == "gaussian":
             c2.number_input("σ (fixed)", 0.001, 10.0, step=0.01, key="cfg_sigma", format="%.3f", **keep)
         else:
-            c2.toggle("Binarize", key="cfg_binarize", help="Binarize the data: static Bernoulli binarisation (seeded)", **keep)
+            c2.toggle("Binarize", key="cfg_binarize", help="Binarize the data: static Bernoulli binarisation (seeded)",
+                      **keep)
     with beta_col:
         st.markdown("**KL weight β**")
         c1, c2 = st.columns(2)
@@ -451,8 +452,10 @@ def save_panel(job: Job):
     b1, b2, b3 = st.columns(3)
     b1.button("Save", key="btn_save", icon=":material/save:", on_click=_on_save, args=(job.id,), width="stretch",
               help="Current weights (for a failed run: the last good ones) with the history so far")
-    b2.download_button("Checkpoint .pt", functools.partial(_checkpoint_bytes, job.id), file_name=f"{job.name}.pt",
+    b2.download_button("Model .pt", functools.partial(_checkpoint_bytes, job.id), file_name=f"{job.name}.pt",
                        mime="application/octet-stream", on_click="ignore", key="dl_ckpt",
+                       help="The checkpoint: weights, configuration and history (vae.load_checkpoint reads it; "
+                            "upload it in the sidebar of another VAE Explorer)",
                        icon=":material/download:", width="stretch")
     b3.download_button("Metrics .csv", functools.partial(_metrics_csv, job.id), file_name=f"{job.name}.csv",
                        mime="text/csv", on_click="ignore", key="dl_csv", icon=":material/table:",
