@@ -4,10 +4,10 @@ split of the rate into I(x;z) and KL(q(z) ‖ p(z))), side by side for two model
 import streamlit as st
 
 from ui.core import current, get_dataset, load_selection, recon_and_samples, tile
-from ui.tradeoff import (collect_points, details_rd, group_jobs, group_progress, kl_bars_figure, plane_figure, split_figure,
-                         state_line, stop_group, submit_group)
+from ui.tradeoff import (collect_points, details_rd, far_flags, group_jobs, group_progress, kl_bars_figure,
+                         plane_figure, split_figure, state_line, stop_group, submit_group)
 from vae.jobs import ACTIVE
-from vae.tradeoff import SHORT_TRAIN, SWEEP_SCHEDULES, outliers, repeated_betas, sweep_specs
+from vae.tradeoff import SHORT_TRAIN, SWEEP_SCHEDULES, repeated_betas, sweep_specs
 
 DEFAULT_A = "file:checkpoints/sweep/digits-beta-1.pt"
 NONE = "(none)"
@@ -54,7 +54,7 @@ def plane_section():
     fig = plane_figure(pts, highlight, beta_for=a_now, show_paths=st.session_state.get("rd_paths", True), zoom=zoom)
     event = st.plotly_chart(fig, on_select="rerun", selection_mode="points", key="rd_plane",
                             config={"scrollZoom": False})
-    far = [p for p, f in zip(pts, outliers([(p.rd["rate"], p.rd["distortion"]) for p in pts])) if f]
+    far = [p for p, f in zip(pts, far_flags(pts)) if f]
     if far and zoom:
         st.caption(f"Off the axes, far from the other models ({len(far)}): "
                    + "; ".join(f"{p.label} (R {p.rd['rate']:.1f}, D {p.rd['distortion']:.1f} nats)" for p in far[:4])
@@ -90,7 +90,7 @@ with left:
         st.info("No models on this data set yet: run a β sweep (right) or train one on the Train page.")
     st.fragment(plane_section, run_every=POLL_S if live else None)()
     st.toggle("Show training paths of runs (R, D per epoch)", value=True, key="rd_paths")
-    if any(outliers([(p.rd["rate"], p.rd["distortion"]) for p in on_plane])):
+    if any(far_flags(on_plane)):
         st.toggle("Zoom past outliers", value=True, key="rd_zoom",
                   help="Fit the axes to the bulk of the models; the far ones are listed under the plane")
     st.caption("Click a legend entry to hide or show its models (double-click one: only those).")

@@ -158,3 +158,17 @@ def test_an_extreme_model_does_not_squeeze_the_plane(registry, tmp_path, monkeyp
     at.toggle(key="rd_zoom").set_value(False).run()
     y_range = json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]["yaxis"]["range"]
     assert y_range[1] > far and not any("Off the axes" in c.value for c in at.caption)
+
+
+def test_shipped_models_are_never_left_off_the_zoomed_plane():
+    def pt(source, r, d):
+        return ui.tradeoff.PlanePoint(f"file:{source}-{r}-{d}", "m", source, "digits", 1.0, "β=1",
+                                      {"rate": r, "distortion": d})
+
+    crowd = [pt("run", 3.0 + 0.1 * i, 21.0 + 0.1 * i) for i in range(8)]  # many similar runs: a tight middle
+    edge = pt("shipped sweep", 14.3, 16.5)  # the sweep's β = 0.1 end, far from that middle
+    assert ui.tradeoff.outliers([(edge.rd["rate"], edge.rd["distortion"])] +
+                                [(p.rd["rate"], p.rd["distortion"]) for p in crowd])[0]
+    assert ui.tradeoff.far_flags([edge, *crowd]) == [False] * 9
+    wild = pt("saved", 0.0, 400.0)
+    assert ui.tradeoff.far_flags([edge, *crowd, wild])[-1]

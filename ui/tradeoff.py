@@ -207,6 +207,13 @@ def _hover(p: PlanePoint) -> str:
     return "<br>".join(lines)
 
 
+def far_flags(points: list[PlanePoint]) -> list[bool]:
+    """Which points the zoomed plane leaves off its axes: vae.tradeoff.outliers, but never a shipped model (the
+    sweep is what a lecture shows, its β = 0.1 end included, however many similar runs crowd the middle)."""
+    flags = outliers([(p.rd["rate"], p.rd["distortion"]) for p in points])
+    return [f and not p.source.startswith("shipped") for p, f in zip(points, flags)]
+
+
 def plane_figure(points: list[PlanePoint], highlight: dict[str, str] | None = None, beta_for: PlanePoint | None = None,
                  show_paths: bool = True, height: int = 640, zoom: bool = False) -> go.Figure:
     """The rate–distortion plane: points by source, iso-ELBO lines (slope -1), the empirical frontier, training
@@ -214,7 +221,7 @@ def plane_figure(points: list[PlanePoint], highlight: dict[str, str] | None = No
     outliers (vae.tradeoff.outliers), which fall off them, so that one extreme β does not squeeze the rest."""
     highlight = highlight or {}
     xy = [(p.rd["rate"], p.rd["distortion"]) for p in points]
-    far = outliers(xy) if zoom else [False] * len(points)
+    far = far_flags(points) if zoom else [False] * len(points)
     fit = [q for q, f in zip(xy, far) if not f]
     for p, f in zip(points, far):
         if show_paths and p.path.get("epoch"):

@@ -499,7 +499,7 @@ def _live_status(job_id: str, polling: bool):
     h = snap.history
     if snap.step == 0:
         if snap.state in ACTIVE:
-            st.info("Paused before its first step: press Start (or Step for one batch)." if snap.state == PAUSED
+            st.info("Paused before its first step: press **Resume** (or **Step** for one batch)." if snap.state == PAUSED
                     else "Waiting for the first step…" if snap.state != QUEUED else
                     "Queued: the curves appear once the run starts.")
         return
@@ -532,8 +532,11 @@ def _live_charts(job_id: str, polling: bool):
             e = h["epoch"]
             au, d = e["active_units"][-1], len(e["test_kl_per_dim"][-1])
             dead = sum(1 for v in e["test_kl_per_dim"][-1] if v < 0.01)
-            st.caption(f"**{au}/{d} active units** (Var_x E_q[z_d] > 0.01) · {dead} dimension(s) with KL < 0.01 "
-                       "nats. A dark row is a dimension the decoder no longer gets information through.")
+            both = au + dead - d  # dimensions active by their means' variance yet under 0.01 nats: at least this
+            st.caption(f"**{au}/{d} active units** (Var_x E_q[z_d] > 0.01) · {d - dead}/{d} dimension(s) with KL ≥ "
+                       "0.01 nats" + (f" (two different tests: at least {both} dimension(s) count as active with "
+                                      "less than 0.01 nats of KL)" if both > 0 else "")
+                       + ". A dark row is a dimension the decoder no longer gets information through.")
     with right:
         _images(job, snap)
     _compare(job, h)

@@ -244,6 +244,9 @@ def model_config_for(dataset: str, **overrides) -> ModelConfig:
     return ModelConfig(**kw)
 
 
+MIN_BETA = 1e-6  # the smallest β but 0 a sweep takes
+
+
 def _beta_tokens(text) -> list[str]:
     return [p for p in re.split(r"[,\s;]+", str(text or "").strip()) if p]
 
@@ -263,6 +266,8 @@ def parse_betas(text) -> tuple[float, ...]:
             raise ValueError(msg) from None
         if not math.isfinite(b) or b < 0 or b > 1000:
             raise ValueError(f"β = {p} is not allowed: each β must be a number from 0 to 1000")
+        if b < MIN_BETA and (b > 0 or re.search(r"[1-9]", p.lower().split("e")[0])):  # 1e-400 reads as 0.0
+            raise ValueError(f"β = {p} is too small to tell from 0: give 0 (no KL weight) or at least {MIN_BETA:g}")
         if b not in out:
             out.append(b)
     if len(out) > MAX_SWEEP:
