@@ -8,16 +8,23 @@ from ui.core import get_dataset, tile
 from ui.tradeoff import (au_curves_figure, group_jobs, group_progress, heatmap_figure, run_images, state_line,
                          stop_group, submit_group)
 from vae.jobs import ACTIVE
-from vae.tradeoff import LAB_REMEDIES, PRESETS, REMEDIES, SHORT_TRAIN, kl_heatmap, lab_specs, run_summary, trajectory
+from vae.tradeoff import (LAB_REMEDIES, LAB_SEP, PRESETS, REMEDIES, SHORT_TRAIN, kl_heatmap, lab_meta_from_names,
+                          lab_run_name, lab_specs, run_summary, trajectory)
 
 POLL_S = 1.0
 N_IMAGES = 6
-SEP = " · "  # job names are "lab <preset> · <run>"
 
 st.title("Collapse lab", help="Posterior collapse: q(z|x) ≈ p(z) for every x, so the rate is ≈ 0, the active units "
                               "go to 0 and the decoder ignores z. Reproduce it, then fix it on the same seed.")
 
 group = st.session_state.get("lab_group")
+if group is None and st.query_params.get("lab"):  # a reload or a shared link: the lab in the URL, if it still exists
+    meta = lab_meta_from_names(j.name for j in group_jobs(st.query_params["lab"]))
+    if meta is not None:
+        group = st.session_state["lab_group"] = st.query_params["lab"]
+        st.session_state["lab_meta"] = meta
+    else:
+        del st.query_params["lab"]
 running = any(j.snapshot().state in ACTIVE for j in group_jobs(group))
 
 c1, c2 = st.columns([1.6, 1], vertical_alignment="bottom")
@@ -39,10 +46,8 @@ if run_clicked:
     except ValueError as exc:
         st.error(str(exc))
     else:
-        short = "β4" if preset_key == "beta4" else "AR"
-        named = [dataclasses.replace(s, name=f"lab {short}{SEP}{'collapsed' if s.role == 'collapse' else s.name}")
-                 for s in specs]
-        st.session_state["lab_group"] = submit_group(named, "lab")
+        named = [dataclasses.replace(s, name=lab_run_name(preset_key, s)) for s in specs]
+        st.session_state["lab_group"] = st.query_params["lab"] = submit_group(named, "lab")
         st.session_state["lab_meta"] = {"preset": preset_key, "roles": [s.role for s in specs]}
         st.rerun()
 if stop_clicked:
@@ -54,7 +59,7 @@ st.markdown(f"**{PRESETS[shown].label}.** {PRESETS[shown].what}")
 
 
 def _short_name(name: str) -> str:
-    return name.split(SEP, 1)[-1]
+    return name.split(LAB_SEP, 1)[-1]
 
 
 def results():

@@ -38,6 +38,11 @@ for key, default in (("rd_a", DEFAULT_A if DEFAULT_A in by_ref else next(iter(by
     st.session_state[key] = wanted if (wanted in by_ref or wanted == NONE) else default
 
 sweep_group = st.session_state.get("rd_sweep")
+if sweep_group is None and st.query_params.get("sweep"):  # a reload or a shared link: its sweep, while it exists
+    if group_jobs(st.query_params["sweep"]):
+        sweep_group = st.session_state["rd_sweep"] = st.query_params["sweep"]
+    else:
+        del st.query_params["sweep"]
 live = any(p.live for p in on_plane) or any(j.snapshot().state in ACTIVE for j in group_jobs(sweep_group))
 
 left, right = st.columns([2.3, 1], gap="large")  # in presentation mode too: its text column stays readable
@@ -133,7 +138,7 @@ with right:
             except ValueError as exc:
                 st.error(str(exc))
             else:
-                st.session_state["rd_sweep"] = submit_group(specs, "sweep")
+                st.session_state["rd_sweep"] = st.query_params["sweep"] = submit_group(specs, "sweep")
                 again = repeated_betas(betas_text)
                 if again:
                     st.session_state["_rd_note"] = (f"β = {', '.join(f'{b:g}' for b in again)} given more than once: "

@@ -87,6 +87,10 @@ def test_tradeoff_sweep_runs_through_the_registry_points_appear_and_cancel_stops
     assert sorted(runs["customdata"]) == sorted(f"run:{j.id}" for j in jobs)
     assert sorted(runs["text"]) == ["β=0.5", "β=4"]
     assert any("2/2 runs ended" in p.proto.text for p in at.get("progress"))
+    again = open_page("pages/tradeoff.py")  # a reload: the sweep's progress is found again from the URL
+    again.query_params["sweep"] = group
+    again.run()
+    assert not again.exception and any("2/2 runs ended" in p.proto.text for p in again.get("progress"))
 
     # a long sweep, cancelled: every run of the group stops
     at.text_input(key="rd_betas").set_value("0.5, 1, 2, 4")
@@ -130,6 +134,20 @@ def test_collapse_lab_runs_preset_and_remedies_side_by_side(registry):
     assert heat["type"] == "heatmap" and shape == (16, 12)  # latent dims x epochs
     last = json.loads(charts[2].proto.spec)["data"][0]  # the one shared colour scale, beside the last run only
     assert not heat["showscale"] and last["showscale"] and last["colorbar"]["ticktext"] == ["0", "0.5", "≥1"]
+    assert at.query_params["lab"] in (group, [group])
+
+    # a reload (a new session with the same URL) finds the lab again, roles and all; a stale lab id is dropped
+    again = open_page("pages/collapse.py")
+    again.query_params["lab"] = group
+    again.run()
+    assert not again.exception and again.session_state["lab_group"] == group
+    assert list(again.dataframe[0].value["run"]) == ["collapsed", "+ free bits λ = 0.5"]
+    assert any("costs nothing (Kingma et al. 2016)" in c.value for c in again.caption)  # the remedy's note
+    stale = open_page("pages/collapse.py")
+    stale.query_params["lab"] = "lab-nosuch"
+    stale.run()
+    assert not stale.exception and "lab" not in stale.query_params
+    assert any("Press **Run**" in i.value for i in stale.info)
 
 
 def test_an_extreme_model_does_not_squeeze_the_plane(registry, tmp_path, monkeypatch):

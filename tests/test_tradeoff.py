@@ -13,9 +13,9 @@ from vae import Trainer
 from vae.checkpoint import load_checkpoint
 from vae.diagnostics import evaluate
 from vae.tradeoff import (LAB_REMEDIES, PRESETS, REMEDIES, beta_line, clip_line, describe_objective, frontier,
-                          iso_elbo_lines, kl_heatmap, lab_specs, nice_step, outliers, parse_betas, plane_box,
-                          rate_distortion,
-                          repeated_betas, run_summary, sweep_specs, trajectory)
+                          iso_elbo_lines, kl_heatmap, lab_meta_from_names, lab_run_name, lab_specs, nice_step,
+                          outliers, parse_betas, plane_box, rate_distortion, repeated_betas, run_summary, sweep_specs,
+                          trajectory)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -300,3 +300,14 @@ def test_warm_up_keeps_dimensions_active_while_beta_is_low(lab_runs):
     au_c, au_w = collapsed["epoch"]["active_units"], warm["epoch"]["active_units"]
     assert max(au_w) >= 12 and max(au_w) > max(au_c) + 4  # warm-up: most dimensions come alive early on
     assert au_w[-1] > au_c[-1]  # and more are still alive at the end of the short run
+
+
+def test_lab_run_names_read_back_to_their_preset_and_roles():
+    for preset in PRESETS:
+        specs = lab_specs(preset, ["free_bits", "warmup"])
+        names = [lab_run_name(preset, s) for s in specs]
+        assert lab_meta_from_names(names) == {"preset": preset, "roles": ["collapse", "free_bits", "warmup"]}
+    assert lab_run_name("beta4", lab_specs("beta4", [])[0]) == "lab β4 · collapsed"
+    assert lab_meta_from_names([]) is None
+    assert lab_meta_from_names(["sweep β=4"]) is None  # not a lab
+    assert lab_meta_from_names(["lab β4 · collapsed", "lab β4 · + something else"]) is None

@@ -400,6 +400,30 @@ def lab_specs(preset: str, remedies=LAB_REMEDIES, *, seed: int = 0, epochs: int 
     return specs
 
 
+LAB_SEP = " · "  # a lab run's name: "lab <preset> · <run>"
+LAB_SHORT = {"beta4": "β4", "autoregressive": "AR"}
+
+
+def lab_run_name(preset: str, spec: RunSpec) -> str:
+    """The registry name of a lab run: "lab β4 · collapsed", "lab β4 · + free bits λ = 0.5"."""
+    return f"lab {LAB_SHORT[preset]}{LAB_SEP}{'collapsed' if spec.role == 'collapse' else spec.name}"
+
+
+def lab_meta_from_names(names) -> dict | None:
+    """The inverse of lab_run_name over a lab's runs: {"preset": key, "roles": [role per run]}, or None when the
+    names are not a lab's (a page reopened from its URL finds its lab again by them)."""
+    names = list(names)
+    if not names:
+        return None
+    head = names[0].split(LAB_SEP, 1)[0]
+    preset = next((k for k, short in LAB_SHORT.items() if head == f"lab {short}"), None)
+    if preset is None:
+        return None
+    by_name = {lab_run_name(preset, s): s.role for s in lab_specs(preset, LAB_REMEDIES)}
+    roles = [by_name.get(n) for n in names]
+    return None if None in roles else {"preset": preset, "roles": roles}
+
+
 def run_summary(history: dict) -> dict | None:
     """Final figures of a run from its history: rate, distortion, ELBO and active units at the last epoch, and the
     most active units any epoch had. None before the first epoch ends."""
