@@ -10,17 +10,18 @@ st.markdown(
     "each input, and a **decoder** $p_\\theta(x\\mid z)$ that turns a code back into data. The prior "
     "$p(z)=\\mathcal N(0, I)$ lets us sample new data: draw $z$, decode it.")
 
-left, right = st.columns([1.1, 1])
+left, right = st.container(key="home_top").columns([1.1, 1])  # stacked where too narrow for both: ui.core BASE_CSS
 with left:
     st.subheader("Why it trains: the ELBO")
     st.latex(r"""\begin{aligned}
-\log p_\theta(x) &= \underbrace{\mathbb{E}_{q_\phi(z\mid x)}\!\left[\log p_\theta(x\mid z)\right]
-  - \mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p(z)\right)}_{\text{ELBO}} \\
-  &\quad + \underbrace{\mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p_\theta(z\mid x)\right)}_{\text{gap}\;\ge\;0} \\[4pt]
-\log p_\theta(x) &\ge \text{ELBO} \\[4pt]
+\log p_\theta(x) &= \text{ELBO}
+  + \underbrace{\mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p_\theta(z\mid x)\right)}_{\text{gap}\;\ge\;0}
+  \;\ge\; \text{ELBO} \\[4pt]
+\text{ELBO} &= \mathbb{E}_{q_\phi(z\mid x)}\!\left[\log p_\theta(x\mid z)\right]
+  - \mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p(z)\right) \\[4pt]
 \text{loss} &= \underbrace{-\mathbb{E}_{q_\phi}[\log p_\theta(x\mid z)]}_{\text{reconstruction}}
-  + \beta\,\underbrace{\mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p(z)\right)}_{\text{rate}}
-  \\ &\qquad (\beta = 1:\ \text{loss} = -\text{ELBO})
+  + \beta\,\underbrace{\mathrm{KL}\!\left(q_\phi\,\|\,p(z)\right)}_{\text{rate}} \\
+  &\qquad (\beta = 1:\ \text{loss} = -\text{ELBO})
 \end{aligned}""")
     st.markdown(
         "- **Reconstruction**: how well the decoder $p_\\theta$ explains $x$ from a code drawn from the encoder.\n"

@@ -56,7 +56,7 @@ if method == "dims":
             del st.session_state[k]
     dims = (ca.selectbox("x axis", dim_opts, index=top[0], key="latent_dim_x", bind="query-params", format_func=fmt),
             cb.selectbox("y axis", dim_opts, index=top[1], key="latent_dim_y", bind="query-params", format_func=fmt))
-n_ell = c4.slider("±2σ posterior ellipses for", 0, 200, 30, step=10, key="latent_n_ellipses", bind="query-params",
+n_ell = c4.slider("q(z|x) ellipses (±2σ) drawn", 0, 200, 30, step=10, key="latent_n_ellipses", bind="query-params",
                   disabled=method == "tsne", help="A random sample of examples: each ellipse is 2 standard "
                                                   "deviations of q(z|x), drawn in the same plane as the dots")
 

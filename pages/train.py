@@ -46,5 +46,9 @@ with expander("All runs on this server", "exp_runs", icon=":material/list:", whe
 if job is None:
     st.info("Pick a preset and press **Start**. “fast demo” trains in seconds; “reproduce KL collapse” shows every "
             "latent dimension dying; the two “fix it” presets bring them back.")
+    busy = [j for j in tv.registry().jobs() if j.state in ACTIVE]
+    if busy:  # a new tab, or another session's runs: say they exist, and how to watch one
+        st.caption(f"{len(busy)} run(s) already on this server ({', '.join(j.name for j in busy[:3])}"
+                   f"{', …' if len(busy) > 3 else ''}): pick one in **Run** above to watch it.")
 else:
     tv.live_view(job, state)

@@ -79,7 +79,7 @@ def iwae_fig(a: Anatomy, draws=None, grid_log_px: float | None = None, height: i
     lo, hi = min(lines), max(lines)
     span = max(hi - lo, 0.2)
     fig.update_yaxes(range=[lo - 0.25 * span, hi + 0.25 * span])
-    fig.update_layout(title="The IWAE bound L_K climbs from the ELBO towards log p(x)",
+    fig.update_layout(title="The IWAE bound L_K rises, on average, from the ELBO (K = 1) towards log p(x)",
                       xaxis=dict(type="log", title="K (importance samples)"), yaxis_title="nats",
                       legend=dict(orientation="h", y=-0.25))
     return style_fig(fig, height)

@@ -673,7 +673,7 @@ def runs_table():
         s = j.snapshot()
         e = s.history["epoch"]
         rows.append({"name": s.name, "id": s.id, "state": s.state, "epoch": f"{s.epoch}/{s.epochs}",
-                     "queue": s.queue_position, "test ELBO": e["test_elbo"][-1] if e["test_elbo"] else None,
+                     "queue": f"#{s.queue_position}" if s.queue_position else "—", "test ELBO": e["test_elbo"][-1] if e["test_elbo"] else None,
                      "active units": e["active_units"][-1] if e["active_units"] else None,
                      "β": s.train_config["beta"], "schedule": s.train_config["beta_schedule"],
                      "free bits": s.train_config["free_bits"]})
