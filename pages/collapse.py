@@ -93,6 +93,10 @@ def results():
                          "ELBO": round(sm["elbo"], 2) if sm else None})
         st.dataframe(rows, hide_index=True, column_config={"R": st.column_config.NumberColumn(help="rate, nats"),
                                                            "D": st.column_config.NumberColumn(help="distortion, nats")})
+        st.caption("ELBO = −(R + D): each model's true bound, its KL weighted by 1 whatever β trained it. A remedy "
+                   "that keeps dimensions alive pays for their KL, so its ELBO can come out below the collapsed "
+                   "model's: what the remedies buy is a code that carries information (active units, R), not a "
+                   "better ELBO at this β.")
         if show_images:
             st.image(tile(x, shape, ncols=N_IMAGES, target_px=360), width="stretch",
                      caption="test images x. Below, per run: KL of each latent dimension (rows) over the epochs, "
@@ -106,7 +110,8 @@ def results():
             heat = kl_heatmap(s.history)
             if heat.size:
                 # one scale for all (0 to >= 1 nat), drawn once, beside the last run's
-                st.plotly_chart(heatmap_figure(heat, "", zmax=1.0, height=150, show_scale=i == len(snaps) - 1),
+                st.plotly_chart(heatmap_figure(heat, "", zmax=1.0, height=170, show_scale=i == len(snaps) - 1,
+                                               scale_room=True),
                                 key=f"lab_heat_{i}")
             if sm is not None:
                 st.markdown(f"active units **{sm['active_units']}/{latent_dim}**  \nR {sm['rate']:.2f} · "

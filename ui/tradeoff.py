@@ -13,6 +13,7 @@ import torch
 
 from ui.core import (SHIPPED_DIRS, USER_DIR, file_ref, get_dataset, get_registry, presenting, safe_checkpoint_path,
                      style_fig)
+from ui.train_figures import INFERNO
 from vae.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
 from vae.config import ModelConfig
 from vae.jobs import ACTIVE, FAILED
@@ -333,21 +334,29 @@ def split_figure(rd: dict, height: int = 230) -> go.Figure:
     return style_fig(fig, height)
 
 
+SCALE_ROOM_PX = 46  # right margin kept for a colour bar, on every heatmap of a row, so that all plot equally wide
+
+
 def heatmap_figure(heat: np.ndarray, title: str, zmax: float = 1.0, height: int = 240,
-                   show_scale: bool = False) -> go.Figure:
-    """Per-dimension KL over training: rows = latent dims, columns = epochs; dark = collapsed."""
+                   show_scale: bool = False, scale_room: bool = False) -> go.Figure:
+    """Per-dimension KL over training: rows = latent dims, columns = epochs; dark = collapsed (the Train page's
+    colours). scale_room: a fixed right margin for the colour bar, drawn or not, so that a row of these lines up."""
     d, e = heat.shape if heat.size else (0, 0)
     fig = go.Figure(go.Heatmap(z=heat, x=list(range(1, e + 1)), y=[f"z{i + 1}" for i in range(d)],
-                               colorscale="Viridis", zmin=0, zmax=zmax, showscale=show_scale,
-                               colorbar=dict(title=dict(text="nats", side="top"), thickness=10, len=1.0,
-                                             tickvals=[0, zmax / 2, zmax],
+                               colorscale=INFERNO, zmin=0, zmax=zmax, showscale=show_scale,
+                               colorbar=dict(title=dict(text="nats", side="top"), thickness=8, len=1.0, x=1.03,
+                                             xanchor="left", xpad=0, tickvals=[0, zmax / 2, zmax],
                                              ticktext=["0", f"{zmax / 2:g}", f"≥{zmax:g}"]),
                                hovertemplate="epoch %{x}, %{y}: %{z:.3f} nats<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title="epoch" if title else None,
+    fig.update_layout(title=title, xaxis_title="epoch",
                       yaxis=dict(showticklabels=False, title="dims"))
     style_fig(fig, height)
     if not title:
         fig.update_layout(margin=dict(t=6, b=6))
+    if scale_room:
+        # fixed margins all round (autoexpand off: a colour bar would otherwise widen only its own figure's)
+        fig.update_layout(margin=dict(l=28, r=SCALE_ROOM_PX, t=6 if not title else 50, b=44, autoexpand=False),
+                          xaxis=dict(title=dict(text="epoch", standoff=2)))
     return fig
 
 
