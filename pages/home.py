@@ -10,7 +10,7 @@ st.markdown(
     "each input, and a **decoder** $p_\\theta(x\\mid z)$ that turns a code back into data. The prior "
     "$p(z)=\\mathcal N(0, I)$ lets us sample new data: draw $z$, decode it.")
 
-left, right = st.container(key="home_top").columns([1.1, 1])  # stacked where too narrow for both: ui.core BASE_CSS
+left, right = st.container(key="stack_home").columns([1.1, 1])  # stacked where too narrow for both: ui.core BASE_CSS
 with left:
     st.subheader("Why it trains: the ELBO")
     st.latex(r"""\begin{aligned}

@@ -9,7 +9,7 @@ from ui.latent import (aggregate_figure, class_names, dim_info, dims_figure, enc
 from vae.latent_ops import decode_points
 from vae.projection import TSNE_MAX_POINTS, available_methods
 
-METHOD_LABELS = {"identity": "2-D latent: no projection", "strip": "1-D latent: strip plot",
+METHOD_LABELS = {"identity": "none (2-D latent)", "strip": "1-D latent: strip plot",
                  "pca": "PCA (first two components)", "dims": "two raw dimensions", "tsne": "t-SNE"}
 MAX_SHOWN = 48  # selected examples drawn as images
 
@@ -80,7 +80,7 @@ update_selection(store, selected_rows(st.session_state.get("latent_scatter")))
 
 # ---- the scatter, and what the selection shows -----------------------------------------------------------------
 is_points = tuple(cfg.image_shape) == (2,)
-left, right = st.columns([1.25, 1])
+left, right = st.container(key="stack_latent").columns([1.25, 1])  # stacked where narrow
 with left:
     fig = scatter_figure(codes, proj, n_ellipses=n_ell, selected=store["rows"], height=600)
     event = st.plotly_chart(fig, key="latent_scatter", on_select="rerun", selection_mode=("points", "box", "lasso"),
@@ -128,7 +128,7 @@ with right:
         st.rerun()
 
 # ---- the aggregate posterior and the prior; the dimensions ---------------------------------------------------
-agg, dims_col = st.columns([1, 1])
+agg, dims_col = st.container(key="stack_latent_agg").columns([1, 1])
 with agg:
     st.subheader("Aggregate posterior vs prior")
     if proj.linear:

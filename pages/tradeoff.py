@@ -45,7 +45,7 @@ if sweep_group is None and st.query_params.get("sweep"):  # a reload or a shared
         del st.query_params["sweep"]
 live = any(p.live for p in on_plane) or any(j.snapshot().state in ACTIVE for j in group_jobs(sweep_group))
 
-left, right = st.columns([2.3, 1], gap="large")  # in presentation mode too: its text column stays readable
+left, right = st.container(key="stack_rd").columns([2.3, 1], gap="large")  # stacked where narrow (ui.core BASE_CSS)
 
 
 def plane_section():

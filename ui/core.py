@@ -257,7 +257,7 @@ PRESENT_CSS = """
 h1 { font-size: 2.9rem !important; } h2 { font-size: 2.2rem !important; } h3 { font-size: 1.75rem !important; }
 .katex { font-size: 1.3em !important; }
 .katex-display > .katex { font-size: 1.55em !important; }  /* display formulas (st.latex) as large as the text */
-.st-key-home_top > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] > [data-testid="stColumn"]
+.st-key-stack_home > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] > [data-testid="stColumn"]
   { min-width: 38rem !important; }
 [data-testid="stMetricValue"], [data-testid="stMetricValue"] p { font-size: 2.5rem !important; }
 [data-testid="stMetricLabel"] p { font-size: 1.1rem !important; }
@@ -270,9 +270,14 @@ BASE_CSS = """<style>
 img { image-rendering: pixelated; image-rendering: crisp-edges; }
 [data-testid="stColumn"] [data-testid="stHorizontalBlock"] { flex-wrap: wrap; }
 [data-testid="stColumn"] [data-testid="stHorizontalBlock"] > [data-testid="stColumn"] { min-width: 7.5rem; }
-.st-key-home_top > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] { flex-wrap: wrap; }
-.st-key-home_top > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] > [data-testid="stColumn"]
-  { min-width: 24rem; }  /* Home: the derivation and the model side by side only where both fit */
+/* st.container(key="stack_…").columns(…): side by side only where each column gets its min-width, else stacked */
+[class*="st-key-stack_"] > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] { flex-wrap: wrap; }
+[class*="st-key-stack_"] > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] > [data-testid="stColumn"]
+  { min-width: 20rem; }
+.st-key-stack_home > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] > [data-testid="stColumn"]
+  { min-width: 24rem; }
+.st-key-stack_rd > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] > [data-testid="stColumn"]
+  { min-width: 17rem; }
 .katex-display { overflow-x: auto; overflow-y: hidden; padding-bottom: 0.2rem; }  /* never cut off */
 /* a long metric label wraps instead of ending in "…" ("log p_θ(x), importance sampling, K = 5000 (nats)") */
 [data-testid="stMetricLabel"] [data-testid="stMarkdownContainer"], [data-testid="stMetricLabel"] p

@@ -132,8 +132,8 @@ def config_panel(locked: bool):
         c1, c2 = st.columns(2)
         c1.selectbox("Dataset", list(DATASETS), key="cfg_dataset", help="digits works offline; MNIST-style sets "
                      "need their files (or a network)", **keep)
-        c2.number_input("Train on first N (0 = all)", 0, 1_000_000, step=100, key="cfg_max_examples",
-                        help="Use only the first N training examples: quicker runs", **keep)
+        c2.number_input("Examples (0 = all)", 0, 1_000_000, step=100, key="cfg_max_examples",
+                        help="Train on only the first N training examples (0: all of them): quicker runs", **keep)
         c1, c2 = st.columns(2)
         c1.selectbox("Architecture", ARCHS, key="cfg_arch", help="conv needs 28x28 or 8x8 images", **keep)
         c2.text_input("Hidden sizes", key="cfg_hidden", help="comma-separated, e.g. 256,128 (conv: the dense "
