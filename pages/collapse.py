@@ -18,13 +18,17 @@ st.title("Collapse lab", help="Posterior collapse: q(z|x) ≈ p(z) for every x, 
                               "go to 0 and the decoder ignores z. Reproduce it, then fix it on the same seed.")
 
 group = st.session_state.get("lab_group")
-if group is None and st.query_params.get("lab"):  # a reload or a shared link: the lab in the URL, if it still exists
-    meta = lab_meta_from_names(j.name for j in group_jobs(st.query_params["lab"]))
+wanted = st.query_params.get("lab")
+if group is None and wanted:  # a reload or a shared link: the lab in the URL, if this server still has it
+    meta = lab_meta_from_names(j.name for j in group_jobs(wanted)) if wanted.startswith("lab-") else None
     if meta is not None:
-        group = st.session_state["lab_group"] = st.query_params["lab"]
+        group = st.session_state["lab_group"] = wanted
         st.session_state["lab_meta"] = meta
     else:
         del st.query_params["lab"]
+        st.warning(f"The lab in this link ({wanted[:40]}) is not on this server: press **Run** for a new one.")
+if group and group_jobs(group):
+    st.query_params["lab"] = group  # kept in the URL (a page switch clears it), so that a reload finds the lab
 running = any(j.snapshot().state in ACTIVE for j in group_jobs(group))
 
 c1, c2 = st.columns([1.6, 1], vertical_alignment="bottom")
@@ -69,7 +73,8 @@ def results():
         st.info("Press **Run**: the preset and each remedy train for a few seconds each, two at a time.")
         return
     snaps = [j.snapshot() for j in jobs]
-    roles = (st.session_state.get("lab_meta") or {}).get("roles", [])
+    # roles by name, not by place: a run forgotten on the Train page must not shift the others' notes
+    roles = (lab_meta_from_names(s.name for s in snaps) or st.session_state.get("lab_meta") or {}).get("roles", [])
     frac, ended, total = group_progress(snaps)
     if ended < total:
         st.progress(frac, text=f"{ended}/{total} runs ended")
@@ -95,22 +100,24 @@ def results():
                                                            "D": st.column_config.NumberColumn(help="distortion, nats")})
         st.caption("ELBO = −(R + D): each model's true bound, its KL weighted by 1 whatever β trained it. A remedy "
                    "that keeps dimensions alive pays for their KL, so its ELBO can come out below the collapsed "
-                   "model's: what the remedies buy is a code that carries information (active units, R), not a "
-                   "better ELBO at this β.")
+                   "model's: what the remedies buy is a code that carries information (active units, R), not "
+                   "necessarily a better ELBO.")
         if show_images:
             st.image(tile(x, shape, ncols=N_IMAGES, target_px=360), width="stretch",
                      caption="test images x. Below, per run: KL of each latent dimension (rows) over the epochs, "
                              "dark 0 nats = collapsed to bright ≥ 1 nat; then its reconstructions of these images "
                              "(in two rows)")
+    heats = [kl_heatmap(s.history) for s in snaps]
+    scale_at = max((i for i, h in enumerate(heats) if h.size), default=-1)  # runs still queued have none yet
     cols = st.columns(len(snaps))
     for i, (col, s) in enumerate(zip(cols, snaps)):
         with col:
             sm = run_summary(s.history)
             st.markdown(f"**{_short_name(s.name)}**")
-            heat = kl_heatmap(s.history)
+            heat = heats[i]
             if heat.size:
-                # one scale for all (0 to >= 1 nat), drawn once, beside the last run's
-                st.plotly_chart(heatmap_figure(heat, "", zmax=1.0, height=170, show_scale=i == len(snaps) - 1,
+                # one scale for all (0 to >= 1 nat), drawn once, beside the last heatmap
+                st.plotly_chart(heatmap_figure(heat, "", zmax=1.0, height=170, show_scale=i == scale_at,
                                                scale_room=True),
                                 key=f"lab_heat_{i}")
             if sm is not None:

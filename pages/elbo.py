@@ -276,7 +276,7 @@ else:
         cur = {"log_px": h.log_px, "log_px_se": h.log_px_se, "elbo": h.elbo,
                "label_log_px": f"log p(x) now (±2 SE): {h.log_px:.2f}", "label_elbo": f"ELBO now: {h.elbo:.2f}"}
     st.plotly_chart(history_fig(hist, cur), width="stretch", key="elbo_hist")
-    st.caption("The history records the ELBO of every epoch (test: the whole test split, one z sample per image, "
-               f"so it is noisier than 'ELBO now', which averages S = {HIST_S} samples per image). log p(x) per "
-               "epoch would need the weights of every epoch, which are not stored; so log p(x), and with it the gap, is shown "
+    st.caption("The history records the ELBO of every epoch (test: the whole test split, one z sample per image); "
+               f"'ELBO now' averages S = {HIST_S} samples per image over {label}. log p(x) per epoch would need the "
+               "weights of every epoch, which are not stored; so log p(x), and with it the gap, is shown "
                "only for the current weights." + (f" Gap now: {cur['log_px'] - cur['elbo']:.2f} nats." if cur else ""))

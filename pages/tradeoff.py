@@ -4,8 +4,8 @@ split of the rate into I(x;z) and KL(q(z) ‖ p(z))), side by side for two model
 import streamlit as st
 
 from ui.core import current, get_dataset, load_selection, recon_and_samples, tile
-from ui.tradeoff import (collect_points, details_rd, far_flags, group_jobs, group_progress, kl_bars_figure,
-                         plane_figure, split_figure, state_line, stop_group, submit_group)
+from ui.tradeoff import (collect_points, details_rd, group_jobs, group_progress, kl_bars_figure,
+                         plane_extent, plane_figure, split_figure, state_line, stop_group, submit_group)
 from vae.jobs import ACTIVE
 from vae.tradeoff import SHORT_TRAIN, SWEEP_SCHEDULES, repeated_betas, sweep_specs
 
@@ -38,11 +38,15 @@ for key, default in (("rd_a", DEFAULT_A if DEFAULT_A in by_ref else next(iter(by
     st.session_state[key] = wanted if (wanted in by_ref or wanted == NONE) else default
 
 sweep_group = st.session_state.get("rd_sweep")
-if sweep_group is None and st.query_params.get("sweep"):  # a reload or a shared link: its sweep, while it exists
-    if group_jobs(st.query_params["sweep"]):
-        sweep_group = st.session_state["rd_sweep"] = st.query_params["sweep"]
+wanted = st.query_params.get("sweep")
+if sweep_group is None and wanted:  # a reload or a shared link: its sweep, if this server still has it
+    if wanted.startswith("sweep-") and group_jobs(wanted):
+        sweep_group = st.session_state["rd_sweep"] = wanted
     else:
         del st.query_params["sweep"]
+        st.warning(f"The β sweep in this link ({wanted[:40]}) is not on this server.")
+if sweep_group and group_jobs(sweep_group):
+    st.query_params["sweep"] = sweep_group  # kept in the URL (a page switch clears it), so that a reload finds it
 live = any(p.live for p in on_plane) or any(j.snapshot().state in ACTIVE for j in group_jobs(sweep_group))
 
 left, right = st.container(key="stack_rd").columns([2.3, 1], gap="large")  # stacked where narrow (ui.core BASE_CSS)
@@ -55,15 +59,19 @@ def plane_section():
     a, b = by_ref.get(st.session_state.get("rd_a")), by_ref.get(st.session_state.get("rd_b"))
     highlight = {p.ref: tag for p, tag in ((a, "A"), (b, "B")) if p is not None}
     a_now = next((p for p in pts if a is not None and p.ref == a.ref), None)
-    zoom = st.session_state.get("rd_zoom", True)
-    fig = plane_figure(pts, highlight, beta_for=a_now, show_paths=st.session_state.get("rd_paths", True), zoom=zoom)
+    paths = st.session_state.get("rd_paths", True)
+    far = [p for p, f in zip(pts, plane_extent(pts, paths, zoom=True, keep=highlight)[1]) if f]
+    zoom = bool(far) and st.session_state.get("rd_zoom", True)
+    fig = plane_figure(pts, highlight, beta_for=a_now, show_paths=paths, zoom=zoom)
     event = st.plotly_chart(fig, on_select="rerun", selection_mode="points", key="rd_plane",
                             config={"scrollZoom": False})
-    far = [p for p, f in zip(pts, far_flags(pts)) if f]
+    if far:  # here, not below the fragment: a model can become far while a sweep runs
+        st.toggle("Zoom past outliers", value=True, key="rd_zoom",
+                  help="Fit the axes to the bulk of the models; the far ones are listed under the plane")
     if far and zoom:
         st.caption(f"Off the axes, far from the other models ({len(far)}): "
                    + "; ".join(f"{p.label} (R {p.rd['rate']:.1f}, D {p.rd['distortion']:.1f} nats)" for p in far[:4])
-                   + (" …" if len(far) > 4 else "") + ". Untick “Zoom past outliers” below to see them.")
+                   + (" …" if len(far) > 4 else "") + ". Switch “Zoom past outliers” off to see them.")
     clicked = [pt.get("customdata") for pt in (event.selection.points if event else []) if pt.get("customdata")]
     if clicked and clicked[0] != st.session_state.get("_rd_last_click"):
         st.session_state["_rd_last_click"] = clicked[0]
@@ -95,9 +103,6 @@ with left:
         st.info("No models on this data set yet: run a β sweep (right) or train one on the Train page.")
     st.fragment(plane_section, run_every=POLL_S if live else None)()
     st.toggle("Show training paths of runs (R, D per epoch)", value=True, key="rd_paths")
-    if any(far_flags(on_plane)):
-        st.toggle("Zoom past outliers", value=True, key="rd_zoom",
-                  help="Fit the axes to the bulk of the models; the far ones are listed under the plane")
     st.caption("Click a legend entry to hide or show its models (double-click one: only those).")
 
 with right:

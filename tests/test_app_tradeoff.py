@@ -91,6 +91,11 @@ def test_tradeoff_sweep_runs_through_the_registry_points_appear_and_cancel_stops
     again.query_params["sweep"] = group
     again.run()
     assert not again.exception and any("2/2 runs ended" in p.proto.text for p in again.get("progress"))
+    foreign = open_page("pages/tradeoff.py")  # a lab's id is not a sweep: refused in one line, nothing blocked
+    foreign.query_params["sweep"] = next(iter(registry.jobs())).group.replace("sweep-", "lab-")
+    foreign.run()
+    assert not foreign.exception and "sweep" not in foreign.query_params
+    assert any("not on this server" in w.value for w in foreign.warning) and not foreign.get("progress")
 
     # a long sweep, cancelled: every run of the group stops
     at.text_input(key="rd_betas").set_value("0.5, 1, 2, 4")
@@ -148,6 +153,11 @@ def test_collapse_lab_runs_preset_and_remedies_side_by_side(registry):
     stale.run()
     assert not stale.exception and "lab" not in stale.query_params
     assert any("Press **Run**" in i.value for i in stale.info)
+    assert any("lab-nosuch" in w.value and "not on this server" in w.value for w in stale.warning)
+    # a page switch clears the URL's parameters: coming back puts the lab in it again, for the next reload
+    again.switch_page("pages/home.py").run()
+    again.switch_page("pages/collapse.py").run()
+    assert again.query_params["lab"] in (group, [group])
 
 
 def test_an_extreme_model_does_not_squeeze_the_plane(registry, tmp_path, monkeypatch):
@@ -190,3 +200,9 @@ def test_shipped_models_are_never_left_off_the_zoomed_plane():
     assert ui.tradeoff.far_flags([edge, *crowd]) == [False] * 9
     wild = pt("saved", 0.0, 400.0)
     assert ui.tradeoff.far_flags([edge, *crowd, wild])[-1]
+    box, off = ui.tradeoff.plane_extent([edge, *crowd, wild], zoom=True)
+    assert off == [False] * 9 + [True] and box[3] < 100  # the wild one off the axes, the rest on
+    assert ui.tradeoff.plane_extent([edge, *crowd, wild], zoom=True, keep={wild.ref})[1] == [False] * 10  # model A
+    neighbour = pt("saved", 14.0, 16.6)  # an outlier by the quartiles, but next to the shipped edge: inside the box
+    assert ui.tradeoff.far_flags([edge, *crowd, neighbour])[-1]
+    assert ui.tradeoff.plane_extent([edge, *crowd, neighbour], zoom=True)[1] == [False] * 10  # so not "off"

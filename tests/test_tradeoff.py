@@ -150,10 +150,12 @@ def test_parse_betas_accepts_lists_and_refuses_bad_text():
     assert repeated_betas("1 2;4,,1, 1.0, 2e0, 3") == (1.0, 2.0)  # ... and named, for the page to say so
     assert repeated_betas("0.5, 1, 4") == ()
     assert parse_betas("0, 0.0, 0e5, 1e-6") == (0.0, 1e-6)  # zero written any way, and the smallest other β
-    with pytest.raises(ValueError, match="too small to tell from 0"):
+    with pytest.raises(ValueError, match="below the smallest β allowed besides 0"):
         parse_betas("1, 1e-400")  # would read as 0.0
-    with pytest.raises(ValueError, match="too small"):
-        parse_betas("1e-9")
+    with pytest.raises(ValueError, match="1e-09 is below"):
+        parse_betas("1e-09")
+    b0 = parse_betas("-0")  # not a negative β: zero, named "0"
+    assert b0 == (0.0,) and math.copysign(1.0, b0[0]) == 1.0
     for bad in ("", "  ", "a, 1", "-1", "inf", "nan", "2000", ",".join(str(i) for i in range(13))):
         with pytest.raises(ValueError, match="β"):
             parse_betas(bad)

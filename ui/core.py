@@ -208,8 +208,8 @@ def validate_name(name: str) -> str:
     if name.endswith(".pt"):
         name = name[:-3]
     if len(name) > MAX_NAME:  # told, not cut: a text box's max_chars drops a longer paste without a word
-        raise ValueError(f"the name is {len(name)} characters long: at most {MAX_NAME} are allowed (letters, "
-                         "digits, '.', '_' or '-')")
+        raise ValueError(f"the name {name[:24] + '…'!r} is {len(name)} characters long: at most {MAX_NAME} are "
+                         "allowed (letters, digits, '.', '_' or '-')")
     if not NAME_RE.match(name) or ".." in name:
         raise ValueError(f"name {name!r} is not allowed: use 1-{MAX_NAME} letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
@@ -272,8 +272,8 @@ img { image-rendering: pixelated; image-rendering: crisp-edges; }
 [data-testid="stColumn"] [data-testid="stHorizontalBlock"] > [data-testid="stColumn"] { min-width: 7.5rem; }
 /* st.container(key="stack_…").columns(…): side by side only where each column gets its min-width, else stacked */
 [class*="st-key-stack_"] > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] { flex-wrap: wrap; }
-[class*="st-key-stack_"] > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] > [data-testid="stColumn"]
-  { min-width: 20rem; }
+[class*="st-key-stack_"] > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"]
+  > [data-testid="stColumn"] { min-width: 20rem; }
 .st-key-stack_home > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] > [data-testid="stColumn"]
   { min-width: 24rem; }
 .st-key-stack_rd > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] > [data-testid="stColumn"]

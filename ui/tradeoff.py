@@ -208,29 +208,43 @@ def _hover(p: PlanePoint) -> str:
     return "<br>".join(lines)
 
 
-def far_flags(points: list[PlanePoint]) -> list[bool]:
-    """Which points the zoomed plane leaves off its axes: vae.tradeoff.outliers, but never a shipped model (the
-    sweep is what a lecture shows, its β = 0.1 end included, however many similar runs crowd the middle)."""
+def far_flags(points: list[PlanePoint], keep=()) -> list[bool]:
+    """The candidates for leaving off the zoomed plane: vae.tradeoff.outliers, but never a shipped model (the sweep
+    is what a lecture shows, its β = 0.1 end included, however many similar runs crowd the middle), nor one whose
+    ref is in keep (models A and B: their markers and β line stay on the plane)."""
     flags = outliers([(p.rd["rate"], p.rd["distortion"]) for p in points])
-    return [f and not p.source.startswith("shipped") for p, f in zip(points, flags)]
+    return [f and not p.source.startswith("shipped") and p.ref not in keep for p, f in zip(points, flags)]
+
+
+def plane_extent(points: list[PlanePoint], show_paths: bool = True, zoom: bool = False,
+                 keep=()) -> tuple[tuple, list[bool]]:
+    """(box, off): the plane's axes (vae.tradeoff.plane_box) and which points fall off them. zoom: the box fits all
+    points but the far_flags candidates (and their training paths); a candidate inside that box anyway (next to a
+    shipped model that stretched it) stays on, and is not reported as off."""
+    cand = far_flags(points, keep) if zoom else [False] * len(points)
+    fit = []
+    for p, c in zip(points, cand):
+        if not c:
+            fit.append((p.rd["rate"], p.rd["distortion"]))
+            if show_paths and p.path.get("epoch"):
+                fit += list(zip(p.path["rate"], p.path["distortion"]))
+    box = plane_box(fit)
+    off = [c and not (box[0] <= p.rd["rate"] <= box[1] and box[2] <= p.rd["distortion"] <= box[3])
+           for p, c in zip(points, cand)]
+    return box, off
 
 
 def plane_figure(points: list[PlanePoint], highlight: dict[str, str] | None = None, beta_for: PlanePoint | None = None,
                  show_paths: bool = True, height: int = 640, zoom: bool = False) -> go.Figure:
     """The rate–distortion plane: points by source, iso-ELBO lines (slope -1), the empirical frontier, training
-    paths of runs, and for beta_for the line of slope -β through its point. zoom: the axes fit the points but the
-    outliers (vae.tradeoff.outliers), which fall off them, so that one extreme β does not squeeze the rest."""
+    paths of runs, and for beta_for the line of slope -β through its point. zoom: the axes leave off the models far
+    from all the others (plane_extent), so that one extreme β does not squeeze the rest."""
     highlight = highlight or {}
     xy = [(p.rd["rate"], p.rd["distortion"]) for p in points]
-    far = far_flags(points) if zoom else [False] * len(points)
-    fit = [q for q, f in zip(xy, far) if not f]
-    for p, f in zip(points, far):
+    for p in points:
         if show_paths and p.path.get("epoch"):
-            path = list(zip(p.path["rate"], p.path["distortion"]))
-            xy += path
-            if not f:
-                fit += path
-    box = plane_box(fit)
+            xy += list(zip(p.path["rate"], p.path["distortion"]))
+    box, _ = plane_extent(points, show_paths, zoom, keep=highlight)
     fig = go.Figure()
     for elbo, ((r0, d0), (r1, d1)) in iso_elbo_lines(box):
         fig.add_trace(go.Scatter(x=[r0, r1], y=[d0, d1], mode="lines", line=dict(color="#bbb", width=1, dash="dot"),
@@ -355,7 +369,9 @@ def heatmap_figure(heat: np.ndarray, title: str, zmax: float = 1.0, height: int 
         fig.update_layout(margin=dict(t=6, b=6))
     if scale_room:
         # fixed margins all round (autoexpand off: a colour bar would otherwise widen only its own figure's)
-        fig.update_layout(margin=dict(l=28, r=SCALE_ROOM_PX, t=6 if not title else 50, b=44, autoexpand=False),
+        big = presenting()  # its larger tick and axis fonts need more room
+        fig.update_layout(margin=dict(l=36 if big else 28, r=SCALE_ROOM_PX + (16 if big else 0),
+                                      t=6 if not title else 50, b=62 if big else 44, autoexpand=False),
                           xaxis=dict(title=dict(text="epoch", standoff=2)))
     return fig
 

@@ -499,7 +499,8 @@ def _live_status(job_id: str, polling: bool):
     h = snap.history
     if snap.step == 0:
         if snap.state in ACTIVE:
-            st.info("Paused before its first step: press **Resume** (or **Step** for one batch)." if snap.state == PAUSED
+            st.info("Paused before its first step: press **Resume** (or **Step** for one batch)."
+                    if snap.state == PAUSED
                     else "Waiting for the first step…" if snap.state != QUEUED else
                     "Queued: the curves appear once the run starts.")
         return
@@ -673,7 +674,8 @@ def runs_table():
         s = j.snapshot()
         e = s.history["epoch"]
         rows.append({"name": s.name, "id": s.id, "state": s.state, "epoch": f"{s.epoch}/{s.epochs}",
-                     "queue": f"#{s.queue_position}" if s.queue_position else "—", "test ELBO": e["test_elbo"][-1] if e["test_elbo"] else None,
+                     "queue": f"#{s.queue_position}" if s.queue_position else "—",
+                     "test ELBO": e["test_elbo"][-1] if e["test_elbo"] else None,
                      "active units": e["active_units"][-1] if e["active_units"] else None,
                      "β": s.train_config["beta"], "schedule": s.train_config["beta_schedule"],
                      "free bits": s.train_config["free_bits"]})

@@ -267,7 +267,9 @@ def parse_betas(text) -> tuple[float, ...]:
         if not math.isfinite(b) or b < 0 or b > 1000:
             raise ValueError(f"β = {p} is not allowed: each β must be a number from 0 to 1000")
         if b < MIN_BETA and (b > 0 or re.search(r"[1-9]", p.lower().split("e")[0])):  # 1e-400 reads as 0.0
-            raise ValueError(f"β = {p} is too small to tell from 0: give 0 (no KL weight) or at least {MIN_BETA:g}")
+            raise ValueError(f"β = {p} is below the smallest β allowed besides 0 ({MIN_BETA:g}): give 0 for no KL "
+                             f"weight, or at least {MIN_BETA:g}")
+        b = abs(b) if b == 0 else b  # -0 is 0
         if b not in out:
             out.append(b)
     if len(out) > MAX_SWEEP:
