@@ -60,9 +60,10 @@ def plane_section():
     highlight = {p.ref: tag for p, tag in ((a, "A"), (b, "B")) if p is not None}
     a_now = next((p for p in pts if a is not None and p.ref == a.ref), None)
     paths = st.session_state.get("rd_paths", True)
-    far = [p for p, f in zip(pts, plane_extent(pts, paths, zoom=True, keep=highlight)[1]) if f]
+    box, off = plane_extent(pts, paths, zoom=True, keep=highlight)
+    far = [p for p, f in zip(pts, off) if f]
     zoom = bool(far) and st.session_state.get("rd_zoom", True)
-    fig = plane_figure(pts, highlight, beta_for=a_now, show_paths=paths, zoom=zoom)
+    fig = plane_figure(pts, highlight, beta_for=a_now, show_paths=paths, box=box if zoom else None)
     event = st.plotly_chart(fig, on_select="rerun", selection_mode="points", key="rd_plane",
                             config={"scrollZoom": False})
     if far:  # here, not below the fragment: a model can become far while a sweep runs
