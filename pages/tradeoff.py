@@ -187,7 +187,7 @@ for col, ref, tag in zip(cols, chosen, ("A", "B")):
             rd = {**rd, **{k: full[k] for k in ("mutual_info", "marginal_kl", "mutual_info_max", "kl_per_dim")}}
         st.caption(p.objective + (f" · {p.state}: its current weights" if p.live else ""))
         d = rd.get("latent_dim")
-        m = st.columns(4)
+        m = [*st.columns(2), *st.columns(2)]  # two by two: four in a row do not fit half the page
         m[0].metric("rate R", f"{rd['rate']:.2f}", help="nats")
         m[1].metric("distortion D", f"{rd['distortion']:.2f}", help="nats")
         m[2].metric("ELBO", f"{rd['elbo']:.2f}", help="nats")
