@@ -20,16 +20,16 @@ st.title("Collapse lab", help="Posterior collapse: q(z|x) ≈ p(z) for every x, 
 group = st.session_state.get("lab_group")
 wanted = st.query_params.get("lab")
 if group is None and wanted:  # a reload or a shared link: the lab in the URL, if this server still has it
-    meta = lab_meta_from_names(j.name for j in group_jobs(wanted)) if wanted.startswith("lab-") else None
-    if meta is not None:
+    if wanted.startswith("lab-") and lab_meta_from_names(j.name for j in group_jobs(wanted)) is not None:
         group = st.session_state["lab_group"] = wanted
-        st.session_state["lab_meta"] = meta
     else:
         del st.query_params["lab"]
         st.warning(f"The lab in this link ({wanted[:40]}) is not on this server: press **Run** for a new one.")
-if group and group_jobs(group):
+lab_jobs = group_jobs(group)
+meta = lab_meta_from_names(j.name for j in lab_jobs)  # preset and roles, read back from the runs' names
+if lab_jobs:
     st.query_params["lab"] = group  # kept in the URL (a page switch clears it), so that a reload finds the lab
-running = any(j.snapshot().state in ACTIVE for j in group_jobs(group))
+running = any(j.snapshot().state in ACTIVE for j in lab_jobs)
 
 c1, c2 = st.columns([1.6, 1], vertical_alignment="bottom")
 preset_key = c1.radio("Collapse preset", list(PRESETS), format_func=lambda k: PRESETS[k].label, key="lab_preset",
@@ -52,13 +52,12 @@ if run_clicked:
     else:
         named = [dataclasses.replace(s, name=lab_run_name(preset_key, s)) for s in specs]
         st.session_state["lab_group"] = st.query_params["lab"] = submit_group(named, "lab")
-        st.session_state["lab_meta"] = {"preset": preset_key, "roles": [s.role for s in specs]}
         st.rerun()
 if stop_clicked:
     stop_group(group)
     st.rerun()
 
-shown = (st.session_state.get("lab_meta") or {}).get("preset", preset_key) if group else preset_key
+shown = meta["preset"] if meta else preset_key
 st.markdown(f"**{PRESETS[shown].label}.** {PRESETS[shown].what}")
 
 
@@ -74,7 +73,7 @@ def results():
         return
     snaps = [j.snapshot() for j in jobs]
     # roles by name, not by place: a run forgotten on the Train page must not shift the others' notes
-    roles = (lab_meta_from_names(s.name for s in snaps) or st.session_state.get("lab_meta") or {}).get("roles", [])
+    roles = (lab_meta_from_names(s.name for s in snaps) or {}).get("roles", [])
     frac, ended, total = group_progress(snaps)
     if ended < total:
         st.progress(frac, text=f"{ended}/{total} runs ended")

@@ -45,9 +45,10 @@ if sweep_group is None and wanted:  # a reload or a shared link: its sweep, if t
     else:
         del st.query_params["sweep"]
         st.warning(f"The β sweep in this link ({wanted[:40]}) is not on this server.")
-if sweep_group and group_jobs(sweep_group):
+sweep_jobs = group_jobs(sweep_group)
+if sweep_jobs:
     st.query_params["sweep"] = sweep_group  # kept in the URL (a page switch clears it), so that a reload finds it
-live = any(p.live for p in on_plane) or any(j.snapshot().state in ACTIVE for j in group_jobs(sweep_group))
+live = any(p.live for p in on_plane) or any(j.snapshot().state in ACTIVE for j in sweep_jobs)
 
 left, right = st.container(key="stack_rd").columns([2.3, 1], gap="large")  # stacked where narrow (ui.core BASE_CSS)
 

@@ -235,18 +235,17 @@ def plane_extent(points: list[PlanePoint], show_paths: bool = True, zoom: bool =
 
 
 def plane_figure(points: list[PlanePoint], highlight: dict[str, str] | None = None, beta_for: PlanePoint | None = None,
-                 show_paths: bool = True, height: int = 640, zoom: bool = False, box: tuple | None = None) -> go.Figure:
+                 show_paths: bool = True, height: int = 640, box: tuple | None = None) -> go.Figure:
     """The rate–distortion plane: points by source, iso-ELBO lines (slope -1), the empirical frontier, training
-    paths of runs, and for beta_for the line of slope -β through its point. zoom: the axes leave off the models far
-    from all the others (plane_extent), so that one extreme β does not squeeze the rest. box: plane_extent's box,
-    when the caller has it already."""
+    paths of runs, and for beta_for the line of slope -β through its point. box: the axes (plane_extent's, zoomed
+    past the far models where the caller wants that); by default they hold every point and path."""
     highlight = highlight or {}
     xy = [(p.rd["rate"], p.rd["distortion"]) for p in points]
     for p in points:
         if show_paths and p.path.get("epoch"):
             xy += list(zip(p.path["rate"], p.path["distortion"]))
     if box is None:
-        box = plane_extent(points, show_paths, zoom, keep=highlight)[0]
+        box = plane_extent(points, show_paths)[0]
     fig = go.Figure()
     for elbo, ((r0, d0), (r1, d1)) in iso_elbo_lines(box):
         fig.add_trace(go.Scatter(x=[r0, r1], y=[d0, d1], mode="lines", line=dict(color="#bbb", width=1, dash="dot"),
