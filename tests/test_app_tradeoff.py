@@ -206,3 +206,15 @@ def test_shipped_models_are_never_left_off_the_zoomed_plane():
     neighbour = pt("saved", 14.0, 16.6)  # an outlier by the quartiles, but next to the shipped edge: inside the box
     assert ui.tradeoff.far_flags([edge, *crowd, neighbour])[-1]
     assert ui.tradeoff.plane_extent([edge, *crowd, neighbour], zoom=True)[1] == [False] * 10  # so not "off"
+
+
+def test_points_on_one_spot_share_one_label_each_beta_once():
+    def pt(ref, source, label, beta, r, d):
+        return ui.tradeoff.PlanePoint(ref, label, source, "digits", beta, f"β={beta:g}", {"rate": r, "distortion": d})
+
+    shipped = pt("file:b1", "shipped sweep", "sweep β=1", 1.0, 6.0, 20.0)
+    rerun = pt("run:a", "run", "sweep β=1 (seed 0)", 1.0, 6.01, 20.02)  # the same β and seed: the same point
+    other = pt("run:b", "run", "sweep β=2", 2.0, 6.02, 19.98)  # a different β that happens to land there too
+    apart = pt("run:c", "run", "sweep β=4", 4.0, 2.0, 30.0)
+    texts = ui.tradeoff._labels([shipped, rerun, other, apart])
+    assert texts == {"file:b1": "β=1, 2", "run:a": "", "run:b": "", "run:c": "β=4"}

@@ -298,17 +298,21 @@ def plane_figure(points: list[PlanePoint], highlight: dict[str, str] | None = No
 
 
 def _labels(points: list[PlanePoint]) -> dict[str, str]:
-    """ref -> the text drawn next to its point; points that sit on top of each other share one text ("β=4, 8")."""
+    """ref -> the text drawn next to its point; points that sit on top of each other, from any source, share one
+    text ("β=4, 8"), each β in it once: a run that repeats a shipped β on the same seed lands on the shipped point,
+    and two labels there would print over each other."""
     out, seen = {}, {}
     for p in points:
         text = _short(p)
         out[p.ref] = text
         if not text:
             continue
-        spot = (p.source, round(p.rd["rate"] / 0.1), round(p.rd["distortion"] / 0.1))
+        spot = (round(p.rd["rate"] / 0.1), round(p.rd["distortion"] / 0.1))
         if spot in seen:
             first = seen[spot]
-            out[first] += ", " + text.removeprefix("β=")
+            value = text.removeprefix("β=")
+            if value not in out[first].removeprefix("β=").split(", "):
+                out[first] += ", " + value
             out[p.ref] = ""
         else:
             seen[spot] = p.ref
