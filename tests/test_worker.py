@@ -133,3 +133,26 @@ def test_a_server_exit_leaves_a_running_job_resumable(tmp_path, registries):  # 
     wait_until(lambda: back.snapshot().step > snap.step, what="the resumed run to go on")
     back.stop()
     assert back.join(60)
+
+
+def test_a_worker_does_not_rerun_the_servers_main_script(registries, tmp_path, monkeypatch):  # noqa: F811
+    """Under `streamlit run`, sys.modules["__main__"] is app.py: a worker process must not run it again."""
+    import sys
+    import types
+    from multiprocessing import spawn
+
+    from vae.jobs import worker_context
+
+    marker = tmp_path / "ran"
+    script = tmp_path / "app_like.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    fake_main = types.ModuleType("__main__")
+    fake_main.__file__, fake_main.__spec__ = str(script), None
+    monkeypatch.setitem(sys.modules, "__main__", fake_main)
+    worker_context()  # installs the guard
+    assert "init_main_from_path" in spawn.get_preparation_data("some-other-process")  # others keep the default
+    assert "init_main_from_path" not in spawn.get_preparation_data("vae-job-1234")
+    reg = registries()
+    job = reg.submit(tc(epochs=1), mc())
+    assert job.join(120) and job.snapshot().state == "finished"
+    assert not marker.exists()

@@ -277,8 +277,8 @@ def dims_figure(info: DimInfo, height: int = 360, with_variance: bool = True) ->
     text = ["" if a else "inactive" for a in info.active]
     rows = 2 if (with_variance and info.stats is not None) else 1
     fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.08,
-                        subplot_titles=("KL(q(z_d|x) ‖ N(0,1)) per dimension, nats",
-                                        "variance of the means Var_x μ_d (log scale)")[:rows])
+                        subplot_titles=("KL(q(z_d|x) ‖ N(0,1)), nats",
+                                        "Var_x μ_d, variance of the means (log)")[:rows])
     fig.add_trace(go.Bar(x=names, y=info.kl, marker_color=colors, text=text, textposition="outside",
                          name="KL (nats)", hovertemplate="%{x}: %{y:.3f} nats<extra></extra>"), 1, 1)
     if rows == 2:

@@ -146,6 +146,33 @@ class _WorkerLost(RuntimeError):
 
 
 _CONTEXT = None
+WORKER_NAME_PREFIX = "vae-job-"
+
+
+def _guard_main_module():
+    """Start worker processes without re-running the parent's __main__ in them.
+
+    multiprocessing's spawn and forkserver start methods tell a child to import the parent's main module first (the
+    pickled target might live there). Under `streamlit run`, sys.modules["__main__"] is the app script itself, so
+    each training process re-ran app.py: seconds of imports and page code, and a burst of "missing
+    ScriptRunContext" warnings in the server's log. The target, vae.worker.worker_main, is importable on its own,
+    so for processes named WORKER_NAME_PREFIX... the main module is left out of what the child is told to prepare.
+    Other processes are untouched."""
+    from multiprocessing import spawn
+
+    original = spawn.get_preparation_data
+    if getattr(original, "_vae_guard", False):
+        return
+
+    def get_preparation_data(name):
+        data = original(name)
+        if str(name).startswith(WORKER_NAME_PREFIX):
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    get_preparation_data._vae_guard = True
+    spawn.get_preparation_data = get_preparation_data
 
 
 def worker_context():
@@ -160,6 +187,7 @@ def worker_context():
             ctx.set_forkserver_preload(["vae._worker_preload"])
         else:
             ctx = mp.get_context("spawn")
+        _guard_main_module()
         _CONTEXT = ctx
     return _CONTEXT
 
@@ -405,7 +433,7 @@ class Job:
             self._t_started = time.time()
             self._t_ended = None
             self._occupies_slot = True
-        thread = threading.Thread(target=self._run, name=f"vae-job-{self.id}", daemon=True)
+        thread = threading.Thread(target=self._run, name=f"{WORKER_NAME_PREFIX}{self.id}", daemon=True)
         thread.start()
         self._thread = thread  # only once started: join() may run in another thread at any time
 
@@ -444,7 +472,7 @@ class Job:
                 self._last_threads = opts["threads"]
                 self._conn = conn  # from here on, the controls talk to the worker
                 args = (child_conn, self.train_config.to_dict(), self.model_config.to_dict(), state, opts)
-            proc = ctx.Process(target=worker_main, args=args, name=f"vae-job-{self.id}", daemon=True)
+            proc = ctx.Process(target=worker_main, args=args, name=f"{WORKER_NAME_PREFIX}{self.id}", daemon=True)
             try:
                 proc.start()
             finally:
