@@ -138,8 +138,9 @@ if two_d:
 
 # ---- the example and the decomposition ---------------------------------------------------------------------------
 st.subheader(f"Model {sel.label}, {what}")
-# on a projector (presentation mode) the bars get the full width, below the images
-left, right = st.columns([1, 1.6]) if not presenting() else (st.container(), st.container())
+# on a projector (presentation mode) the bars get the full width, below the images; in a narrow window too (stacked)
+left, right = (st.container(key="stack_anatomy").columns([1, 1.6]) if not presenting()
+               else (st.container(), st.container()))
 with left:
     if cfg.image_shape != (2,):
         shown = x[:32].numpy()
@@ -159,33 +160,35 @@ with right:
 # ---- the derivation, with numbers --------------------------------------------------------------------------------
 st.subheader("The derivation, with this model's numbers")
 se_note = ("± values: one Monte Carlo standard error" + (" of the mean over the set" if len(idx) > 1 else ""))
-steps = [
-    (r"\begin{aligned}\log p_\theta(x) &= \log \int p_\theta(x, z)\,dz"
-     r" = \log \int q_\phi(z\mid x)\,\frac{p_\theta(x, z)}{q_\phi(z\mid x)}\,dz \\"
+steps = [  # short lines: each formula fits beside its numbers at 1400 px, and on its own above them when narrower
+    (r"\begin{aligned}\log p_\theta(x) &= \log \int p_\theta(x, z)\,dz \\"
+     r" &= \log \int q_\phi(z\mid x)\,\frac{p_\theta(x, z)}{q_\phi(z\mid x)}\,dz \\"
      r" &= \log \mathbb{E}_{q_\phi(z\mid x)}\!\left[\frac{p_\theta(x, z)}{q_\phi(z\mid x)}\right]\end{aligned}",
      [(f"log p_θ(x), importance sampling, K = {k} (nats)", a.log_px, a.log_px_se)]
      + ([(f"log p_θ(x), grid integral {an.GRID_N}² (nats)", grid_lp, None)] if grid_lp is not None else [])),
     (r"\begin{aligned}&\text{Jensen } (\log \text{ is concave}):\quad \log \mathbb{E}_q[w] \;\ge\; "
      r"\mathbb{E}_q[\log w] \\ &\Rightarrow\; \log p_\theta(x) \;\ge\; \mathbb{E}_{q_\phi(z\mid x)}\!\left["
-     r"\log p_\theta(x, z) - \log q_\phi(z\mid x)\right] = \text{ELBO}\end{aligned}",
+     r"\log p_\theta(x, z) - \log q_\phi(z\mid x)\right] \\ &\phantom{\Rightarrow\;} \;=\; \text{ELBO}"
+     r"\end{aligned}",
      [("ELBO (nats)", a.elbo, a.elbo_se)]),
     (r"\begin{aligned}\text{ELBO} &= \underbrace{\mathbb{E}_{q_\phi(z\mid x)}\!\left[\log p_\theta(x\mid z)\right]}"
-     r"_{\text{reconstruction}} - \underbrace{\mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p(z)\right)}"
+     r"_{\text{reconstruction}} \\ &\quad - \underbrace{\mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p(z)\right)}"
      r"_{\text{KL to the prior}} \\ \mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p(z)\right) &= "
      r"\tfrac12 \textstyle\sum_j \left(\mu_j^2+\sigma_j^2-1-\log\sigma_j^2\right)\end{aligned}",
      [(f"E_q[log p_θ(x|z)], S = {s} samples (nats)", a.expected_log_lik, a.expected_log_lik_se),
       ("KL(q_φ(z|x) ‖ p(z)), closed form (nats)", a.kl, None)]),
-    (r"\log p_\theta(x) - \text{ELBO} = \mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p_\theta(z\mid x)\right)"
-     r" \;\ge\; 0 \qquad(\text{the gap})",
+    (r"\begin{aligned}\log p_\theta(x) - \text{ELBO} &= \mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p_\theta(z\mid x)"
+     r"\right) \\ &\ge 0 \qquad(\text{the gap})\end{aligned}",
      [("gap = log p(x) − ELBO, IS (nats)", a.gap, a.gap_se)]
      + ([("gap = log p(x) − ELBO, grid (nats)", grid_lp - a.elbo, a.elbo_se)] if grid_lp is not None else [])
      + ([("KL(q ‖ p(z|x)), quadrature (nats)", pp.kl_q_post, None)] if pp is not None else [])),
-    (r"\text{loss} = -\text{ELBO} = -\mathbb{E}_{q_\phi(z\mid x)}\!\left[\log p_\theta(x\mid z)\right]"
-     r" + \mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p(z)\right)",
+    (r"\begin{aligned}\text{loss} = -\text{ELBO} &= -\mathbb{E}_{q_\phi(z\mid x)}\!\left[\log p_\theta(x\mid z)"
+     r"\right] \\ &\quad + \mathrm{KL}\!\left(q_\phi(z\mid x)\,\|\,p(z)\right)\end{aligned}",
      [("loss = −ELBO at β = 1 (nats)", a.loss, a.elbo_se)]),
 ]
 for i, (tex, values) in enumerate(steps, 1):
-    lcol, rcol = st.columns([2.4, 1], vertical_alignment="center")
+    # side by side where the formula has room (ui.core's CSS for stack_elbo_*), else the formula above its numbers
+    lcol, rcol = st.container(key=f"stack_elbo_{i}").columns([2.4, 1], vertical_alignment="center")
     with lcol:
         st.markdown(f"**Step {i}**")
         st.latex(tex)
@@ -199,9 +202,9 @@ if a.gap < -3 * a.gap_se:
 
 # ---- IWAE curve --------------------------------------------------------------------------------------------------
 st.subheader("Tighter bounds: the importance-weighted bound L_K")
-st.latex(r"\mathcal L_K = \mathbb{E}\left[\log \frac1K \sum_{k=1}^K \frac{p_\theta(x, z_k)}{q_\phi(z_k\mid x)}\right],"
-         r"\quad z_k \sim q_\phi(z\mid x):\qquad \mathcal L_1 = \text{ELBO} \le \mathcal L_K \le \mathcal L_{K+1}"
-         r" \le \log p_\theta(x)")
+st.latex(r"\begin{aligned}\mathcal L_K &= \mathbb{E}\left[\log \frac1K \sum_{k=1}^K \frac{p_\theta(x, z_k)}"
+         r"{q_\phi(z_k\mid x)}\right], \quad z_k \sim q_\phi(z\mid x) \\ \text{ELBO} = \mathcal L_1 &\le "
+         r"\mathcal L_K \le \mathcal L_{K+1} \le \log p_\theta(x)\end{aligned}")
 st.plotly_chart(iwae_fig(a, draws, grid_lp), width="stretch", key="elbo_iwae")
 st.caption(f"One nested draw: L_K uses the first K of the same {k} weights, so its last point is the IS estimate of "
            f"log p(x). The band is ±1 delta-method standard error. A single draw can wiggle; on average over draws "

@@ -337,3 +337,33 @@ def test_presentation_mode_enlarges_the_axes_of_the_live_figures(registry):
                 if name.startswith(("xaxis", "yaxis")):
                     sizes.setdefault(present, set()).add((axis.get("tickfont") or {}).get("size"))
     assert sizes[True] == {PRESENT_TICK_PX} and PRESENT_TICK_PX not in sizes[False]
+
+
+@pytest.mark.parametrize("key, value, words", [("cfg_lr", 1e9, "Learning rate = 1e+09 is out of range"),
+                                               ("cfg_beta", -1.0, "β = -1 is out of range"),
+                                               ("cfg_epochs", 0, "Epochs = 0 is out of range"),
+                                               ("cfg_latent_dim", 5000, "Latent dim d = 5000 is out of range")])
+def test_an_out_of_range_number_is_named_at_once_and_start_refuses_it(registry, key, value, words):
+    """The widgets take any number (a browser would silently keep the old value of one outside its own min/max):
+    the server names the bad one under the options, and Start runs nothing until it is fixed."""
+    at = open_page(PAGE)
+    at.number_input(key=key).set_value(value).run()
+    assert not at.exception and any(words in e.value for e in at.error)
+    assert at.number_input(key=key).value == value  # what the user typed stays on screen
+    at.button(key="btn_start").click().run()
+    assert registry.jobs() == [] and any("Not started" in e.value and words in e.value for e in at.error)
+
+
+def test_a_change_while_running_out_of_range_is_refused(registry):
+    at = small_run(open_page(PAGE), epochs=5000)
+    at.button(key="btn_reset").click().run()  # a paused run, on screen
+    job = registry.get(at.query_params["run"])
+    wait_until(lambda: job.trainer is not None, what="the fresh run")
+    at.run()
+    lr_box = next(w for w in at.number_input if w.key.startswith("live_lr_"))
+    lr_box.set_value(5.0)
+    next(b for b in at.button if "Apply to the running job" in str(b.label)).click().run()
+    assert not at.exception
+    assert any("Not applied: Learning rate = 5 is out of range" in e.value for e in at.error)
+    assert job.train_config.lr != 5.0
+    job.stop()

@@ -259,6 +259,8 @@ h1 { font-size: 2.9rem !important; } h2 { font-size: 2.2rem !important; } h3 { f
 .katex-display > .katex { font-size: 1.55em !important; }  /* display formulas (st.latex) as large as the text */
 .st-key-stack_home > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] > [data-testid="stColumn"]
   { min-width: 38rem !important; }
+[class*="st-key-stack_elbo_"] > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"]
+  > [data-testid="stColumn"]:first-child { min-width: 44rem !important; }
 [data-testid="stMetricValue"], [data-testid="stMetricValue"] p { font-size: 2.5rem !important; }
 [data-testid="stMetricLabel"] p { font-size: 1.1rem !important; }
 header[data-testid="stHeader"], [data-testid="stToolbar"], footer { display: none !important; }
@@ -278,6 +280,10 @@ img { image-rendering: pixelated; image-rendering: crisp-edges; }
   { min-width: 24rem; }
 .st-key-stack_rd > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] > [data-testid="stColumn"]
   { min-width: 17rem; }
+[class*="st-key-stack_elbo_"] > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"]
+  > [data-testid="stColumn"] { min-width: 14rem; }
+[class*="st-key-stack_elbo_"] > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"]
+  > [data-testid="stColumn"]:first-child { min-width: 30rem; }
 .katex-display { overflow-x: auto; overflow-y: hidden; padding-bottom: 0.2rem; }  /* never cut off */
 /* a long metric label wraps instead of ending in "…" ("log p_θ(x), importance sampling, K = 5000 (nats)") */
 [data-testid="stMetricLabel"] [data-testid="stMarkdownContainer"], [data-testid="stMetricLabel"] p

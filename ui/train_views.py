@@ -50,6 +50,29 @@ TRAIN_FIELDS = {"cfg_dataset": "dataset", "cfg_epochs": "epochs", "cfg_batch_siz
                 "cfg_binarize": "binarize"}
 MODEL_FIELDS = {"cfg_arch": "arch", "cfg_latent_dim": "latent_dim", "cfg_likelihood": "likelihood",
                 "cfg_decoder": "decoder", "cfg_sigma": "sigma"}
+# widget key -> (label, lowest, highest) of the number options. The widgets take any number and these are checked on
+# the server: a browser refuses a value outside a widget's own min/max with only a small red mark and keeps sending
+# the old value, so Start would run on numbers the user no longer sees. Here a bad value gets a one-line message
+# under the options, and Start refuses it.
+LIMITS = {"cfg_max_examples": ("Examples", 0, 1_000_000), "cfg_latent_dim": ("Latent dim d", 1, 1024),
+          "cfg_sigma": ("σ (fixed)", 0.001, 10.0), "cfg_beta": ("β", 0.0, 1000.0),
+          "cfg_warmup_epochs": ("Warm-up / C ramp (epochs)", 0.1, 10_000.0), "cfg_cycles": ("Cycles M", 1, 1000),
+          "cfg_cycle_ratio": ("Rising fraction R", 0.01, 1.0), "cfg_capacity_max": ("C_max (nats)", 0.0, 10_000.0),
+          "cfg_free_bits": ("Free bits λ", 0.0, 100.0), "cfg_lr": ("Learning rate", 1e-6, 1.0),
+          "cfg_batch_size": ("Batch size", 1, 100_000), "cfg_epochs": ("Epochs", 1, 100_000),
+          "cfg_seed": ("Seed", 0, 2**31 - 1), "cfg_grad_clip": ("Grad clip", 0.0, 1e6)}
+
+
+def check_limits(values: dict) -> None:
+    """ValueError (one line: the option, the value, the range) for the first number outside LIMITS; values maps
+    widget keys (or labels) to what the widgets hold."""
+    by_label = {label: (label, lo, hi) for label, lo, hi in LIMITS.values()}
+    for key, value in values.items():
+        label, lo, hi = LIMITS.get(key) or by_label[key]
+        if value is None:
+            raise ValueError(f"{label} is empty: type a number from {lo:g} to {hi:g}")
+        if not lo <= value <= hi:
+            raise ValueError(f"{label} = {value:g} is out of range: use a number from {lo:g} to {hi:g}")
 
 
 def _defaults() -> dict:
@@ -86,6 +109,7 @@ def configs_from_state():
     s = st.session_state
     d = _defaults()
     get = lambda k: s.get(k, d[k])  # noqa: E731
+    check_limits({k: get(k) for k in LIMITS})
     max_ex = int(get("cfg_max_examples") or 0)
     tc = TrainConfig(**{f: get(k) for k, f in TRAIN_FIELDS.items()}, device=get("cfg_device"),
                      max_examples=max_ex or None)
@@ -132,21 +156,21 @@ def config_panel(locked: bool):
         c1, c2 = st.columns(2)
         c1.selectbox("Dataset", list(DATASETS), key="cfg_dataset", help="digits works offline; MNIST-style sets "
                      "need their files (or a network)", **keep)
-        c2.number_input("Examples (0 = all)", 0, 1_000_000, step=100, key="cfg_max_examples",
+        c2.number_input("Examples (0 = all)", step=100, key="cfg_max_examples",
                         help="Train on only the first N training examples (0: all of them): quicker runs", **keep)
         c1, c2 = st.columns(2)
         c1.selectbox("Architecture", ARCHS, key="cfg_arch", help="conv needs 28x28 or 8x8 images", **keep)
         c2.text_input("Hidden sizes", key="cfg_hidden", help="comma-separated, e.g. 256,128 (conv: the dense "
                       "layer)", **keep)
         c1, c2 = st.columns(2)
-        c1.number_input("Latent dim d", 1, 1024, step=1, key="cfg_latent_dim", **keep)
+        c1.number_input("Latent dim d", step=1, key="cfg_latent_dim", **keep)
         c2.selectbox("Likelihood p_θ(x|z)", ("auto", *LIKELIHOODS), key="cfg_likelihood",
                      help="auto: the dataset's usual one (Bernoulli for images)", **keep)
         c1, c2 = st.columns(2)
         c1.selectbox("Decoder", DECODERS, key="cfg_decoder", help="autoregressive sees the previous pixels: "
                      "strong enough to ignore z (a classic cause of collapse)", **keep)
         if st.session_state.get("cfg_likelihood") == "gaussian":
-            c2.number_input("σ (fixed)", 0.001, 10.0, step=0.01, key="cfg_sigma", format="%.3f", **keep)
+            c2.number_input("σ (fixed)", step=0.01, key="cfg_sigma", format="%.3f", **keep)
         else:
             c2.toggle("Binarize", key="cfg_binarize", help="Binarize the data: static Bernoulli binarisation (seeded)",
                       **keep)
@@ -157,35 +181,39 @@ def config_panel(locked: bool):
                      help="constant; linear/logistic warm-up (Bowman et al. 2016); cyclical (Fu et al. 2019); "
                           "capacity annealing (Burgess et al. 2018)", **keep)
         sched = st.session_state.get("cfg_beta_schedule", "constant")
-        c2.number_input("γ (capacity weight)" if sched == "capacity" else "β (target)", 0.0, 1000.0, step=0.5,
+        c2.number_input("γ (capacity weight)" if sched == "capacity" else "β (target)", step=0.5,
                         key="cfg_beta", format="%.2f", **keep)
         c1, c2 = st.columns(2)
         if sched in ("linear", "logistic", "capacity"):
-            c1.number_input("C ramp (epochs)" if sched == "capacity" else "Warm-up (epochs)", 0.1, 10_000.0,
-                            step=1.0, key="cfg_warmup_epochs", format="%.1f", **keep)
+            c1.number_input("C ramp (epochs)" if sched == "capacity" else "Warm-up (epochs)", step=1.0,
+                            key="cfg_warmup_epochs", format="%.1f", **keep)
         if sched == "cyclical":
-            c1.number_input("Cycles M", 1, 1000, step=1, key="cfg_cycles", **keep)
-            c2.number_input("Rising fraction R", 0.01, 1.0, step=0.05, key="cfg_cycle_ratio", format="%.2f",
+            c1.number_input("Cycles M", step=1, key="cfg_cycles", **keep)
+            c2.number_input("Rising fraction R", step=0.05, key="cfg_cycle_ratio", format="%.2f",
                             **keep)
         if sched == "capacity":
-            c2.number_input("C_max (nats)", 0.0, 10_000.0, step=1.0, key="cfg_capacity_max", format="%.1f", **keep)
-        st.number_input("Free bits λ (nats per dimension)", 0.0, 100.0, step=0.1, key="cfg_free_bits",
+            c2.number_input("C_max (nats)", step=1.0, key="cfg_capacity_max", format="%.1f", **keep)
+        st.number_input("Free bits λ (nats per dimension)", step=0.1, key="cfg_free_bits",
                         format="%.2f", help="KL term = Σ_d max(λ, batch-mean KL_d) (Kingma et al. 2016); 0 = off",
                         **keep)
     with opt_col:
         st.markdown("**Optimisation**")
         c1, c2 = st.columns(2)
-        c1.number_input("Learning rate", 1e-6, 1.0, step=5e-4, key="cfg_lr", format="%.4f", help="Adam", **keep)
-        c2.number_input("Batch size", 1, 100_000, step=16, key="cfg_batch_size", **keep)
+        c1.number_input("Learning rate", step=5e-4, key="cfg_lr", format="%g", help="Adam", **keep)
+        c2.number_input("Batch size", step=16, key="cfg_batch_size", **keep)
         c1, c2 = st.columns(2)
-        c1.number_input("Epochs", 1, 100_000, step=5, key="cfg_epochs", **keep)
-        c2.number_input("Seed", 0, 2**31 - 1, step=1, key="cfg_seed", **keep)
+        c1.number_input("Epochs", step=5, key="cfg_epochs", **keep)
+        c2.number_input("Seed", step=1, key="cfg_seed", **keep)
         c1, c2 = st.columns(2)
         c1.selectbox("Device", ["auto", *available_devices()], key="cfg_device",
                      help="auto: cuda, then mps, then cpu; only devices this machine has", **keep)
-        c2.number_input("Grad clip (0 = off)", 0.0, 1e6, step=1.0, key="cfg_grad_clip", format="%.1f", **keep)
+        c2.number_input("Grad clip (0 = off)", step=1.0, key="cfg_grad_clip", format="%.1f", **keep)
         st.text_input("Run name (optional)", key="cfg_name",
                       help="letters, digits, . _ - ; empty: a name from the settings", **keep)
+    try:
+        configs_from_state()
+    except ValueError as exc:
+        st.error(f"{exc}. Start refuses these options until it is fixed.", icon=":material/error:")
 
 
 # ---- the run on screen -------------------------------------------------------------------------------------------
@@ -384,19 +412,21 @@ def live_settings(job: Job):
     k = f"{job.id}_{n}"  # new widgets (with the new values) after each applied change
     with st.form(f"live_form_{k}", border=False):
         c1, c2, c3 = st.columns(3)
-        beta = c1.number_input("β", 0.0, 1000.0, float(cfg.beta), step=0.5, format="%.2f", key=f"live_beta_{k}")
+        beta = c1.number_input("β", value=float(cfg.beta), step=0.5, format="%.2f", key=f"live_beta_{k}")
         sched = c2.selectbox("β schedule", SCHEDULES, index=SCHEDULES.index(cfg.beta_schedule),
                              key=f"live_sched_{k}", help="Schedules count steps from the start of the run")
-        warm = c3.number_input("Warm-up / C ramp (epochs)", 0.1, 10_000.0, float(cfg.warmup_epochs), step=1.0,
+        warm = c3.number_input("Warm-up / C ramp (epochs)", value=float(cfg.warmup_epochs), step=1.0,
                                format="%.1f", key=f"live_warm_{k}")
-        fb = c1.number_input("Free bits λ", 0.0, 100.0, float(cfg.free_bits), step=0.1, format="%.2f",
+        fb = c1.number_input("Free bits λ", value=float(cfg.free_bits), step=0.1, format="%.2f",
                              key=f"live_fb_{k}")
-        lr = c2.number_input("Learning rate", 1e-6, 1.0, float(cfg.lr), step=5e-4, format="%.4f",
+        lr = c2.number_input("Learning rate", value=float(cfg.lr), step=5e-4, format="%g",
                              key=f"live_lr_{k}")
-        cmax = c3.number_input("C_max (nats)", 0.0, 10_000.0, float(cfg.capacity_max), step=1.0, format="%.1f",
+        cmax = c3.number_input("C_max (nats)", value=float(cfg.capacity_max), step=1.0, format="%.1f",
                                key=f"live_cmax_{k}")
         if st.form_submit_button("Apply to the running job", icon=":material/tune:"):
             try:
+                check_limits({"β": beta, "Warm-up / C ramp (epochs)": warm, "Free bits λ": fb, "Learning rate": lr,
+                              "C_max (nats)": cmax})
                 text = job.update(beta=beta, beta_schedule=sched, warmup_epochs=warm, free_bits=fb, lr=lr,
                                   capacity_max=cmax)
             except ValueError as exc:
