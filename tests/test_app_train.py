@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from apptest_support import open_page
+from apptest_support import new_app_test, open_page
 from vae.jobs import FAILED, FINISHED, PAUSED, QUEUED, RUNNING, STOPPED
 from vae.presets import model_config_for
 from vae.config import TrainConfig
@@ -367,3 +367,32 @@ def test_a_change_while_running_out_of_range_is_refused(registry):
     assert any("Not applied: Learning rate = 5 is out of range" in e.value for e in at.error)
     assert job.train_config.lr != 5.0
     job.stop()
+
+
+@pytest.mark.parametrize("flag, on", [("1", True), ("yes", True), ("true", True), ("0", False), ("off", False)])
+def test_present_in_the_url_takes_the_usual_spellings(flag, on):
+    at = new_app_test()
+    at.query_params["present"] = flag
+    at.run()
+    assert not at.exception and at.toggle(key="present").value is on
+    if on:  # a link that keeps it on; off is the default, which the URL leaves out
+        assert at.query_params["present"] in ("true", ["true"])
+    else:
+        assert at.query_params.get("present") in (None, "false", ["false"])
+
+
+def test_overwrite_is_never_carried_over_to_the_next_runs_save_box(registry):
+    first = registry.submit(TrainConfig(dataset="digits", epochs=1, batch_size=32, max_examples=64, device="cpu"),
+                            model_config_for("digits", hidden=(16,), latent_dim=2), name="first")
+    second = registry.submit(TrainConfig(dataset="digits", epochs=1, batch_size=32, max_examples=64, device="cpu"),
+                             model_config_for("digits", hidden=(16,), latent_dim=2), name="second")
+    assert first.join(120) and second.join(120)
+    at = open_page(PAGE)
+    at.query_params["run"] = first.id
+    at.run()
+    at.checkbox(key="save_overwrite").check().run()
+    assert at.checkbox(key="save_overwrite").value
+    at.query_params["run"] = second.id
+    at.run()
+    assert not at.exception and at.text_input(key="save_name").value == "second"
+    assert at.checkbox(key="save_overwrite").value is False

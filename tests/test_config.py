@@ -98,7 +98,7 @@ def test_parse_hidden(text, sizes):
     assert parse_hidden(text) == sizes
 
 
-@pytest.mark.parametrize("text", ["", ",", "a,b", "1.5"])
+@pytest.mark.parametrize("text", ["", ",", "a,b", "1.5", "256,,128"])
 def test_parse_hidden_rejects(text):
     with pytest.raises(ValueError, match=r"^hidden="):
         parse_hidden(text)

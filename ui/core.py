@@ -291,6 +291,9 @@ img { image-rendering: pixelated; image-rendering: crisp-edges; }
 </style>"""
 
 
+PRESENT_ON, PRESENT_OFF = ("1", "yes", "on", "y"), ("0", "no", "off", "n")  # spellings ?present= also takes
+
+
 def presenting() -> bool:
     return bool(st.session_state.get("present", False))
 
@@ -377,6 +380,10 @@ def sidebar() -> Selection:
             st.session_state["device"] = "auto"
         dev = st.selectbox("Device", devices, key="device", bind="query-params",
                            help="auto picks cuda, then mps, then cpu; only devices this machine has are listed")
+        flag = str(st.query_params.get("present", "")).strip().lower()
+        if flag in PRESENT_ON or flag in PRESENT_OFF:  # ?present=1 / yes / on: the binding reads only true/false
+            st.query_params["present"] = "true" if flag in PRESENT_ON else "false"
+            st.rerun()
         st.toggle("Presentation mode", key="present", bind="query-params",
                   help="Larger type and less chrome for a projector; add ?present=true to a link")
         with st.expander("Upload a checkpoint"):

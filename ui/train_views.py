@@ -474,6 +474,7 @@ def save_panel(job: Job):
         return
     if st.session_state.get("_save_for") != job.id:
         st.session_state["save_name"] = job.name
+        st.session_state["save_overwrite"] = False  # ticked for one run's name: never carried over to the next
         st.session_state["_save_for"] = job.id
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
     c1.text_input("Checkpoint name", key="save_name", persist_state="session",  # kept across pages

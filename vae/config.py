@@ -136,8 +136,11 @@ class TrainConfig:
 
 def parse_hidden(text: str) -> tuple:
     """'256,128' -> (256, 128), with a clear error for anything else."""
+    parts = str(text).replace(" ", "").split(",")
+    if parts and not parts[-1]:
+        parts.pop()  # a trailing comma ("256,128,")
     try:
-        sizes = tuple(int(s) for s in str(text).replace(" ", "").split(",") if s)
+        sizes = tuple(int(s) for s in parts)
     except ValueError:
         raise _bad("hidden", text, "give comma-separated positive integers, e.g. 256,128") from None
     if not sizes:
