@@ -138,7 +138,7 @@ def test_collapse_lab_runs_preset_and_remedies_side_by_side(registry):
     shape = tuple(int(v) for v in z["shape"].split(",")) if isinstance(z, dict) else (len(z), len(z[0]))
     assert heat["type"] == "heatmap" and shape == (16, 12)  # latent dims x epochs
     last = json.loads(charts[2].proto.spec)["data"][0]  # the one shared colour scale, beside the last run only
-    assert not heat["showscale"] and last["showscale"] and last["colorbar"]["ticktext"] == ["0", "0.5", "≥1"]
+    assert not heat["showscale"] and last["showscale"] and last["colorbar"]["ticktext"] == ["0.001", "0.01", "0.1", "≥1"]
     assert at.query_params["lab"] in (group, [group])
 
     # a reload (a new session with the same URL) finds the lab again, roles and all; a stale lab id is dropped

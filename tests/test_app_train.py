@@ -263,21 +263,32 @@ def test_coming_back_from_another_page_shows_the_run_watched_before(registry):
 
 def test_the_kl_heatmap_keeps_a_fixed_floor_and_a_top_of_at_least_one_nat():
     """A collapsed run (every KL ~ 0.001 nats) must look dark, not stretched to its noise; a run whose dimensions
-    carry more than a nat gets a scale up to its largest value."""
+    carry more than a nat gets a scale up to its largest value. The colours are log10 of the KL (one huge value
+    does not black out the rest), and the hover shows the KL itself."""
+    import math
+
     from vae.trainer import new_history
     from ui.train_figures import collapse_figure
 
-    def top(kl_rows):
+    def heat(kl_rows):
         h = new_history()
         h["epoch"]["epoch"] = list(range(1, len(kl_rows) + 1))
         h["epoch"]["test_kl_per_dim"] = kl_rows
         h["epoch"]["active_units"] = [0] * len(kl_rows)
-        heat = collapse_figure(h)["data"][0]
-        assert heat["type"] == "heatmap" and heat["zmin"] == 0
-        return heat["zmax"]
+        fig = collapse_figure(h)["data"][0]
+        assert fig["type"] == "heatmap" and fig["zmin"] == -3.0  # 0.001 nats and below: black
+        return fig
 
-    assert top([[0.0015, 0.001, 0.0], [0.001, 0.0005, 0.0]]) == 1.0
-    assert top([[0.2, 3.5], [0.1, 4.25]]) == 4.25
+    collapsed = heat([[0.0015, 0.001, 0.0], [0.001, 0.0005, 0.0]])
+    assert collapsed["zmax"] == 0.0  # 1 nat
+    assert collapsed["z"][2].tolist() == [-3.0, -3.0]  # dimension 3: 0 nats, at the floor
+    assert collapsed["customdata"][:, 0].tolist() == [0.0015, 0.001, 0.0]  # dims x epochs: the KL itself
+    assert collapsed["colorbar"]["ticktext"] == ["0.001", "0.01", "0.1", "1"]
+    spread = heat([[0.2, 3.5], [0.1, 4.25]])
+    assert math.isclose(spread["zmax"], math.log10(4.25)) and spread["colorbar"]["ticktext"][-1] == "4.25"
+    diverged = heat([[40_000.0, 0.5], [0.3, 0.4]])  # one diverged epoch: 0.3-0.5 nats stay well above black
+    assert math.isclose(diverged["zmax"], math.log10(40_000.0))
+    assert all((v - -3.0) / (diverged["zmax"] - -3.0) > 0.3 for v in (diverged["z"][0, 1], *diverged["z"][1]))
 
 
 def test_the_comparison_names_runs_and_checkpoints_as_the_picker_does(registry):

@@ -12,7 +12,7 @@ import torch
 
 from vae.config import ModelConfig
 from vae.metrics import (collapse_remedies, detect_collapse, downsample_indices, epoch_curves, format_duration,
-                         history_csv, kl_heatmap, smooth_ema, step_curves)
+                         detect_instability, history_csv, kl_heatmap, smooth_ema, step_curves)
 from vae.presets import PRESETS, model_config_for, preset_configs
 from vae.trainer import Trainer, new_history
 
@@ -95,7 +95,7 @@ def test_collapse_is_reported_after_patience_epochs():
     h = fake_history([2.0, 1.0] + [0.01] * 6)
     s = detect_collapse(h, patience=5)
     assert s.collapsed and s.since_epoch == 3 and s.epochs == 6 and s.active_units == 0
-    assert "posterior collapse since epoch 3" in s.reason and s.remedies
+    assert "Since epoch 3" in s.reason and s.remedies
 
 
 def test_a_short_low_kl_stretch_is_not_collapse():
@@ -205,3 +205,34 @@ def test_fast_demo_sharpens(one_thread, digits_train, digits_test):
     elbo = t.history["epoch"]["test_elbo"]
     assert elbo[-1] > elbo[0] + 1.5  # nats per example: the reconstructions get visibly better
     assert t.history["epoch"]["test_kl"][-1] > 0.5  # and the code carries information
+
+
+def _steps(losses):
+    h = new_history()
+    h["step"]["step"] = list(range(1, len(losses) + 1))
+    h["step"]["loss"] = list(losses)
+    return h
+
+
+def test_instability_names_a_loss_spike_and_a_model_worse_than_a_coin_flip():
+    calm = np.linspace(60.0, 25.0, 200)  # a healthy run: its first steps a few times its later loss
+    assert detect_instability(_steps(calm)) is None
+    spiked = calm.copy()
+    spiked[40] = 2e9
+    msg = detect_instability(_steps(spiked), lr=1.0)
+    assert msg.startswith("Unstable training") and "step 41" in msg and "2e+09" in msg and "now 1)" in msg
+    h = _steps(calm)
+    mc = {"likelihood": "bernoulli", "input_dim": 64}
+    coin = -64 * math.log(2)  # -44.4 nats: every pixel 1/2
+    h["epoch"]["test_elbo"] = [coin - 10.0, coin - 10.0]
+    assert detect_instability(h, mc) is None  # too early to say
+    h["epoch"]["test_elbo"].append(-1344.0)
+    assert "below -44.4" in detect_instability(h, mc)
+    assert detect_instability(h, {**mc, "likelihood": "gaussian"}) is None  # no such bound for a Gaussian
+    h["epoch"]["test_elbo"][-1] = -30.0
+    assert detect_instability(h, mc) is None
+
+
+def test_a_healthy_run_raises_no_instability_warning(digits_train, digits_test, one_thread):
+    trainer = _train("fast demo", 3, digits_train, digits_test)
+    assert detect_instability(trainer.history, trainer.model.config.to_dict(), trainer.config.lr) is None

@@ -13,7 +13,7 @@ import torch
 
 from ui.core import (SHIPPED_DIRS, USER_DIR, file_ref, get_dataset, get_registry, presenting, safe_checkpoint_path,
                      style_fig)
-from ui.train_figures import INFERNO
+from ui.train_figures import INFERNO, log_kl
 from vae.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
 from vae.config import ModelConfig
 from vae.jobs import ACTIVE, FAILED
@@ -361,12 +361,13 @@ def heatmap_figure(heat: np.ndarray, title: str, zmax: float = 1.0, height: int 
     """Per-dimension KL over training: rows = latent dims, columns = epochs; dark = collapsed (the Train page's
     colours). scale_room: a fixed right margin for the colour bar, drawn or not, so that a row of these lines up."""
     d, e = heat.shape if heat.size else (0, 0)
-    fig = go.Figure(go.Heatmap(z=heat, x=list(range(1, e + 1)), y=[f"z{i + 1}" for i in range(d)],
-                               colorscale=INFERNO, zmin=0, zmax=zmax, showscale=show_scale,
+    z, lo, hi, ticks = log_kl(heat, top=zmax)  # the Train page's log scale, with this row's common top
+    ticks["ticktext"][-1] = f"≥{zmax:g}"
+    fig = go.Figure(go.Heatmap(z=z, customdata=heat, x=list(range(1, e + 1)), y=[f"z{i + 1}" for i in range(d)],
+                               colorscale=INFERNO, zmin=lo, zmax=hi, showscale=show_scale,
                                colorbar=dict(title=dict(text="nats", side="top"), thickness=8, len=1.0, x=1.03,
-                                             xanchor="left", xpad=0, tickvals=[0, zmax / 2, zmax],
-                                             ticktext=["0", f"{zmax / 2:g}", f"≥{zmax:g}"]),
-                               hovertemplate="epoch %{x}, %{y}: %{z:.3f} nats<extra></extra>"))
+                                             xanchor="left", xpad=0, **ticks),
+                               hovertemplate="epoch %{x}, %{y}: %{customdata:.3g} nats<extra></extra>"))
     fig.update_layout(title=title, xaxis_title="epoch",
                       yaxis=dict(showticklabels=False, title="dims"))
     style_fig(fig, height)

@@ -18,9 +18,31 @@ TRAIN_COLOR, TEST_COLOR, EVENT_COLOR, BETA_COLOR = "#1f77b4", "#d62728", "#7f7f7
 # theme colours, which paints 0 nats violet.
 INFERNO = [[0.0, "#000000"], [0.13, "#1b0c41"], [0.25, "#4a0c6b"], [0.38, "#781c6d"], [0.5, "#a52c60"],
            [0.63, "#cf4446"], [0.75, "#ed6925"], [0.88, "#fb9b06"], [1.0, "#fcffa4"]]
+KL_FLOOR = 1e-3  # nats: black on the KL heatmaps, whose colours are on a log scale (see log_kl)
 MARKERS_UP_TO = 60  # epochs
 LOG_FLOOR = 1e-3  # nats: KL can be exactly 0, which a log axis cannot show
 CHART_CONFIG = {"displaylogo": False}
+
+
+def log_kl(mat, top: float | None = None) -> tuple[np.ndarray, float, float, dict]:
+    """The KL heatmaps' colour scale: log10 of KL in nats, black at KL_FLOOR (0.001 nats) and below, the brightest
+    colour at `top` nats (default: the largest value, at least 1 nat). KL spans decades: on a linear scale a
+    dimension with 0.5 nats looks as dark as a collapsed one next to one with 10, and one diverged epoch with
+    thousands of nats blacks out the rest. Returns (z, zmin, zmax, colour-bar ticks labelled in nats); NaN stays
+    NaN (no value), +inf is drawn at the top."""
+    m = np.asarray(mat, dtype=float)
+    finite = m[np.isfinite(m)]
+    if top is None:
+        top = max(1.0, float(finite.max()) if finite.size else 0.0)
+    lo, hi = float(np.log10(KL_FLOOR)), float(np.log10(top))
+    with np.errstate(invalid="ignore"):
+        z = np.log10(np.clip(m, KL_FLOOR, None))
+    z[np.isposinf(m)] = hi
+    decades = [float(k) for k in range(int(np.ceil(lo)), int(np.floor(hi)) + 1)]
+    if hi - (decades[-1] if decades else lo) > 0.15:
+        decades.append(hi)  # the top itself, when it is not a power of ten
+    ticks = dict(tickvals=decades, ticktext=[f"{10 ** v:.3g}" for v in decades])
+    return z, lo, hi, ticks
 
 
 def _layout(height: int, **kw) -> dict:
@@ -114,14 +136,13 @@ def collapse_figure(history: dict) -> dict:
     data = []
     d = mat.shape[0] if mat.size else 0
     if d:
-        finite = mat[np.isfinite(mat)]
-        top = max(1.0, float(finite.max()) if finite.size else 0.0)
-        data.append(dict(type="heatmap", z=mat, x=_arr(epochs), y=list(range(1, d + 1)),
-                         # a fixed floor and a top of at least 1 nat: a collapsed run (all KL ~ 0.001) stays
-                         # dark instead of the scale stretching to its noise
-                         colorscale=INFERNO, zmin=0, zmax=top,
-                         colorbar=dict(title=dict(text="nats"), len=0.62, y=0.69),
-                         hovertemplate="epoch %{x}<br>dim %{y}<br>KL %{z:.3f} nats<extra></extra>",
+        # a log scale with a fixed floor and a top of at least 1 nat: a collapsed run (all KL ~ 0.001) stays dark
+        # instead of the scale stretching to its noise, and one huge value does not black out the rest
+        z, lo, hi, ticks = log_kl(mat)
+        data.append(dict(type="heatmap", z=z, customdata=mat, x=_arr(epochs), y=list(range(1, d + 1)),
+                         colorscale=INFERNO, zmin=lo, zmax=hi,
+                         colorbar=dict(title=dict(text="nats (log)"), len=0.62, y=0.69, **ticks),
+                         hovertemplate="epoch %{x}<br>dim %{y}<br>KL %{customdata:.3g} nats<extra></extra>",
                          xaxis="x", yaxis="y"))
         data.append(dict(type="scatter", x=_arr(ec["epoch"]), y=_arr(ec["active_units"]),
                          mode=_epoch_mode(len(ec["epoch"])),

@@ -25,7 +25,7 @@ from vae.config import ARCHS, DECODERS, LIKELIHOODS, SCHEDULES, TrainConfig, par
 from vae.data import DATASETS
 from vae.device import available_devices
 from vae.jobs import ACTIVE, FAILED, INTERRUPTED, PAUSED, QUEUED, RUNNING, Job
-from vae.metrics import detect_collapse, format_duration, history_csv
+from vae.metrics import detect_collapse, detect_instability, format_duration, history_csv
 from vae.presets import PRESETS, model_config_for
 
 POLL_S = float(os.environ.get("VAE_POLL_S", "1.0"))  # how often the live status redraws while a run is active
@@ -549,6 +549,9 @@ def _live_charts(job_id: str, polling: bool):
     h = snap.history
     if not h["step"]["step"]:
         return
+    unstable = detect_instability(h, snap.model_config, (snap.train_config or {}).get("lr"))  # needs the steps
+    if unstable:
+        st.warning(unstable, icon=":material/trending_up:")
     log_y, smooth = st.session_state.get("curves_log", False), st.session_state.get("curves_smooth", 0.6)
     cfg = LIVE_CHART_CONFIG if polling else CHART_CONFIG
     st.plotly_chart(curves_figure(h, snap.steps_per_epoch, smooth, log_y), key="fig_curves", config=cfg)
@@ -564,11 +567,12 @@ def _live_charts(job_id: str, polling: bool):
             e = h["epoch"]
             au, d = e["active_units"][-1], len(e["test_kl_per_dim"][-1])
             dead = sum(1 for v in e["test_kl_per_dim"][-1] if v < 0.01)
-            both = au + dead - d  # dimensions active by their means' variance yet under 0.01 nats: at least this
-            st.caption(f"**{au}/{d} active units** (Var_x E_q[z_d] > 0.01) · {d - dead}/{d} dimension(s) with KL ≥ "
-                       "0.01 nats" + (f" (two different tests: at least {both} dimension(s) count as active with "
-                                      "less than 0.01 nats of KL)" if both > 0 else "")
-                       + ". A dark row is a dimension the decoder no longer gets information through.")
+            st.caption(f"**{au}/{d} active units**: dimensions whose encoder mean moves with the input "
+                       f"(Var_x E_q[z_d] > 0.01). **{d - dead}/{d}** carry at least 0.01 nats of KL."
+                       + (" The two counts are different tests and can disagree near their thresholds."
+                          if au != d - dead else "")
+                       + " Colours are on a log scale: a dark row (≈ 0.001 nats) is a dimension the decoder no "
+                         "longer gets information through.")
     with right:
         _images(job, snap)
     _compare(job, h)

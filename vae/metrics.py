@@ -131,7 +131,7 @@ def detect_collapse(history: dict, kl_threshold: float = COLLAPSE_KL_NATS, patie
             what.append("no active unit")
         if kls[-1] < kl_threshold:
             what.append(f"total KL {kls[-1]:.3f} nats < {kl_threshold:g}")
-        status.reason = (f"posterior collapse since epoch {status.since_epoch}: {' and '.join(what)} for {run} "
+        status.reason = (f"Since epoch {status.since_epoch}: {' and '.join(what)} for {run} "
                          f"epochs; q_φ(z|x) ≈ p(z) for every x, so the decoder ignores z")
         status.remedies = collapse_remedies(train_config or {}, model_config or {})
     else:
@@ -153,10 +153,43 @@ def collapse_remedies(train_config: dict, model_config: dict) -> list[str]:
         out.append("KL warm-up: β from 0 to 1 over ~10 epochs (Bowman et al. 2016), or cyclical annealing "
                    "(Fu et al. 2019)")
     if beta > 1 and tc.get("beta_schedule") != "capacity":
-        out.append(f"a lower β (now {beta:g}): β > 1 prices every nat of KL above its value to the ELBO")
+        out.append(f"a lower β (now {beta:g}): each nat of KL costs β nats of loss but only 1 nat of ELBO, so "
+                   "β > 1 pays the model to drop information the decoder could use")
     if tc.get("beta_schedule") != "capacity":
         out.append("capacity annealing: loss = recon + γ·|KL − C|, C rising to ~25 nats (Burgess et al. 2018)")
     return out
+
+
+# ---- instability ---------------------------------------------------------------------------------------------------
+SPIKE_RATIO, SPIKE_MIN_NATS = 10.0, 100.0  # a step loss this many times the recent median, and this far above it
+
+
+def detect_instability(history: dict, model_config: dict | None = None, lr: float | None = None) -> str | None:
+    """A one-line warning when a run went unstable without a NaN (which the trainer's guard catches), else None:
+      - a loss spike: some step's loss above SPIKE_RATIO times the median loss of the last half of the steps, and
+        more than SPIKE_MIN_NATS nats above it (a healthy run's first steps are a few times its later loss);
+      - for a Bernoulli decoder, a test ELBO below that of the trivial model p(x_i = 1 | z) = 1/2 for every pixel,
+        -D ln 2, by more than 10 % after 3 epochs: no trained model should be worse than a coin flip."""
+    tip = f"try a lower learning rate (now {lr:g}) or gradient clipping" if lr else \
+        "try a lower learning rate or gradient clipping"
+    losses = np.asarray(history.get("step", {}).get("loss", []), dtype=float)
+    if losses.size >= 20 and np.isfinite(losses).all():
+        recent = float(np.median(losses[losses.size // 2:]))
+        i = int(np.argmax(losses))
+        peak = float(losses[i])
+        if peak > SPIKE_RATIO * abs(recent) and peak - recent > SPIKE_MIN_NATS:
+            step = int(history["step"]["step"][i])
+            return (f"Unstable training: the loss jumped to {peak:.3g} nats at step {step}, against a median of "
+                    f"{recent:.3g} over the last half of the run; {tip}.")
+    mc = model_config or {}
+    e = history.get("epoch", {})
+    elbos = e.get("test_elbo", [])
+    if mc.get("likelihood") == "bernoulli" and mc.get("input_dim") and len(elbos) >= 3:
+        coin = -mc["input_dim"] * math.log(2.0)
+        if math.isfinite(elbos[-1]) and elbos[-1] < 1.1 * coin:
+            return (f"Training has gone wrong: the test ELBO {elbos[-1]:.1f} nats is below {coin:.1f}, the ELBO of "
+                    f"a decoder that gives every pixel probability 1/2; {tip}.")
+    return None
 
 
 # ---- formatting and export ---------------------------------------------------------------------------------------
@@ -219,5 +252,5 @@ def _num(v):
 
 
 __all__ = ["smooth_ema", "downsample_indices", "step_curves", "epoch_curves", "kl_heatmap", "events",
-           "CollapseStatus", "detect_collapse", "collapse_remedies", "format_duration", "history_csv",
-           "COLLAPSE_KL_NATS", "COLLAPSE_PATIENCE"]
+           "CollapseStatus", "detect_collapse", "collapse_remedies", "detect_instability", "format_duration",
+           "history_csv", "COLLAPSE_KL_NATS", "COLLAPSE_PATIENCE"]
