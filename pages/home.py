@@ -38,7 +38,10 @@ with right:
         cols = st.columns(3)
         cols[0].metric("latent dims", c.latent_dim)
         if m.get("test_elbo") is not None:
-            cols[1].metric("test ELBO (nats)", f"{m['test_elbo']:.2f}")
+            cols[1].metric("test ELBO (nats)", f"{m['test_elbo']:.2f}",
+                           help="Saved with the checkpoint: the average over the test split with one z drawn per "
+                                "image. Trade-off (4 draws) and ELBO anatomy (S draws) estimate the same quantity "
+                                "with more draws, so they can differ by a few tenths of a nat.")
             cols[2].metric("active units", f"{m.get('active_units', '–')}/{c.latent_dim}")
         data, err = selection_data(sel, "test")
         if c.image_shape == (2,):

@@ -224,3 +224,6 @@ with st.expander("All points as a table"):
                    "rate R": round(p.rd["rate"], 3), "distortion D": round(p.rd["distortion"], 3),
                    "ELBO": round(p.rd["elbo"], 3), "active units": p.rd.get("active_units"),
                    "state": p.state or "saved"} for p in on_plane], hide_index=True)
+    st.caption("Test split, nats per example. R is exact (the closed-form KL); D, and so ELBO = −(R + D), averages "
+               "4 draws of z per image (a running job's points: its last epoch, one draw). Home shows the "
+               "checkpoint's own one-draw figure, which can differ by a few tenths of a nat.")
