@@ -83,7 +83,7 @@ def results():
     shape = tuple((snaps[0].model_config or {}).get("image_shape", (8, 8)))
     show_images = x is not None and shape != (2,)
 
-    top_l, top_r = st.columns([1.25, 1])
+    top_l, top_r = st.container(key="stack_lab_top").columns([1.25, 1])  # stacked in a narrow window
     curves = [(_short_name(s.name), t["epoch"], t["active_units"]) for s in snaps for t in [trajectory(s.history)]]
     top_l.plotly_chart(au_curves_figure(curves, latent_dim, height=240), key="lab_au")
     with top_r:
@@ -104,18 +104,20 @@ def results():
         if show_images:
             st.image(tile(x, shape, ncols=N_IMAGES, target_px=360), width="stretch",
                      caption="test images x. Below, per run: KL of each latent dimension (rows) over the epochs, "
-                             "dark 0 nats = collapsed to bright ≥ 1 nat; then its reconstructions of these images "
-                             "(in two rows)")
+                             "on a log scale from black (0.001 nats or less: collapsed) to bright (1 nat or more); "
+                             "then its reconstructions of these images (in two rows)")
     heats = [kl_heatmap(s.history) for s in snaps]
     scale_at = max((i for i, h in enumerate(heats) if h.size), default=-1)  # runs still queued have none yet
-    cols = st.columns(len(snaps))
+    # one row where each run's panel gets ui.core's min width for stack_lab_runs, else wrapped onto more rows
+    cols = st.container(key="stack_lab_runs").columns(len(snaps))
     for i, (col, s) in enumerate(zip(cols, snaps)):
         with col:
             sm = run_summary(s.history)
-            st.markdown(f"**{_short_name(s.name)}**")
+            with st.container(key=f"lab_title_{i}"):  # titles of one or two lines: the heatmaps stay level
+                st.markdown(f"**{_short_name(s.name)}**")
             heat = heats[i]
             if heat.size:
-                # one scale for all (0 to >= 1 nat), drawn once, beside the last heatmap
+                # one scale for all (0.001 to >= 1 nat), drawn once, beside the last heatmap
                 st.plotly_chart(heatmap_figure(heat, "", zmax=1.0, height=170, show_scale=i == scale_at,
                                                scale_room=True),
                                 key=f"lab_heat_{i}")

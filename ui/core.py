@@ -280,6 +280,11 @@ img { image-rendering: pixelated; image-rendering: crisp-edges; }
   { min-width: 24rem; }
 .st-key-stack_rd > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] > [data-testid="stColumn"]
   { min-width: 17rem; }
+.st-key-stack_lab_runs > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] > [data-testid="stColumn"]
+  { min-width: 10rem; }
+[class*="st-key-lab_title_"] { min-height: 3.3em; }  /* one- and two-line run names: the heatmaps below stay level */
+.st-key-stack_liveopts > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] > [data-testid="stColumn"]
+  { min-width: 9rem; }
 [class*="st-key-stack_elbo_"] > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"]
   > [data-testid="stColumn"] { min-width: 14rem; }
 [class*="st-key-stack_elbo_"] > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"]

@@ -141,7 +141,8 @@ def collapse_figure(history: dict) -> dict:
         z, lo, hi, ticks = log_kl(mat)
         data.append(dict(type="heatmap", z=z, customdata=mat, x=_arr(epochs), y=list(range(1, d + 1)),
                          colorscale=INFERNO, zmin=lo, zmax=hi,
-                         colorbar=dict(title=dict(text="nats (log)"), len=0.62, y=0.69, **ticks),
+                         colorbar=dict(title=dict(text="nats (log scale)", side="right"), len=0.62, y=0.65,
+                                       **ticks),
                          hovertemplate="epoch %{x}<br>dim %{y}<br>KL %{customdata:.3g} nats<extra></extra>",
                          xaxis="x", yaxis="y"))
         data.append(dict(type="scatter", x=_arr(ec["epoch"]), y=_arr(ec["active_units"]),
@@ -154,7 +155,7 @@ def collapse_figure(history: dict) -> dict:
         yaxis=dict(domain=[0.38, 0.92], anchor="x", title=dict(text="dimension")),
         xaxis2=dict(domain=[0, 1], anchor="y2", matches="x", title=dict(text="epoch")),
         yaxis2=dict(domain=[0, 0.26], anchor="x2", range=[-0.5, d + 0.5]),
-        annotations=[_title("KL per latent dimension (test, nats): dark = collapsed", 0.5, 0.925),
+        annotations=[_title("KL per latent dimension (test): dark = collapsed", 0.5, 0.925),
                      _title("active units", 0.5, 0.265)])
     return dict(data=data, layout=layout)
 

@@ -503,7 +503,7 @@ def live_view(job: Job, state: str | None = None):
     progress, ETA, samples/s, figures, collapse banner) every POLL_S, the charts and image grids every CHART_POLL_S
     (a browser redraw of the charts costs far more CPU than the numbers; on a small machine that CPU is taken from
     the training thread). Static once the run has ended."""
-    c1, c2, c3 = st.columns([1, 1.4, 3.2], vertical_alignment="bottom")
+    c1, c2, c3 = st.container(key="stack_liveopts").columns([1, 1.4, 3.2], vertical_alignment="bottom")
     c1.toggle("log scale", key="curves_log", help="NLL and KL on a log axis", persist_state="session")
     c2.select_slider("smoothing", (0.0, 0.3, 0.6, 0.8, 0.9, 0.95, 0.99), value=0.6, key="curves_smooth",
                      persist_state="session", help="Exponential moving average of the per-step train curves")
@@ -558,7 +558,7 @@ def _live_charts(job_id: str, polling: bool):
     st.caption("Train: per step (one batch, one z sample), smoothed. Test: per epoch on the test split. Dashed lines "
                "mark changes made while the run went on. All in nats per example."
                + (f" Charts redraw every {CHART_POLL_S:g} s while the run goes on." if polling else ""))
-    left, right = st.columns([1.3, 1])
+    left, right = st.container(key="stack_live").columns([1.3, 1])  # stacked when narrow (ui.core's CSS)
     with left:
         if not h["epoch"]["epoch"]:
             st.caption("The per-dimension KL heatmap (the collapse view) appears after the first epoch.")
