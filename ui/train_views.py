@@ -708,12 +708,12 @@ def runs_table():
     for j in reversed(registry().jobs()):
         s = j.snapshot()
         e = s.history["epoch"]
-        rows.append({"name": s.name, "id": s.id, "state": s.state, "epoch": f"{s.epoch}/{s.epochs}",
-                     "queue": f"#{s.queue_position}" if s.queue_position else "—",
-                     "test ELBO": e["test_elbo"][-1] if e["test_elbo"] else None,
+        # what tells runs apart first (a half-width panel shows the first few columns without scrolling)
+        rows.append({"name": s.name, "state": s.state, "test ELBO": e["test_elbo"][-1] if e["test_elbo"] else None,
                      "active units": e["active_units"][-1] if e["active_units"] else None,
+                     "epoch": f"{s.epoch}/{s.epochs}", "queue": f"#{s.queue_position}" if s.queue_position else "—",
                      "β": s.train_config["beta"], "schedule": s.train_config["beta_schedule"],
-                     "free bits": s.train_config["free_bits"]})
+                     "free bits": s.train_config["free_bits"], "id": s.id})
     if not rows:
         st.caption("No runs yet.")
         return
