@@ -156,3 +156,30 @@ def test_a_worker_does_not_rerun_the_servers_main_script(registries, tmp_path, m
     job = reg.submit(tc(epochs=1), mc())
     assert job.join(120) and job.snapshot().state == "finished"
     assert not marker.exists()
+
+
+def test_at_full_speed_commands_are_looked_for_every_few_ms_not_every_step():
+    """A pipe's poll() costs ~30 µs: at full speed the worker looks every COMMAND_POLL_S, and still stops soon."""
+    import time
+
+    from vae.worker import COMMAND_POLL_S
+
+    class CountingPipe(FakePipe):
+        polls = 0
+
+        def poll(self, timeout=0):
+            self.polls += 1
+            if self.polls == 3:  # a Stop arrives while it runs
+                self.commands.append((7, "stop"))
+            return super().poll(timeout)
+
+    t = Trainer(tc(epochs=500, max_examples=64, batch_size=8), mc())  # small steps, far more than 3 polls' worth
+    pipe = CountingPipe()
+    w = _Worker(pipe, t, {})
+    t0 = time.monotonic()
+    assert w.run() == "stopped"
+    elapsed = time.monotonic() - t0
+    w.close()
+    assert pipe.polls <= 4 and t.step_count > pipe.polls  # several steps between looks
+    assert elapsed < 20 * COMMAND_POLL_S + 1.0  # the stop took effect within a few polls, not at the end
+    assert pipe.sent[-1][1]["ack"] == 7
