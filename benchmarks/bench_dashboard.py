@@ -1,6 +1,6 @@
 """Dashboard benchmark: what the live Train page costs, and what a lecturer waits for.
 
-    .venv/bin/python benchmarks/bench_dashboard.py            # about 5-8 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_dashboard.py            # about 6-9 minutes on 2 cores
     .venv/bin/python benchmarks/bench_dashboard.py --quick    # shorter runs, fewer repeats (a smoke test)
 
 (a) Training throughput of one job started from the Train page while Chromium shows its live view (the fragment
@@ -18,6 +18,7 @@
     open in the first context.
 (c) Cold start: from `streamlit run app.py` to the server answering, and to Home rendered in Chromium (its images
     drawn, the script idle).
+(d) The Collapse lab from the browser: Run clicked, until the page shows every one of its five runs ended.
 
 Prints figures as it goes and, last, one JSON line. The machine's load average is printed too: other processes
 share the CPU, so compare figures taken together.
@@ -273,6 +274,33 @@ def bench_latency(browser, clicks: int) -> dict:
 
 
 # ---- (c) ---------------------------------------------------------------------------------------------------------
+# ---- (d) ---------------------------------------------------------------------------------------------------------
+def bench_lab(browser, repeats: int) -> dict:
+    """The Collapse lab as a lecturer runs it: Run clicked, until the page shows every run ended (the progress line
+    "k/5 runs ended" gone), in one browser tab; a fresh server each time."""
+    times = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            proc, url, _, _ = start_server(Path(tmp))
+            try:
+                pg = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+                pg.set_default_timeout(180_000)
+                pg.goto(url + "/collapse")
+                ready(pg)
+                t0 = time.perf_counter()
+                pg.locator(".st-key-lab_run button").first.click()
+                pg.get_by_text("runs ended").first.wait_for()  # the lab has started
+                pg.get_by_text("runs ended").first.wait_for(state="detached", timeout=300_000)
+                times.append(time.perf_counter() - t0)
+                pg.context.close()
+            finally:
+                stop_server(proc)
+        log(f"  (d) collapse lab, Run -> every run ended on screen: {times[-1]:.1f} s   [load {load()}]")
+    out = {"repeats": repeats, "lab_s_median": statistics.median(times), "lab_s": times}
+    log(f"(d) collapse lab from the browser: {out['lab_s_median']:.1f} s (median of {repeats})")
+    return out
+
+
 def bench_cold_start(browser, repeats: int) -> dict:
     health, rendered = [], []
     for _ in range(repeats):
@@ -306,11 +334,13 @@ def main(argv=None):
     ap.add_argument("--clicks", type=int, default=12, help="widget round trips per condition")
     ap.add_argument("--cold", type=int, default=3, help="cold starts")
     ap.add_argument("--quick", action="store_true", help="a smoke test: short runs, one repeat")
-    ap.add_argument("--only", default="abc", help="which parts to run, e.g. 'a' or 'bc' (default: all three)")
+    ap.add_argument("--labs", type=int, default=3, help="collapse lab runs from the browser")
+    ap.add_argument("--only", default="abcd", help="which parts to run, e.g. 'a' or 'bc' (default: all four)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.epochs, args.repeats, args.clicks, args.cold = 20, 1, 4, 1
-    for name, v in (("epochs", args.epochs), ("repeats", args.repeats), ("clicks", args.clicks), ("cold", args.cold)):
+        args.epochs, args.repeats, args.clicks, args.cold, args.labs = 20, 1, 4, 1, 1
+    for name, v in (("epochs", args.epochs), ("repeats", args.repeats), ("clicks", args.clicks), ("cold", args.cold),
+                    ("labs", args.labs)):
         if v < 1:
             ap.error(f"--{name} {v} is not allowed: give at least 1")
     import torch
@@ -326,10 +356,12 @@ def main(argv=None):
             a = bench_throughput(browser, args.epochs, args.repeats) if "a" in args.only else None
             b = bench_latency(browser, args.clicks) if "b" in args.only else None
             c = bench_cold_start(browser, args.cold) if "c" in args.only else None
+            d = bench_lab(browser, args.labs) if "d" in args.only else None
         finally:
             browser.close()
     machine["load_avg_end"] = os.getloadavg()
-    print(json.dumps({"machine": machine, "throughput": a, "latency": b, "cold_start": c}), flush=True)
+    print(json.dumps({"machine": machine, "throughput": a, "latency": b, "cold_start": c, "collapse_lab": d}),
+          flush=True)
 
 
 if __name__ == "__main__":
