@@ -207,16 +207,19 @@ def test_fast_demo_sharpens(one_thread, digits_train, digits_test):
     assert t.history["epoch"]["test_kl"][-1] > 0.5  # and the code carries information
 
 
-def _steps(losses):
+def _steps(neg_elbo, loss=None):
     h = new_history()
-    h["step"]["step"] = list(range(1, len(losses) + 1))
-    h["step"]["loss"] = list(losses)
+    h["step"]["step"] = list(range(1, len(neg_elbo) + 1))
+    h["step"]["elbo"] = [-v for v in neg_elbo]
+    h["step"]["loss"] = list(neg_elbo if loss is None else loss)
     return h
 
 
 def test_instability_names_a_loss_spike_and_a_model_worse_than_a_coin_flip():
     calm = np.linspace(60.0, 25.0, 200)  # a healthy run: its first steps a few times its later loss
     assert detect_instability(_steps(calm)) is None
+    kl = np.where(np.arange(200) < 5, 1.0, 0.0)  # β = 1000: the first steps' KL makes their loss ~1000 nats
+    assert detect_instability(_steps(calm, loss=calm - kl + 1000.0 * kl)) is None  # by design, not a spike
     spiked = calm.copy()
     spiked[40] = 2e9
     msg = detect_instability(_steps(spiked), lr=1.0)

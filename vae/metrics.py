@@ -166,20 +166,21 @@ SPIKE_RATIO, SPIKE_MIN_NATS = 10.0, 100.0  # a step loss this many times the rec
 
 def detect_instability(history: dict, model_config: dict | None = None, lr: float | None = None) -> str | None:
     """A one-line warning when a run went unstable without a NaN (which the trainer's guard catches), else None:
-      - a loss spike: some step's loss above SPIKE_RATIO times the median loss of the last half of the steps, and
-        more than SPIKE_MIN_NATS nats above it (a healthy run's first steps are a few times its later loss);
+      - a spike: some step's -ELBO (recon + KL, not the β-weighted loss: a large β makes the first steps' loss
+        large by design) above SPIKE_RATIO times the median over the last half of the steps, and more than
+        SPIKE_MIN_NATS nats above it (a healthy run's first steps are a few times its later -ELBO);
       - for a Bernoulli decoder, a test ELBO below that of the trivial model p(x_i = 1 | z) = 1/2 for every pixel,
         -D ln 2, by more than 10 % after 3 epochs: no trained model should be worse than a coin flip."""
     tip = f"try a lower learning rate (now {lr:g}) or gradient clipping" if lr else \
         "try a lower learning rate or gradient clipping"
-    losses = np.asarray(history.get("step", {}).get("loss", []), dtype=float)
+    losses = -np.asarray(history.get("step", {}).get("elbo", []), dtype=float)
     if losses.size >= 20 and np.isfinite(losses).all():
         recent = float(np.median(losses[losses.size // 2:]))
         i = int(np.argmax(losses))
         peak = float(losses[i])
         if peak > SPIKE_RATIO * abs(recent) and peak - recent > SPIKE_MIN_NATS:
             step = int(history["step"]["step"][i])
-            return (f"Unstable training: the loss jumped to {peak:.3g} nats at step {step}, against a median of "
+            return (f"Unstable training: −ELBO jumped to {peak:.3g} nats at step {step}, against a median of "
                     f"{recent:.3g} over the last half of the run; {tip}.")
     mc = model_config or {}
     e = history.get("epoch", {})
