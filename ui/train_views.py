@@ -66,13 +66,16 @@ LIMITS = {"cfg_max_examples": ("Examples", 0, 1_000_000), "cfg_latent_dim": ("La
 def check_limits(values: dict) -> None:
     """ValueError (one line: the option, the value, the range) for the first number outside LIMITS; values maps
     widget keys (or labels) to what the widgets hold."""
+    def num(v) -> str:  # 1,000,000 and 2,147,483,647 for whole numbers, 1e-06 and 0.5 for the others
+        return f"{v:,}" if isinstance(v, int) else f"{v:g}"
+
     by_label = {label: (label, lo, hi) for label, lo, hi in LIMITS.values()}
     for key, value in values.items():
         label, lo, hi = LIMITS.get(key) or by_label[key]
         if value is None:
-            raise ValueError(f"{label} is empty: type a number from {lo:g} to {hi:g}")
+            raise ValueError(f"{label} is empty: type a number from {num(lo)} to {num(hi)}")
         if not lo <= value <= hi:
-            raise ValueError(f"{label} = {value:g} is out of range: use a number from {lo:g} to {hi:g}")
+            raise ValueError(f"{label} = {num(value)} is out of range: use a number from {num(lo)} to {num(hi)}")
 
 
 def _defaults() -> dict:
