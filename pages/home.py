@@ -40,8 +40,8 @@ with right:
         if m.get("test_elbo") is not None:
             cols[1].metric("test ELBO (nats)", f"{m['test_elbo']:.2f}",
                            help="Saved with the checkpoint: the average over the test split with one z drawn per "
-                                "image. Trade-off (4 draws) and ELBO anatomy (S draws) estimate the same quantity "
-                                "with more draws, so they can differ by a few tenths of a nat.")
+                                "image. The Trade-off page estimates it on the same split with 4 draws, so the two "
+                                "can differ by a few tenths of a nat; ELBO anatomy averages the images you pick.")
             cols[2].metric("active units", f"{m.get('active_units', '–')}/{c.latent_dim}")
         data, err = selection_data(sel, "test")
         if c.image_shape == (2,):

@@ -407,3 +407,20 @@ def test_overwrite_is_never_carried_over_to_the_next_runs_save_box(registry):
     at.run()
     assert not at.exception and at.text_input(key="save_name").value == "second"
     assert at.checkbox(key="save_overwrite").value is False
+
+
+def test_an_option_off_screen_does_not_block_start_and_labels_follow_the_schedule(registry):
+    at = small_run(open_page(PAGE))
+    at.selectbox(key="cfg_beta_schedule").set_value("cyclical").run()
+    at.number_input(key="cfg_cycles").set_value(0).run()
+    assert any("Cycles M = 0 is out of range" in e.value for e in at.error)
+    at.selectbox(key="cfg_beta_schedule").set_value("capacity").run()  # cycles no longer on screen
+    assert not any("Cycles M" in e.value for e in at.error)
+    at.number_input(key="cfg_beta").set_value(-1.0).run()
+    assert any("γ (capacity weight) = -1 is out of range" in e.value for e in at.error)
+    at.number_input(key="cfg_beta").set_value(1.0).run()
+    assert not at.error
+    at.button(key="btn_start").click().run()
+    job = registry.get(at.query_params["run"])
+    assert job.train_config.beta_schedule == "capacity" and job.train_config.cycles == 4  # the default
+    job.stop()

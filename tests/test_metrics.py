@@ -207,35 +207,71 @@ def test_fast_demo_sharpens(one_thread, digits_train, digits_test):
     assert t.history["epoch"]["test_kl"][-1] > 0.5  # and the code carries information
 
 
-def _steps(neg_elbo, loss=None):
+def _steps(neg_elbo, per_epoch=20):
     h = new_history()
-    h["step"]["step"] = list(range(1, len(neg_elbo) + 1))
+    n = len(neg_elbo)
+    h["step"]["step"] = list(range(1, n + 1))
+    h["step"]["epoch"] = [(i + 1) / per_epoch for i in range(n)]
     h["step"]["elbo"] = [-v for v in neg_elbo]
-    h["step"]["loss"] = list(neg_elbo if loss is None else loss)
     return h
 
 
-def test_instability_names_a_loss_spike_and_a_model_worse_than_a_coin_flip():
-    calm = np.linspace(60.0, 25.0, 200)  # a healthy run: its first steps a few times its later loss
+def test_instability_names_a_jump_after_the_first_epoch():
+    calm = np.linspace(60.0, 25.0, 400)  # a healthy run: its first steps a few times its later -ELBO
     assert detect_instability(_steps(calm)) is None
-    kl = np.where(np.arange(200) < 5, 1.0, 0.0)  # β = 1000: the first steps' KL makes their loss ~1000 nats
-    assert detect_instability(_steps(calm, loss=calm - kl + 1000.0 * kl)) is None  # by design, not a spike
+    first = calm.copy()
+    first[5] = 5e3  # within the first epoch: the start of training, not judged
+    assert detect_instability(_steps(first)) is None
     spiked = calm.copy()
-    spiked[40] = 2e9
-    msg = detect_instability(_steps(spiked), lr=1.0)
-    assert msg.startswith("Unstable training") and "step 41" in msg and "2e+09" in msg and "now 1)" in msg
-    h = _steps(calm)
-    mc = {"likelihood": "bernoulli", "input_dim": 64}
-    coin = -64 * math.log(2)  # -44.4 nats: every pixel 1/2
-    h["epoch"]["test_elbo"] = [coin - 10.0, coin - 10.0]
-    assert detect_instability(h, mc) is None  # too early to say
-    h["epoch"]["test_elbo"].append(-1344.0)
-    assert "below -44.4" in detect_instability(h, mc)
-    assert detect_instability(h, {**mc, "likelihood": "gaussian"}) is None  # no such bound for a Gaussian
-    h["epoch"]["test_elbo"][-1] = -30.0
-    assert detect_instability(h, mc) is None
+    spiked[240] = 2e9
+    msg = detect_instability(_steps(spiked), train_config={"lr": 1.0})
+    assert msg.startswith("Unstable training") and "step 241" in msg and "2e+09" in msg and "now 1)" in msg
+    stays = np.concatenate([calm[:200], np.full(200, 4000.0)])  # jumps and stays up: caught at the jump
+    assert "step 201" in detect_instability(_steps(stays))
+    gaussian = np.concatenate([np.linspace(150.0, 12.0, 20), 12.0 + np.sin(np.arange(380))])  # -ELBO near 0
+    assert detect_instability(_steps(gaussian)) is None
+    assert "−ELBO is inf" in detect_instability(_steps(np.concatenate([calm[:300], [np.inf]])))
 
 
-def test_a_healthy_run_raises_no_instability_warning(digits_train, digits_test, one_thread):
-    trainer = _train("fast demo", 3, digits_train, digits_test)
-    assert detect_instability(trainer.history, trainer.model.config.to_dict(), trainer.config.lr) is None
+def test_instability_of_a_bernoulli_run_against_the_model_that_ignores_z():
+    from vae.metrics import trivial_loss
+
+    coin = 64 * math.log(2)  # 44.4 nats: every pixel 1/2, for any x in [0, 1]
+    mc = {"likelihood": "bernoulli", "input_dim": 64, "latent_dim": 8}
+    assert math.isclose(trivial_loss(mc, {"beta": 4.0}), coin)
+    assert math.isclose(trivial_loss(mc, {"beta": 2.0, "free_bits": 0.5}), coin + 2.0 * 8 * 0.5)
+    assert math.isclose(trivial_loss(mc, {"beta": 1.0, "beta_schedule": "capacity", "capacity_max": 25.0}),
+                        coin + 25.0)
+    assert trivial_loss({**mc, "likelihood": "gaussian"}, {}) is None
+
+    def hist(recon, loss, elbo=None):
+        h = new_history()
+        e = h["epoch"]
+        e["test_recon"], e["train_loss"] = list(recon), list(loss)
+        e["test_elbo"] = list(elbo) if elbo is not None else [-r - 3.0 for r in recon]
+        return h
+
+    tc = {"beta": 1000.0, "lr": 1.0}
+    assert detect_instability(hist([50, 50], [9e4, 9e4]), mc, tc) is None  # too early to say
+    assert "reconstruction NLL 60.0" in detect_instability(hist([50, 50, 60], [40, 40, 40]), mc, tc)
+    assert detect_instability(hist([40, 30, 46], [40, 30, 46]), mc, tc) is None  # within the 10 % margin
+    # lr 1 at β = 1000: recon fine, but the objective is ~136,000 nats, far above the 44.4 of ignoring z
+    assert "training objective 1.36e+05" in detect_instability(hist([27, 27, 27], [1.4e5, 1.4e5, 1.36e5]), mc, tc)
+    # β = 0 is allowed to spend KL freely: its ELBO falls far below -D ln 2, recon and objective stay fine
+    assert detect_instability(hist([20, 18, 15], [20, 18, 15], elbo=[-60, -80, -96]), mc, {"beta": 0.0}) is None
+    assert "test ELBO is nan" in detect_instability(hist([20, 18, 15], [20, 18, 15], elbo=[-30, -30, math.nan]),
+                                                    mc, {"beta": 1.0})
+    assert detect_instability(hist([60, 60, 60], [60, 60, 60]), {**mc, "likelihood": "gaussian"}, tc) is None
+
+
+@pytest.mark.parametrize("preset, changes", [("fast demo", {}), ("fast demo", {"beta": 0.0}),
+                                             ("fast demo", {"beta_schedule": "capacity", "capacity_max": 60.0}),
+                                             ("fast demo", {"likelihood": "gaussian", "sigma": 0.2})])
+def test_healthy_runs_raise_no_instability_warning(digits_train, digits_test, one_thread, preset, changes):
+    t, m = preset_configs(preset)
+    t = type(t).from_dict({**t.to_dict(), "epochs": 4, "device": "cpu",
+                           **{k: v for k, v in changes.items() if k not in ("likelihood", "sigma")}})
+    m = {**m, **{k: v for k, v in changes.items() if k in ("likelihood", "sigma")}}
+    trainer = Trainer(t, model_config_for(t.dataset, **m), digits_train, digits_test)
+    trainer.fit()
+    assert detect_instability(trainer.history, trainer.model.config.to_dict(), trainer.config.to_dict()) is None

@@ -362,7 +362,11 @@ def heatmap_figure(heat: np.ndarray, title: str, zmax: float = 1.0, height: int 
     colours). scale_room: a fixed right margin for the colour bar, drawn or not, so that a row of these lines up."""
     d, e = heat.shape if heat.size else (0, 0)
     z, lo, hi, ticks = log_kl(heat, top=zmax)  # the Train page's log scale, with this row's common top
-    ticks["ticktext"][-1] = f"≥{zmax:g}"
+    if ticks["tickvals"] and ticks["tickvals"][-1] == hi:  # the top is marked "≥": values above it are drawn there
+        ticks["ticktext"][-1] = f"≥{zmax:g}"
+    else:
+        ticks["tickvals"].append(hi)
+        ticks["ticktext"].append(f"≥{zmax:g}")
     fig = go.Figure(go.Heatmap(z=z, customdata=heat, x=list(range(1, e + 1)), y=[f"z{i + 1}" for i in range(d)],
                                colorscale=INFERNO, zmin=lo, zmax=hi, showscale=show_scale,
                                colorbar=dict(title=dict(text="nats", side="top"), thickness=8, len=1.0, x=1.03,

@@ -41,7 +41,7 @@ def log_kl(mat, top: float | None = None) -> tuple[np.ndarray, float, float, dic
     decades = [float(k) for k in range(int(np.ceil(lo)), int(np.floor(hi)) + 1)]
     if hi - (decades[-1] if decades else lo) > 0.15:
         decades.append(hi)  # the top itself, when it is not a power of ten
-    ticks = dict(tickvals=decades, ticktext=[f"{10 ** v:.3g}" for v in decades])
+    ticks = dict(tickvals=decades, ticktext=[f"{10 ** v:,.0f}" if v >= 3 else f"{10 ** v:.3g}" for v in decades])
     return z, lo, hi, ticks
 
 

@@ -63,15 +63,16 @@ LIMITS = {"cfg_max_examples": ("Examples", 0, 1_000_000), "cfg_latent_dim": ("La
           "cfg_seed": ("Seed", 0, 2**31 - 1), "cfg_grad_clip": ("Grad clip", 0.0, 1e6)}
 
 
-def check_limits(values: dict) -> None:
+def check_limits(values: dict, labels: dict | None = None) -> None:
     """ValueError (one line: the option, the value, the range) for the first number outside LIMITS; values maps
-    widget keys (or labels) to what the widgets hold."""
+    widget keys (or labels) to what the widgets hold; labels: a key's label as the page shows it now."""
     def num(v) -> str:  # 1,000,000 and 2,147,483,647 for whole numbers, 1e-06 and 0.5 for the others
         return f"{v:,}" if isinstance(v, int) else f"{v:g}"
 
     by_label = {label: (label, lo, hi) for label, lo, hi in LIMITS.values()}
     for key, value in values.items():
         label, lo, hi = LIMITS.get(key) or by_label[key]
+        label = (labels or {}).get(key, label)
         if value is None:
             raise ValueError(f"{label} is empty: type a number from {num(lo)} to {num(hi)}")
         if not lo <= value <= hi:
@@ -107,12 +108,39 @@ def _on_preset():
         apply_preset(name)
 
 
+def shown_numbers(s) -> tuple[set, dict]:
+    """The number options the page shows for the schedule and likelihood picked, and their labels where they
+    depend on them (config_panel draws the same)."""
+    sched, lik = s.get("cfg_beta_schedule", "constant"), s.get("cfg_likelihood", "auto")
+    hidden = set()
+    if lik != "gaussian":
+        hidden.add("cfg_sigma")
+    if sched not in ("linear", "logistic", "capacity"):
+        hidden.add("cfg_warmup_epochs")
+    if sched != "cyclical":
+        hidden |= {"cfg_cycles", "cfg_cycle_ratio"}
+    if sched != "capacity":
+        hidden.add("cfg_capacity_max")
+    labels = ({"cfg_beta": "γ (capacity weight)", "cfg_warmup_epochs": "C ramp (epochs)"} if sched == "capacity"
+              else {"cfg_warmup_epochs": "Warm-up (epochs)"})
+    return set(LIMITS) - hidden, labels
+
+
 def configs_from_state():
-    """(TrainConfig, ModelConfig, run name) from the widgets. ValueError (one line, naming the field) if bad."""
+    """(TrainConfig, ModelConfig, run name) from the widgets. ValueError (one line, naming the field) if bad. An
+    option not on screen for the schedule or likelihood picked (no effect on the run) that holds a value out of
+    range is taken at its default: a message about a box the user cannot see would only puzzle."""
     s = st.session_state
     d = _defaults()
-    get = lambda k: s.get(k, d[k])  # noqa: E731
-    check_limits({k: get(k) for k in LIMITS})
+    shown, labels = shown_numbers(s)
+
+    def get(k):
+        v = s.get(k, d[k])
+        if k in LIMITS and k not in shown and (v is None or not LIMITS[k][1] <= v <= LIMITS[k][2]):
+            return d[k]
+        return v
+
+    check_limits({k: get(k) for k in LIMITS if k in shown}, labels)
     max_ex = int(get("cfg_max_examples") or 0)
     tc = TrainConfig(**{f: get(k) for k, f in TRAIN_FIELDS.items()}, device=get("cfg_device"),
                      max_examples=max_ex or None)
@@ -552,7 +580,7 @@ def _live_charts(job_id: str, polling: bool):
     h = snap.history
     if not h["step"]["step"]:
         return
-    unstable = detect_instability(h, snap.model_config, (snap.train_config or {}).get("lr"))  # needs the steps
+    unstable = detect_instability(h, snap.model_config, snap.train_config)  # needs the steps: here, not in the status
     if unstable:
         st.warning(unstable, icon=":material/trending_up:")
     log_y, smooth = st.session_state.get("curves_log", False), st.session_state.get("curves_smooth", 0.6)

@@ -161,35 +161,73 @@ def collapse_remedies(train_config: dict, model_config: dict) -> list[str]:
 
 
 # ---- instability ---------------------------------------------------------------------------------------------------
-SPIKE_RATIO, SPIKE_MIN_NATS = 10.0, 100.0  # a step loss this many times the recent median, and this far above it
+SPIKE_BLOCK = 50  # steps: each block of steps is compared with the block before it
+SPIKE_RATIO, SPIKE_MIN_NATS = 10.0, 100.0  # a jump to this many times the previous block's median, and this far up
+TRIVIAL_MARGIN = 1.1  # "worse than the trivial model" means worse by more than 10 %
 
 
-def detect_instability(history: dict, model_config: dict | None = None, lr: float | None = None) -> str | None:
+def trivial_loss(model_config: dict, train_config: dict) -> float | None:
+    """The training objective (nats per example) of the model that ignores z, for a Bernoulli decoder: q(z|x) = p(z)
+    (KL 0 in every dimension) and p(x_i = 1 | z) = 1/2 for every pixel, whose reconstruction NLL is D ln 2 for any x
+    in [0, 1]. Its loss is D ln 2 plus what the KL term charges at KL = 0: β·d·λ with free bits, γ·C with capacity
+    annealing (at the largest β and C the schedule reaches). None for other likelihoods."""
+    if model_config.get("likelihood") != "bernoulli" or not model_config.get("input_dim"):
+        return None
+    beta = float(train_config.get("beta", 1.0))
+    loss = model_config["input_dim"] * math.log(2.0)
+    if train_config.get("beta_schedule") == "capacity":
+        return loss + beta * float(train_config.get("capacity_max", 0.0))
+    return loss + beta * model_config.get("latent_dim", 0) * float(train_config.get("free_bits", 0.0))
+
+
+def detect_instability(history: dict, model_config: dict | None = None,
+                       train_config: dict | None = None) -> str | None:
     """A one-line warning when a run went unstable without a NaN (which the trainer's guard catches), else None:
-      - a spike: some step's -ELBO (recon + KL, not the β-weighted loss: a large β makes the first steps' loss
-        large by design) above SPIKE_RATIO times the median over the last half of the steps, and more than
-        SPIKE_MIN_NATS nats above it (a healthy run's first steps are a few times its later -ELBO);
-      - for a Bernoulli decoder, a test ELBO below that of the trivial model p(x_i = 1 | z) = 1/2 for every pixel,
-        -D ln 2, by more than 10 % after 3 epochs: no trained model should be worse than a coin flip."""
+      - a jump: after the first epoch, a step's -ELBO (recon + KL; the β-weighted loss is large early by design
+        when β is) more than SPIKE_MIN_NATS and more than SPIKE_RATIO - 1 times |median| above the median of the
+        SPIKE_BLOCK steps before its block. Compared with the steps just before, so a run that jumps and stays up
+        is caught at the jump, and scale-free enough for a Gaussian decoder, whose -ELBO can be near 0 or negative;
+      - for a Bernoulli decoder, after 3 epochs: the test reconstruction NLL above D ln 2 (a decoder can always give
+        every pixel probability 1/2, whatever β), or the training objective above that of the model that ignores z
+        (trivial_loss), each by more than 10 %; or a test ELBO that is not finite."""
+    tc, mc = train_config or {}, model_config or {}
+    lr = tc.get("lr")
     tip = f"try a lower learning rate (now {lr:g}) or gradient clipping" if lr else \
         "try a lower learning rate or gradient clipping"
-    losses = -np.asarray(history.get("step", {}).get("elbo", []), dtype=float)
-    if losses.size >= 20 and np.isfinite(losses).all():
-        recent = float(np.median(losses[losses.size // 2:]))
-        i = int(np.argmax(losses))
-        peak = float(losses[i])
-        if peak > SPIKE_RATIO * abs(recent) and peak - recent > SPIKE_MIN_NATS:
-            step = int(history["step"]["step"][i])
-            return (f"Unstable training: −ELBO jumped to {peak:.3g} nats at step {step}, against a median of "
-                    f"{recent:.3g} over the last half of the run; {tip}.")
-    mc = model_config or {}
+    sh = history.get("step", {})
+    neg = -np.asarray(sh.get("elbo", []), dtype=float)
+    ep = np.asarray(sh.get("epoch", []), dtype=float)
+    if neg.size and ep.size == neg.size:
+        later = np.nonzero(ep > 1.0)[0]
+        v = neg[later]
+        bad = np.nonzero(~np.isfinite(v))[0]
+        if bad.size:
+            return f"Unstable training: −ELBO is {v[bad[0]]} at step {int(sh['step'][later[bad[0]]])}; {tip}."
+        n = v.size // SPIKE_BLOCK * SPIKE_BLOCK
+        if n >= 2 * SPIKE_BLOCK:
+            off = v.size - n  # blocks aligned to the newest step: the latest steps are always in one
+            blocks = v[off:].reshape(-1, SPIKE_BLOCK)
+            med, peak = np.median(blocks[:-1], axis=1), blocks[1:].max(axis=1)
+            limit = np.maximum(SPIKE_MIN_NATS, (SPIKE_RATIO - 1.0) * np.abs(med))
+            jumps = np.nonzero(peak - med > limit)[0]
+            if jumps.size:
+                b = int(jumps[0])
+                i = later[off + (b + 1) * SPIKE_BLOCK + int(np.argmax(blocks[b + 1]))]
+                return (f"Unstable training: −ELBO jumped to {neg[i]:.3g} nats at step {int(sh['step'][i])}, "
+                        f"from a median of {med[b]:.3g} over the {SPIKE_BLOCK} steps before; {tip}.")
     e = history.get("epoch", {})
-    elbos = e.get("test_elbo", [])
-    if mc.get("likelihood") == "bernoulli" and mc.get("input_dim") and len(elbos) >= 3:
-        coin = -mc["input_dim"] * math.log(2.0)
-        if math.isfinite(elbos[-1]) and elbos[-1] < 1.1 * coin:
-            return (f"Training has gone wrong: the test ELBO {elbos[-1]:.1f} nats is below {coin:.1f}, the ELBO of "
-                    f"a decoder that gives every pixel probability 1/2; {tip}.")
+    if mc.get("likelihood") == "bernoulli" and mc.get("input_dim") and len(e.get("test_elbo", [])) >= 3:
+        coin = mc["input_dim"] * math.log(2.0)
+        elbo, recon = e["test_elbo"][-1], (e.get("test_recon") or [None])[-1]
+        if not math.isfinite(elbo):
+            return f"Training has gone wrong: the test ELBO is {elbo}; {tip}."
+        if recon is not None and recon > TRIVIAL_MARGIN * coin:
+            return (f"Training has gone wrong: the test reconstruction NLL {recon:.1f} nats is above {coin:.1f}, "
+                    f"that of a decoder giving every pixel probability 1/2; {tip}.")
+        trivial, loss = trivial_loss(mc, tc), (e.get("train_loss") or [None])[-1]
+        if trivial is not None and loss is not None and loss > TRIVIAL_MARGIN * trivial:
+            return (f"Training has gone wrong: the training objective {loss:.3g} nats is above {trivial:.3g}, that "
+                    f"of a model that ignores z and gives every pixel probability 1/2; {tip}.")
     return None
 
 
@@ -253,5 +291,5 @@ def _num(v):
 
 
 __all__ = ["smooth_ema", "downsample_indices", "step_curves", "epoch_curves", "kl_heatmap", "events",
-           "CollapseStatus", "detect_collapse", "collapse_remedies", "detect_instability", "format_duration",
-           "history_csv", "COLLAPSE_KL_NATS", "COLLAPSE_PATIENCE"]
+           "CollapseStatus", "detect_collapse", "collapse_remedies", "detect_instability", "trivial_loss",
+           "format_duration", "history_csv", "COLLAPSE_KL_NATS", "COLLAPSE_PATIENCE"]
