@@ -4,7 +4,7 @@ import dataclasses
 
 import streamlit as st
 
-from ui.core import get_dataset, tile
+from ui.core import check_range, get_dataset, tile
 from ui.tradeoff import (au_curves_figure, group_jobs, group_progress, heatmap_figure, run_images, state_line,
                          stop_group, submit_group)
 from vae.jobs import ACTIVE
@@ -39,13 +39,17 @@ with c2.container(horizontal=True, vertical_alignment="center", horizontal_align
                             help="Trains the preset and each chosen remedy, two at a time")
     stop_clicked = st.button("Stop", icon=":material/stop:", key="lab_stop", disabled=not running)
     with st.popover("Settings", icon=":material/settings:"):
-        epochs = st.number_input("epochs per run", 5, 300, SHORT_TRAIN["epochs"], key="lab_epochs")
-        seed = st.number_input("seed", 0, 2**31 - 1, 0, key="lab_seed")
+        # any number typed reaches the server, which names one out of range when Run is pressed (ui.core.check_range)
+        epochs = st.number_input("epochs per run", value=SHORT_TRAIN["epochs"], step=1, key="lab_epochs",
+                                 help="5 to 300")
+        seed = st.number_input("seed", value=0, step=1, key="lab_seed")
 remedies = st.pills("Remedies, run beside it on the same seed", list(LAB_REMEDIES), selection_mode="multi",
                     default=list(LAB_REMEDIES), format_func=lambda k: REMEDIES[k].label, key="lab_remedies",
                     wrap=True) or []
 if run_clicked:
     try:
+        check_range("epochs per run", epochs, 5, 300)
+        check_range("seed", seed, 0, 2**31 - 1)
         specs = lab_specs(preset_key, remedies, seed=int(seed), epochs=int(epochs))
     except ValueError as exc:
         st.error(str(exc))

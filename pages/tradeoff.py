@@ -3,7 +3,7 @@ registry, live training paths, and per-model details (reconstructions, samples, 
 split of the rate into I(x;z) and KL(q(z) ‖ p(z))), side by side for two models."""
 import streamlit as st
 
-from ui.core import current, get_dataset, load_selection, recon_and_samples, tile
+from ui.core import check_range, current, get_dataset, load_selection, recon_and_samples, tile
 from ui.tradeoff import (collect_points, details_rd, group_jobs, group_progress, kl_bars_figure,
                          plane_extent, plane_figure, split_figure, state_line, stop_group, submit_group)
 from vae.jobs import ACTIVE
@@ -127,19 +127,23 @@ with right:
         betas_text = st.text_input("β values", "0.1, 0.5, 1, 2, 4, 8", key="rd_betas",
                                    help="Comma-separated, up to 12 values ≥ 0")
         c1, c2 = st.columns(2)
-        free_bits = c1.number_input("free bits λ (nats)", 0.0, 5.0, 0.0, 0.1, key="rd_lambda",
-                                    help="0 = off; a floor on each dimension's batch KL (Kingma et al. 2016)")
+        # any number typed reaches the server, which names one out of range on Start (ui.core.check_range)
+        free_bits = c1.number_input("free bits λ (nats)", value=0.0, step=0.1, key="rd_lambda",
+                                    help="0 = off, up to 5; a floor on each dimension's batch KL (Kingma et al. 2016)")
         schedule = c2.selectbox("β schedule", SWEEP_SCHEDULES, key="rd_schedule",
                                 help="Warm-up schedules ramp β over the first 2/3 of the run")
         c3, c4 = st.columns(2)
-        epochs = c3.number_input("epochs", 1, 500, SHORT_TRAIN["epochs"], key="rd_epochs")
-        seed = c4.number_input("seed", 0, 2**31 - 1, 0, key="rd_seed")
+        epochs = c3.number_input("epochs", value=SHORT_TRAIN["epochs"], step=1, key="rd_epochs", help="1 to 500")
+        seed = c4.number_input("seed", value=0, step=1, key="rd_seed")
         start = st.form_submit_button("Start sweep", icon=":material/play_arrow:", type="primary", width="stretch")
     if start:
         if any(j.snapshot().state in ACTIVE for j in group_jobs(sweep_group)):
             st.warning("A sweep is still running: wait for it or cancel it first.")
         else:
             try:
+                check_range("free bits λ (nats)", free_bits, 0.0, 5.0)
+                check_range("epochs", epochs, 1, 500)
+                check_range("seed", seed, 0, 2**31 - 1)
                 specs = sweep_specs(betas_text, dataset=dataset, free_bits=float(free_bits), schedule=schedule,
                                     epochs=int(epochs), seed=int(seed))
             except ValueError as exc:

@@ -218,3 +218,20 @@ def test_points_on_one_spot_share_one_label_each_beta_once():
     apart = pt("run:c", "run", "sweep β=4", 4.0, 2.0, 30.0)
     texts = ui.tradeoff._labels([shipped, rerun, other, apart])
     assert texts == {"file:b1": "β=1, 2", "run:a": "", "run:b": "", "run:c": "β=4"}
+
+
+def test_out_of_range_numbers_for_a_sweep_or_a_lab_are_named_and_start_nothing(registry):
+    at = open_page("pages/tradeoff.py")
+    at.number_input(key="rd_epochs").set_value(5000)
+    next(b for b in at.button if b.label == "Start sweep").click().run()
+    assert not at.exception and registry.jobs() == []
+    assert any("epochs = 5,000 is out of range: use a number from 1 to 500" in e.value for e in at.error)
+    at.number_input(key="rd_epochs").set_value(4)
+    at.number_input(key="rd_lambda").set_value(-0.5)
+    next(b for b in at.button if b.label == "Start sweep").click().run()
+    assert registry.jobs() == [] and any("free bits λ (nats) = -0.5 is out of range" in e.value for e in at.error)
+    lab = open_page("pages/collapse.py")
+    lab.number_input(key="lab_epochs").set_value(2)
+    lab.button(key="lab_run").click().run()
+    assert not lab.exception and registry.jobs() == []
+    assert any("epochs per run = 2 is out of range: use a number from 5 to 300" in e.value for e in lab.error)

@@ -296,6 +296,20 @@ img { image-rendering: pixelated; image-rendering: crisp-edges; }
 </style>"""
 
 
+def check_range(label: str, value, lo, hi) -> None:
+    """ValueError, one line, for a number outside [lo, hi] (or none). The pages' number boxes that feed a run take
+    any value and are checked with this when the run is asked for: a browser refuses a value outside a box's own
+    min/max with only a small red mark and keeps sending the old one, so the run would use a number no longer on
+    screen."""
+    def num(v) -> str:  # 1,000,000 and 2,147,483,647 for whole numbers, 1e-06 and 0.5 for the others
+        return f"{v:,}" if isinstance(v, int) else f"{v:g}"
+
+    if value is None:
+        raise ValueError(f"{label} is empty: type a number from {num(lo)} to {num(hi)}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{label} = {num(value)} is out of range: use a number from {num(lo)} to {num(hi)}")
+
+
 PRESENT_ON, PRESENT_OFF = ("1", "yes", "on", "y"), ("0", "no", "off", "n")  # spellings ?present= also takes
 
 

@@ -18,8 +18,8 @@ import streamlit as st
 import torch
 
 from ui import core
-from ui.core import (_load_file_model, _load_run_model, file_ref, get_dataset, presenting, recon_and_samples,
-                     save_user_checkpoint, select_model, tile, validate_name)
+from ui.core import (_load_file_model, _load_run_model, check_range, file_ref, get_dataset, presenting,
+                     recon_and_samples, save_user_checkpoint, select_model, tile, validate_name)
 from ui.train_figures import CHART_CONFIG, collapse_figure, compare_figure, curves_figure, points_figure
 from vae.config import ARCHS, DECODERS, LIKELIHOODS, SCHEDULES, TrainConfig, parse_hidden
 from vae.data import DATASETS
@@ -66,17 +66,10 @@ LIMITS = {"cfg_max_examples": ("Examples", 0, 1_000_000), "cfg_latent_dim": ("La
 def check_limits(values: dict, labels: dict | None = None) -> None:
     """ValueError (one line: the option, the value, the range) for the first number outside LIMITS; values maps
     widget keys (or labels) to what the widgets hold; labels: a key's label as the page shows it now."""
-    def num(v) -> str:  # 1,000,000 and 2,147,483,647 for whole numbers, 1e-06 and 0.5 for the others
-        return f"{v:,}" if isinstance(v, int) else f"{v:g}"
-
     by_label = {label: (label, lo, hi) for label, lo, hi in LIMITS.values()}
     for key, value in values.items():
         label, lo, hi = LIMITS.get(key) or by_label[key]
-        label = (labels or {}).get(key, label)
-        if value is None:
-            raise ValueError(f"{label} is empty: type a number from {num(lo)} to {num(hi)}")
-        if not lo <= value <= hi:
-            raise ValueError(f"{label} = {num(value)} is out of range: use a number from {num(lo)} to {num(hi)}")
+        check_range((labels or {}).get(key, label), value, lo, hi)
 
 
 def _defaults() -> dict:
