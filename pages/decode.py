@@ -4,7 +4,7 @@ dimensions the decoder actually uses."""
 import numpy as np
 import streamlit as st
 
-from ui.core import current, need_model, presenting, selection_data, tile, to_images, upscale
+from ui.core import clamped, current, need_model, presenting, selection_data, tile, to_images, upscale
 from ui.latent import (dim_info, encoded_split, follow_live_run, points_figure, sensitivity, sensitivity_figure,
                        traversal_points_figure)
 from vae.latent_ops import (MAX_SLIDERS, SLIDER_LIMIT, compose_latent, decode_one, decode_points, interpolate,
@@ -38,11 +38,15 @@ if codes is None:
 s1, s2, s3 = st.columns([2.2, 1, 1.2])
 start = s1.radio("Start from", list(START_LABELS), format_func=START_LABELS.get, horizontal=True, key="dec_start",
                  bind="query-params")
-seed = int(s2.number_input("Prior sample seed", 0, 1_000_000, 0, key="dec_seed", bind="query-params",
-                           disabled=start != "prior"))
+# the number boxes take any value; one out of range is brought in with a note (ui.core.clamped), where a bounded
+# box would silently keep its old value
+seed = clamped("Prior sample seed", int(s2.number_input("Prior sample seed", value=0, step=1, key="dec_seed",
+                                                        bind="query-params", disabled=start != "prior")),
+               0, 1_000_000, s2)
 n_test = len(codes.mu) if codes is not None else 1
-img_idx = int(s3.number_input("Test image #", 0, max(0, n_test - 1), 0, key="dec_image", bind="query-params",
-                              disabled=start != "image" or codes is None))
+img_idx = clamped("Test image #", int(s3.number_input("Test image #", value=0, step=1, key="dec_image",
+                                                    bind="query-params", disabled=start != "image" or codes is None)),
+                  0, max(0, n_test - 1), s3)
 if start == "image" and codes is None:
     st.warning("Starting from a test image needs the dataset (see above): starting from zero instead.")
     start = "zero"
@@ -59,8 +63,9 @@ if st.session_state.get("dec_signature") != signature or reset:
 
 n_sliders = MAX_SLIDERS
 if d > MAX_SLIDERS:
-    n_sliders = int(st.number_input(f"Sliders shown (of {d}; the others are held at the start)", 1, d,
-                                    MAX_SLIDERS, key="dec_n_sliders", bind="query-params"))
+    n_sliders = clamped("Sliders shown", int(st.number_input(
+        f"Sliders shown (of {d}; the others are held at the start)", value=MAX_SLIDERS, step=1, key="dec_n_sliders",
+        bind="query-params")), 1, d)
 layout = slider_layout(info.kl, info.active, n_sliders, kl_known=info.known)
 inactive_keys = [f".st-key-dec_z_{k}" for k in layout.shown if not layout.active[k]]
 if inactive_keys:  # grey out the inactive dimensions' sliders (they still move: feel that nothing changes)
@@ -147,10 +152,11 @@ else:
         return int(hits[0]) if len(hits) else fallback
 
     i1, i2, i3, i4 = st.columns([1, 1, 1.2, 1.4])
-    a = int(i1.number_input("From test image #", 0, n_test - 1, first_with(4, 0), key="dec_interp_a",
-                            bind="query-params"))
-    b = int(i2.number_input("to test image #", 0, n_test - 1, first_with(9, min(1, n_test - 1)),
-                            key="dec_interp_b", bind="query-params"))
+    a = clamped("From test image #", int(i1.number_input("From test image #", value=first_with(4, 0), step=1,
+                                                         key="dec_interp_a", bind="query-params")), 0, n_test - 1, i1)
+    b = clamped("to test image #", int(i2.number_input("to test image #", value=first_with(9, min(1, n_test - 1)),
+                                                       step=1, key="dec_interp_b", bind="query-params")),
+                0, n_test - 1, i2)
     method = i3.radio("Path", ["linear", "spherical"], horizontal=True, key="dec_interp_method", bind="query-params",
                       help="linear: a straight line between the codes; spherical (slerp): along the great circle, "
                            "keeping the norm of z, where most of the prior's mass lies in high dimensions")
@@ -175,7 +181,8 @@ st.subheader("Samples from the prior")
 p1, p2 = st.columns([2, 1])
 temp = float(p1.slider("Temperature T: z ~ N(0, T² I)", 0.0, 2.0, 1.0, step=0.1, key="dec_temp", bind="query-params",
                        help="T = 1 is the model's prior; T < 1 draws more typical, cleaner samples; T > 1 wilder"))
-sample_seed = int(p2.number_input("Seed", 0, 1_000_000, 0, key="dec_sample_seed", bind="query-params"))
+sample_seed = clamped("Seed", int(p2.number_input("Seed", value=0, step=1, key="dec_sample_seed", bind="query-params")),
+                      0, 1_000_000, p2)
 if is_points:
     samples = prior_samples(model, 600, temp, sample_seed)
     st.plotly_chart(points_figure(data.x.numpy() if data is not None else None,

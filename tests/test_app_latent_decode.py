@@ -317,3 +317,19 @@ def test_more_than_16_dims_holds_the_rest(user_dir):
     at.number_input(key="dec_n_sliders").set_value(20).run()
     no_exception(at)
     assert sum(s.key.startswith("dec_z_") for s in at.slider) == 20
+
+
+def test_decode_numbers_out_of_range_are_brought_in_with_a_note():
+    from ui.core import get_dataset
+
+    n_test = len(get_dataset("digits", "test", False)[0].x)
+    at = open_page("pages/decode.py", model=Z16)
+    at.radio(key="dec_start").set_value("image").run()
+    at.number_input(key="dec_image").set_value(99_999).run()
+    no_exception(at)
+    assert any(f"Test image # 99,999 is outside 0 to {n_test - 1}: showing {n_test - 1}" in c.value
+               for c in at.caption)
+    assert at.session_state["dec_signature"][-1] == n_test - 1  # the sliders start from the last test image
+    at.number_input(key="dec_sample_seed").set_value(-3).run()
+    no_exception(at)
+    assert any("Seed -3 is outside 0 to 1,000,000: showing 0" in c.value for c in at.caption)

@@ -310,6 +310,18 @@ def check_range(label: str, value, lo, hi) -> None:
         raise ValueError(f"{label} = {num(value)} is out of range: use a number from {num(lo)} to {num(hi)}")
 
 
+def clamped(label: str, value, lo, hi, where=st):
+    """value brought into [lo, hi], with a one-line note under the box when it had to be: for the number boxes of
+    an interactive view (no run to refuse), which take any number for the same reason as check_range's."""
+    if value is None:
+        value = lo
+    if lo <= value <= hi:
+        return value
+    near = lo if value < lo else hi
+    where.caption(f":orange[{label} {value:,} is outside {lo:,} to {hi:,}: showing {near:,}]")
+    return near
+
+
 PRESENT_ON, PRESENT_OFF = ("1", "yes", "on", "y"), ("0", "no", "off", "n")  # spellings ?present= also takes
 
 
