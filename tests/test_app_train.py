@@ -351,7 +351,7 @@ def test_presentation_mode_enlarges_the_axes_of_the_live_figures(registry):
 
 
 @pytest.mark.parametrize("key, value, words", [("cfg_lr", 1e9, "Learning rate = 1e+09 is out of range"),
-                                               ("cfg_beta", -1.0, "β = -1 is out of range"),
+                                               ("cfg_beta", -1.0, "β (target) = -1 is out of range"),
                                                ("cfg_epochs", 0, "Epochs = 0 is out of range"),
                                                ("cfg_latent_dim", 5000, "Latent dim d = 5,000 is out of range: use a number from 1 to 1,024")])
 def test_an_out_of_range_number_is_named_at_once_and_start_refuses_it(registry, key, value, words):

@@ -103,7 +103,7 @@ def _on_preset():
 
 def shown_numbers(s) -> tuple[set, dict]:
     """The number options the page shows for the schedule and likelihood picked, and their labels where they
-    depend on them (config_panel draws the same)."""
+    depend on them: config_panel draws these, configs_from_state checks these."""
     sched, lik = s.get("cfg_beta_schedule", "constant"), s.get("cfg_likelihood", "auto")
     hidden = set()
     if lik != "gaussian":
@@ -115,7 +115,7 @@ def shown_numbers(s) -> tuple[set, dict]:
     if sched != "capacity":
         hidden.add("cfg_capacity_max")
     labels = ({"cfg_beta": "γ (capacity weight)", "cfg_warmup_epochs": "C ramp (epochs)"} if sched == "capacity"
-              else {"cfg_warmup_epochs": "Warm-up (epochs)"})
+              else {"cfg_beta": "β (target)", "cfg_warmup_epochs": "Warm-up (epochs)"})
     return set(LIMITS) - hidden, labels
 
 
@@ -193,7 +193,8 @@ def config_panel(locked: bool):
         c1, c2 = st.columns(2)
         c1.selectbox("Decoder", DECODERS, key="cfg_decoder", help="autoregressive sees the previous pixels: "
                      "strong enough to ignore z (a classic cause of collapse)", **keep)
-        if st.session_state.get("cfg_likelihood") == "gaussian":
+        shown, labels = shown_numbers(st.session_state)  # what configs_from_state checks: the same boxes
+        if "cfg_sigma" in shown:
             c2.number_input("σ (fixed)", step=0.01, key="cfg_sigma", format="%.3f", **keep)
         else:
             c2.toggle("Binarize", key="cfg_binarize", help="Binarize the data: static Bernoulli binarisation (seeded)",
@@ -204,18 +205,16 @@ def config_panel(locked: bool):
         c1.selectbox("β schedule", SCHEDULES, key="cfg_beta_schedule",
                      help="constant; linear/logistic warm-up (Bowman et al. 2016); cyclical (Fu et al. 2019); "
                           "capacity annealing (Burgess et al. 2018)", **keep)
-        sched = st.session_state.get("cfg_beta_schedule", "constant")
-        c2.number_input("γ (capacity weight)" if sched == "capacity" else "β (target)", step=0.5,
-                        key="cfg_beta", format="%.2f", **keep)
+        c2.number_input(labels["cfg_beta"], step=0.5, key="cfg_beta", format="%.2f", **keep)
         c1, c2 = st.columns(2)
-        if sched in ("linear", "logistic", "capacity"):
-            c1.number_input("C ramp (epochs)" if sched == "capacity" else "Warm-up (epochs)", step=1.0,
+        if "cfg_warmup_epochs" in shown:
+            c1.number_input(labels["cfg_warmup_epochs"], step=1.0,
                             key="cfg_warmup_epochs", format="%.1f", **keep)
-        if sched == "cyclical":
+        if "cfg_cycles" in shown:
             c1.number_input("Cycles M", step=1, key="cfg_cycles", **keep)
             c2.number_input("Rising fraction R", step=0.05, key="cfg_cycle_ratio", format="%.2f",
                             **keep)
-        if sched == "capacity":
+        if "cfg_capacity_max" in shown:
             c2.number_input("C_max (nats)", step=1.0, key="cfg_capacity_max", format="%.1f", **keep)
         st.number_input("Free bits λ (nats per dimension)", step=0.1, key="cfg_free_bits",
                         format="%.2f", help="KL term = Σ_d max(λ, batch-mean KL_d) (Kingma et al. 2016); 0 = off",
