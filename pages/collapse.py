@@ -95,12 +95,16 @@ def results():
         for s in snaps:
             sm = run_summary(s.history) or {}
             rows.append({"run": _short_name(s.name),
-                         "active units": f"{sm['active_units']}/{latent_dim} (peak {sm['peak_active_units']})"
-                         if sm else s.state,
-                         "R": round(sm["rate"], 2) if sm else None, "D": round(sm["distortion"], 2) if sm else None,
-                         "ELBO": round(sm["elbo"], 2) if sm else None})
-        st.dataframe(rows, hide_index=True, column_config={"R": st.column_config.NumberColumn(help="rate, nats"),
-                                                           "D": st.column_config.NumberColumn(help="distortion, nats")})
+                         "active units": f"{sm['active_units']}/{latent_dim}" if sm else s.state,
+                         "peak": sm["peak_active_units"] if sm else None,
+                         "R": sm["rate"] if sm else None, "D": sm["distortion"] if sm else None,
+                         "ELBO": sm["elbo"] if sm else None})
+        nats = dict(format="%.2f")  # as the panels below write them
+        st.dataframe(rows, hide_index=True, column_config={
+            "peak": st.column_config.NumberColumn(help="the most active units the run had at any epoch"),
+            "R": st.column_config.NumberColumn(help="rate, nats", **nats),
+            "D": st.column_config.NumberColumn(help="distortion, nats", **nats),
+            "ELBO": st.column_config.NumberColumn(help="−(R + D), nats", **nats)})
         st.caption("ELBO = −(R + D): each model's true bound, its KL weighted by 1 whatever β trained it. A remedy "
                    "that keeps dimensions alive pays for their KL, so its ELBO can come out below the collapsed "
                    "model's: what the remedies buy is a code that carries information (active units, R), not "

@@ -424,3 +424,13 @@ def test_an_option_off_screen_does_not_block_start_and_labels_follow_the_schedul
     job = registry.get(at.query_params["run"])
     assert job.train_config.beta_schedule == "capacity" and job.train_config.cycles == 4  # the default
     job.stop()
+
+
+def test_several_bad_numbers_are_all_named_in_the_one_line(registry):
+    at = open_page(PAGE)
+    at.number_input(key="cfg_lr").set_value(1e9)
+    at.number_input(key="cfg_epochs").set_value(0)
+    at.number_input(key="cfg_seed").set_value(-1).run()
+    line = next(e.value for e in at.error if "out of range" in e.value)
+    assert line.startswith("Epochs = 0 is out of range") or line.startswith("Learning rate = 1e+09 is out of range")
+    assert "(also out of range:" in line and all(n in line for n in ("Learning rate", "Epochs", "Seed"))

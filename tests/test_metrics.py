@@ -108,7 +108,7 @@ def test_a_short_low_kl_stretch_is_not_collapse():
 def test_no_active_unit_alone_counts_as_collapse():
     h = fake_history([0.5] * 4, au_per_epoch=[0, 0, 0, 0])  # some KL, but no mean varies with x
     s = detect_collapse(h, patience=4)
-    assert s.collapsed and "no active unit" in s.reason and "total KL" not in s.reason
+    assert s.collapsed and "no active unit" in s.reason and "total KL below" not in s.reason
 
 
 def test_detect_collapse_on_an_empty_history_and_bad_patience():

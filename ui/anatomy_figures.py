@@ -11,10 +11,15 @@ from vae.anatomy import Anatomy, PosteriorPicture, ellipse
 BLUE, ORANGE, GREEN, RED, GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#7f7f7f"
 
 
+def _n(value: float) -> str:
+    """Two decimals with a true minus sign (as the −KL label has), not a hyphen."""
+    return f"{value:.2f}".replace("-", "−")
+
+
 def _pm(value: float, se: float | None = None, sep: str = " ") -> str:
     if se is None or not np.isfinite(se):
-        return f"{value:.2f}"
-    return f"{value:.2f}{sep}± {se:.2f}"
+        return _n(value)
+    return f"{_n(value)}{sep}± {se:.2f}"
 
 
 def decomposition_fig(a: Anatomy, height: int = 440):
@@ -29,7 +34,7 @@ def decomposition_fig(a: Anatomy, height: int = 440):
         measure=["relative", "relative", "total", "relative", "total"],
         x=["E_q[log p(x|z)]", "−KL(q‖p(z))", "ELBO", "+gap", "log p(x)"],
         y=[a.expected_log_lik, -a.kl, 0.0, a.gap, 0.0],
-        text=[f"{a.expected_log_lik:.2f}", f"−{a.kl:.2f}", f"{a.elbo:.2f}", f"+{a.gap:.2f}", f"{a.log_px:.2f}"],
+        text=[_n(a.expected_log_lik), f"−{a.kl:.2f}", _n(a.elbo), f"+{a.gap:.2f}", _n(a.log_px)],
         **style), 1, 1)
     fig.add_trace(go.Waterfall(
         measure=["absolute", "relative", "total"], x=["ELBO", "+gap", "log p(x)"], y=[a.elbo, a.gap, 0.0],
@@ -66,13 +71,14 @@ def iwae_fig(a: Anatomy, draws=None, grid_log_px: float | None = None, height: i
         fig.add_trace(go.Scatter(x=dks, y=mean, mode="lines", line=dict(color=ORANGE, width=3),
                                  error_y=dict(type="data", array=dse, visible=True, thickness=1),
                                  name=f"mean of {curves.shape[0]} draws ±1 SE"))
+    box = dict(annotation_bgcolor="rgba(255, 255, 255, 0.85)")  # readable where a label sits over the curves
     fig.add_hline(y=a.elbo, line=dict(color=GREEN, dash="dot"),
-                  annotation_text=f"ELBO (S={a.samples}) {a.elbo:.2f}", annotation_position="bottom right")
+                  annotation_text=f"ELBO (S={a.samples}) {_n(a.elbo)}", annotation_position="bottom right", **box)
     fig.add_hline(y=a.log_px, line=dict(color=BLUE, dash="dash"),
-                  annotation_text=f"log p(x), IS K={a.k}: {a.log_px:.2f}", annotation_position="top left")
+                  annotation_text=f"log p(x), IS K={a.k}: {_n(a.log_px)}", annotation_position="top left", **box)
     if grid_log_px is not None:
         fig.add_hline(y=grid_log_px, line=dict(color=RED, dash="dash"),
-                      annotation_text=f"log p(x), grid: {grid_log_px:.2f}", annotation_position="top right")
+                      annotation_text=f"log p(x), grid: {_n(grid_log_px)}", annotation_position="top right", **box)
     lines = [a.elbo, a.log_px, *curve] + ([grid_log_px] if grid_log_px is not None else [])
     if draws is not None:
         lines += list(draws[1].mean(0))
@@ -105,7 +111,7 @@ def posterior_fig(pp: PosteriorPicture, log_scale: bool = False, height: int = 6
                              marker=dict(color="white", size=11, symbol="x")))
     fig.add_trace(go.Scatter(x=[pp.post_mean[0]], y=[pp.post_mean[1]], mode="markers", name="posterior mean",
                              marker=dict(color=RED, size=11, symbol="circle-open", line=dict(width=3))))
-    fig.update_layout(title="True posterior p_θ(z|x) (heatmap), encoder q_φ(z|x) (ellipses)",
+    fig.update_layout(title="p_θ(z|x) (heatmap) and q_φ(z|x) (ellipses)",
                       xaxis=dict(title="z1", range=[pp.z1[0], pp.z1[-1]]),
                       yaxis=dict(title="z2", range=[pp.z2[0], pp.z2[-1]], scaleanchor="x", scaleratio=1),
                       legend=dict(orientation="h", y=-0.2))

@@ -67,9 +67,17 @@ def check_limits(values: dict, labels: dict | None = None) -> None:
     """ValueError (one line: the option, the value, the range) for the first number outside LIMITS; values maps
     widget keys (or labels) to what the widgets hold; labels: a key's label as the page shows it now."""
     by_label = {label: (label, lo, hi) for label, lo, hi in LIMITS.values()}
+    errors, names = [], []
     for key, value in values.items():
         label, lo, hi = LIMITS.get(key) or by_label[key]
-        check_range((labels or {}).get(key, label), value, lo, hi)
+        label = (labels or {}).get(key, label)
+        try:
+            check_range(label, value, lo, hi)
+        except ValueError as exc:
+            errors.append(str(exc))
+            names.append(label)
+    if errors:  # the first in full, the others by name: one line that still lists every box to fix
+        raise ValueError(errors[0] + (f" (also out of range: {', '.join(names[1:])})" if len(errors) > 1 else ""))
 
 
 def _defaults() -> dict:
@@ -200,7 +208,8 @@ def config_panel(locked: bool):
             c2.toggle("Binarize", key="cfg_binarize", help="Binarize the data: static Bernoulli binarisation (seeded)",
                       **keep)
     with beta_col:
-        st.markdown("**KL weight β**")
+        st.markdown("**KL term: γ·|KL − C|**" if st.session_state.get("cfg_beta_schedule") == "capacity"
+                    else "**KL weight β**")
         c1, c2 = st.columns(2)
         c1.selectbox("β schedule", SCHEDULES, key="cfg_beta_schedule",
                      help="constant; linear/logistic warm-up (Bowman et al. 2016); cyclical (Fu et al. 2019); "

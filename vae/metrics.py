@@ -130,9 +130,9 @@ def detect_collapse(history: dict, kl_threshold: float = COLLAPSE_KL_NATS, patie
         if aus[-1] == 0:
             what.append("no active unit")
         if kls[-1] < kl_threshold:
-            what.append(f"total KL {kls[-1]:.3f} nats < {kl_threshold:g}")
-        status.reason = (f"Since epoch {status.since_epoch}: {' and '.join(what)} for {run} "
-                         f"epochs; q_φ(z|x) ≈ p(z) for every x, so the decoder ignores z")
+            what.append(f"total KL below {kl_threshold:g} nats")
+        status.reason = (f"Since epoch {status.since_epoch}: {' and '.join(what)} for {run} epochs (total KL now "
+                         f"{kls[-1]:.3f} nats); q_φ(z|x) ≈ p(z) for every x, so the decoder ignores z")
         status.remedies = collapse_remedies(train_config or {}, model_config or {})
     else:
         status.reason = "not collapsed" if run == 0 else f"low KL for {run} epoch(s): watching"
