@@ -87,9 +87,9 @@ def results():
     shape = tuple((snaps[0].model_config or {}).get("image_shape", (8, 8)))
     show_images = x is not None and shape != (2,)
 
-    top_l, top_r = st.container(key="stack_lab_top").columns([1.25, 1])  # stacked in a narrow window
+    top_l, top_r = st.container(key="stack_lab_top").columns([1, 1.4])  # stacked in a narrow window
     curves = [(_short_name(s.name), t["epoch"], t["active_units"]) for s in snaps for t in [trajectory(s.history)]]
-    top_l.plotly_chart(au_curves_figure(curves, latent_dim, height=240), key="lab_au")
+    top_l.plotly_chart(au_curves_figure(curves, latent_dim, height=330), key="lab_au")
     with top_r:
         rows = []
         for s in snaps:

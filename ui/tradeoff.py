@@ -392,7 +392,7 @@ def au_curves_figure(curves: list[tuple[str, list, list]], latent_dim: int | Non
     for name, epochs, au in curves:
         fig.add_trace(go.Scatter(x=epochs, y=au, mode="lines+markers", name=name, marker=dict(size=4)))
     fig.update_layout(xaxis_title="epoch", yaxis=dict(title="active units", range=[-0.5, (latent_dim or 16) + 0.5]),
-                      legend=dict(orientation="v", x=1.02, y=1, xanchor="left"))
+                      legend=dict(orientation="h", x=0, y=-0.3, yanchor="top"))  # below: the plot keeps the width
     return style_fig(fig, height)
 
 
