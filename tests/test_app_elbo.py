@@ -2,6 +2,8 @@
 check for a 2-D latent, and one-line messages for bad input."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from apptest_support import open_page
@@ -52,6 +54,10 @@ def test_page_on_the_16d_model_explains_the_missing_grid():
     assert _number(m["gap = log p(x) − ELBO, IS (nats)"]) > 0
     assert any("No grid for this model: its latent has 16 dimensions" in i.value for i in at.info)
     assert _charts(at) == 3  # no posterior heatmap
+    from ui.core import PRESENT_AXIS_TITLE_PX
+
+    bars = json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]  # its subplot titles are annotations
+    assert bars["annotations"] and all(a["font"]["size"] == PRESENT_AXIS_TITLE_PX for a in bars["annotations"])
 
 
 def test_page_average_over_a_set_and_history_log_px():

@@ -330,6 +330,7 @@ def presenting() -> bool:
 
 
 PRESENT_TICK_PX, PRESENT_AXIS_TITLE_PX = 17, 19  # Plotly's axes in presentation mode (its theme's are ~11 px)
+PRESENT_TITLE_PX = 22  # ... and figure titles
 
 
 def style_fig(fig, height: int | None = None):
@@ -341,6 +342,9 @@ def style_fig(fig, height: int | None = None):
     if big:
         for update in (fig.update_xaxes, fig.update_yaxes):
             update(tickfont_size=PRESENT_TICK_PX, title_font_size=PRESENT_AXIS_TITLE_PX)
+        # the figure's title and its annotations (subplot titles, line labels) as well: each carries its own size
+        fig.update_layout(title_font_size=PRESENT_TITLE_PX)
+        fig.update_annotations(font_size=PRESENT_AXIS_TITLE_PX)
     if height:
         fig.update_layout(height=int(height * (1.25 if big else 1)))
     return fig
