@@ -261,6 +261,9 @@ h1 { font-size: 2.9rem !important; } h2 { font-size: 2.2rem !important; } h3 { f
   { min-width: 38rem !important; }
 [class*="st-key-stack_elbo_"] > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"]
   > [data-testid="stColumn"]:first-child { min-width: 44rem !important; }
+/* Trade-off: the plane over the whole width and its explanation under it, rather than a column of a few words a line */
+.st-key-stack_rd > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] > [data-testid="stColumn"]
+  { min-width: 26rem !important; }
 [data-testid="stMetricValue"], [data-testid="stMetricValue"] p { font-size: 2.5rem !important; }
 [data-testid="stMetricLabel"] p { font-size: 1.1rem !important; }
 header[data-testid="stHeader"], [data-testid="stToolbar"], footer { display: none !important; }
