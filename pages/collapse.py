@@ -5,8 +5,8 @@ import dataclasses
 import streamlit as st
 
 from ui.core import check_range, get_dataset, tile
-from ui.tradeoff import (au_curves_figure, group_jobs, group_progress, heatmap_figure, run_images, state_line,
-                         stop_group, submit_group)
+from ui.tradeoff import (au_curves_figure, group_in_url, group_jobs, group_progress, heatmap_figure, run_images,
+                         state_line, stop_group, submit_group)
 from vae.jobs import ACTIVE
 from vae.tradeoff import (LAB_REMEDIES, LAB_SEP, PRESETS, REMEDIES, SHORT_TRAIN, kl_heatmap, lab_meta_from_names,
                           lab_run_name, lab_specs, run_summary, trajectory)
@@ -17,18 +17,10 @@ N_IMAGES = 6
 st.title("Collapse lab", help="Posterior collapse: q(z|x) ≈ p(z) for every x, so the rate is ≈ 0, the active units "
                               "go to 0 and the decoder ignores z. Reproduce it, then fix it on the same seed.")
 
-group = st.session_state.get("lab_group")
-wanted = st.query_params.get("lab")
-if group is None and wanted:  # a reload or a shared link: the lab in the URL, if this server still has it
-    if wanted.startswith("lab-") and lab_meta_from_names(j.name for j in group_jobs(wanted)) is not None:
-        group = st.session_state["lab_group"] = wanted
-    else:
-        del st.query_params["lab"]
-        st.warning(f"The lab in this link ({wanted[:40]}) is not on this server: press **Run** for a new one.")
-lab_jobs = group_jobs(group)
+# the lab this session watches, found again from ?lab= after a reload or from a shared link
+group, lab_jobs = group_in_url("lab", "lab_group", "lab", hint=": press **Run** for a new one",
+                               accept=lambda jobs: lab_meta_from_names(j.name for j in jobs) is not None)
 meta = lab_meta_from_names(j.name for j in lab_jobs)  # preset and roles, read back from the runs' names
-if lab_jobs:
-    st.query_params["lab"] = group  # kept in the URL (a page switch clears it), so that a reload finds the lab
 running = any(j.snapshot().state in ACTIVE for j in lab_jobs)
 
 c1, c2 = st.columns([1.6, 1], vertical_alignment="bottom")

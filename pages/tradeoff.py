@@ -4,7 +4,7 @@ split of the rate into I(x;z) and KL(q(z) ‖ p(z))), side by side for two model
 import streamlit as st
 
 from ui.core import check_range, current, get_dataset, load_selection, recon_and_samples, tile
-from ui.tradeoff import (collect_points, details_rd, group_jobs, group_progress, kl_bars_figure,
+from ui.tradeoff import (collect_points, details_rd, group_in_url, group_jobs, group_progress, kl_bars_figure,
                          plane_extent, plane_figure, split_figure, state_line, stop_group, submit_group)
 from vae.jobs import ACTIVE
 from vae.tradeoff import SHORT_TRAIN, SWEEP_SCHEDULES, repeated_betas, sweep_specs
@@ -37,17 +37,7 @@ for key, default in (("rd_a", DEFAULT_A if DEFAULT_A in by_ref else next(iter(by
     wanted = st.session_state.get(key) or st.query_params.get(key)
     st.session_state[key] = wanted if (wanted in by_ref or wanted == NONE) else default
 
-sweep_group = st.session_state.get("rd_sweep")
-wanted = st.query_params.get("sweep")
-if sweep_group is None and wanted:  # a reload or a shared link: its sweep, if this server still has it
-    if wanted.startswith("sweep-") and group_jobs(wanted):
-        sweep_group = st.session_state["rd_sweep"] = wanted
-    else:
-        del st.query_params["sweep"]
-        st.warning(f"The β sweep in this link ({wanted[:40]}) is not on this server.")
-sweep_jobs = group_jobs(sweep_group)
-if sweep_jobs:
-    st.query_params["sweep"] = sweep_group  # kept in the URL (a page switch clears it), so that a reload finds it
+sweep_group, sweep_jobs = group_in_url("sweep", "rd_sweep", "β sweep")  # found again from ?sweep= after a reload
 live = any(p.live for p in on_plane) or any(j.snapshot().state in ACTIVE for j in sweep_jobs)
 
 left, right = st.container(key="stack_rd").columns([2.3, 1], gap="large")  # stacked where narrow (ui.core BASE_CSS)
@@ -137,7 +127,7 @@ with right:
         seed = c4.number_input("seed", value=0, step=1, key="rd_seed")
         start = st.form_submit_button("Start sweep", icon=":material/play_arrow:", type="primary", width="stretch")
     if start:
-        if any(j.snapshot().state in ACTIVE for j in group_jobs(sweep_group)):
+        if any(j.snapshot().state in ACTIVE for j in sweep_jobs):
             st.warning("A sweep is still running: wait for it or cancel it first.")
         else:
             try:

@@ -165,6 +165,25 @@ def group_jobs(group: str | None):
     return get_registry().jobs(group=group) if group else []
 
 
+def group_in_url(param: str, session_key: str, what: str, accept=lambda jobs: bool(jobs), hint: str = "") -> tuple:
+    """(group id, its jobs) of the group this session watches on a page (a lab, a sweep), found again from the URL's
+    ?<param>= after a reload or from a shared link, and written back to the URL (a page switch clears it). A stale or
+    foreign id (not "<param>-…", or one accept(jobs) refuses) is dropped with a one-line warning naming `what`
+    (and what to do instead: hint)."""
+    group = st.session_state.get(session_key)
+    wanted = st.query_params.get(param)
+    if group is None and wanted:
+        if wanted.startswith(f"{param}-") and accept(group_jobs(wanted)):
+            group = st.session_state[session_key] = wanted
+        else:
+            del st.query_params[param]
+            st.warning(f"The {what} in this link ({wanted[:40]}) is not on this server{hint}.")
+    jobs = group_jobs(group)
+    if jobs:
+        st.query_params[param] = group
+    return group, jobs
+
+
 def stop_group(group: str | None) -> int:
     """Stop every active job of the group; returns how many were asked to stop."""
     n = 0
@@ -240,10 +259,7 @@ def plane_figure(points: list[PlanePoint], highlight: dict[str, str] | None = No
     paths of runs, and for beta_for the line of slope -β through its point. box: the axes (plane_extent's, zoomed
     past the far models where the caller wants that); by default they hold every point and path."""
     highlight = highlight or {}
-    xy = [(p.rd["rate"], p.rd["distortion"]) for p in points]
-    for p in points:
-        if show_paths and p.path.get("epoch"):
-            xy += list(zip(p.path["rate"], p.path["distortion"]))
+    xy = [(p.rd["rate"], p.rd["distortion"]) for p in points]  # the models themselves: the frontier's
     if box is None:
         box = plane_extent(points, show_paths)[0]
     fig = go.Figure()
@@ -252,7 +268,7 @@ def plane_figure(points: list[PlanePoint], highlight: dict[str, str] | None = No
                                  hoverinfo="skip", showlegend=False))
         fig.add_annotation(x=r0, y=d0, text=f"ELBO {elbo:g}", showarrow=False, xanchor="left", yanchor="top",
                            font=dict(color="#888", size=16 if presenting() else 12), textangle=0)
-    hull = frontier(xy[:len(points)])
+    hull = frontier(xy)
     if len(hull) >= 2:
         fig.add_trace(go.Scatter(x=[xy[i][0] for i in hull], y=[xy[i][1] for i in hull], mode="lines",
                                  line=dict(color="#444", width=2), name="frontier (these models)",
