@@ -208,8 +208,7 @@ def config_panel(locked: bool):
             c2.toggle("Binarize", key="cfg_binarize", help="Binarize the data: static Bernoulli binarisation (seeded)",
                       **keep)
     with beta_col:
-        st.markdown("**KL term: γ·|KL − C|**" if st.session_state.get("cfg_beta_schedule") == "capacity"
-                    else "**KL weight β**")
+        st.markdown("**KL term: γ·|KL − C|**" if "cfg_capacity_max" in shown else "**KL weight β**")
         c1, c2 = st.columns(2)
         c1.selectbox("β schedule", SCHEDULES, key="cfg_beta_schedule",
                      help="constant; linear/logistic warm-up (Bowman et al. 2016); cyclical (Fu et al. 2019); "
