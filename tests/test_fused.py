@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import gen, tiny_model
-from vae.fused import AdamStep, FusedStep, unsupported_reason
+from vae.fused import EXP_FLOOR, AdamStep, FusedStep, unsupported_reason
 from vae.losses import elbo_terms
 from vae.trainer import make_optimizer
 
@@ -149,6 +149,21 @@ def test_bernoulli_recon_is_stable_for_saturated_logits_in_float32():
     want = F.binary_cross_entropy_with_logits(out.recon, x, reduction="sum") / x.shape[0]
     assert torch.isfinite(vals).all()
     torch.testing.assert_close(vals[1], want.detach(), rtol=1e-5, atol=1e-3)
+
+
+def test_bernoulli_recon_with_the_exp_floor_matches_bce_in_float64():
+    """The fused step cuts -|l| at -EXP_FLOOR before exp() (exp's slow path for underflowing arguments); in float64,
+    logits on both sides of the floor and far past it give BCE's value to rounding."""
+    model = tiny_model(seed=0).double()
+    x = _data(model)
+    D = model.config.input_dim
+    with torch.no_grad():
+        near = torch.tensor([EXP_FLOOR - 1, EXP_FLOOR, EXP_FLOOR + 1, 1000.0], dtype=torch.float64)
+        model.decoder[-1].bias.copy_(torch.cat([near, -near, torch.linspace(-60, 60, D - 8, dtype=torch.float64)]))
+    vals, _ = _fused(model, x, seed=0)
+    out = model(x, generator=gen(0))
+    want = F.binary_cross_entropy_with_logits(out.recon, x, reduction="sum") / x.shape[0]
+    torch.testing.assert_close(vals[1], want.detach(), rtol=1e-13, atol=0)
 
 
 def test_smaller_last_batch_and_float32_match_autograd():
