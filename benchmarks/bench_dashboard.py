@@ -125,10 +125,17 @@ def ready(pg, timeout_ms=120_000):
 
 
 def open_train(pg, url):
+    """The Train page, with slow motion off (the "fast demo" preset sets a lecture pace): full speed is measured."""
     pg.goto(url + "/train")
     ready(pg)
     pg.locator(".st-key-btn_start button").first.wait_for(timeout=120_000)
     ready(pg)
+    speed = pg.locator(".st-key-train_delay input[type=range]").first
+    speed.focus()
+    for _ in range(12):
+        speed.press("ArrowLeft")
+    ready(pg)
+    assert speed.get_attribute("aria-valuetext") == "off", speed.get_attribute("aria-valuetext")
 
 
 def dashboard_run(pg, url: str, autosave: Path, epochs: int) -> dict:

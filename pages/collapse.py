@@ -4,9 +4,9 @@ import dataclasses
 
 import streamlit as st
 
-from ui.core import check_range, get_dataset, tile
-from ui.tradeoff import (au_curves_figure, group_in_url, group_jobs, group_progress, heatmap_figure, run_images,
-                         state_line, stop_group, submit_group)
+from ui.core import check_range, get_dataset, presenting, tile
+from ui.tradeoff import (au_curves_figure, group_in_url, group_jobs, group_progress, heatmap_figure, kl_scale_figure,
+                         run_images, state_line, stop_group, submit_group)
 from vae.jobs import ACTIVE
 from vae.tradeoff import (LAB_REMEDIES, LAB_SEP, PRESETS, REMEDIES, SHORT_TRAIN, kl_heatmap, lab_meta_from_names,
                           lab_run_name, lab_specs, run_summary, trajectory)
@@ -107,7 +107,9 @@ def results():
                              "on a log scale from black (0.001 nats or less: collapsed) to bright (1 nat or more); "
                              "then its reconstructions of these images (in two rows)")
     heats = [kl_heatmap(s.history) for s in snaps]
-    scale_at = max((i for i, h in enumerate(heats) if h.size), default=-1)  # runs still queued have none yet
+    if any(h.size for h in heats):  # one scale for every run's heatmap (0.001 to >= 1 nat), once, above them
+        st.plotly_chart(kl_scale_figure(1.0, height=90 if presenting() else 64), key="lab_scale",
+                        config={"displayModeBar": False})
     # one row where each run's panel gets ui.core's min width for stack_lab_runs, else wrapped onto more rows
     cols = st.container(key="stack_lab_runs").columns(len(snaps))
     for i, (col, s) in enumerate(zip(cols, snaps)):
@@ -117,9 +119,7 @@ def results():
                 st.markdown(f"**{_short_name(s.name)}**")
             heat = heats[i]
             if heat.size:
-                # one scale for all (0.001 to >= 1 nat), drawn once, beside the last heatmap
-                st.plotly_chart(heatmap_figure(heat, "", zmax=1.0, height=170, show_scale=i == scale_at,
-                                               scale_room=True),
+                st.plotly_chart(heatmap_figure(heat, "", zmax=1.0, height=170, fixed_margins=True),
                                 key=f"lab_heat_{i}")
             if sm is not None:
                 st.markdown(f"active units **{sm['active_units']}/{latent_dim}**  \nR {sm['rate']:.2f} · "

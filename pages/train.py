@@ -6,10 +6,9 @@ from ui.core import expander
 from vae.jobs import ACTIVE, INTERRUPTED
 
 st.title("Train a VAE, live")
-st.caption("Loss = reconstruction NLL + β·KL(q_φ(z|x) ‖ p(z)), in nats per example: −ELBO at β = 1. The run "
-           "goes on in the background: switch pages and come back to it, or reload or close the tab and find it "
-           "again in the run list or through the URL.")
+st.caption("Loss = reconstruction NLL + β·KL(q_φ(z|x) ‖ p(z)), in nats per example: −ELBO at β = 1.")
 
+tv.init_options()
 tv.restore_run()
 requested = st.query_params.get("run")
 job = tv.current_job()
@@ -23,27 +22,41 @@ state = job.state if job is not None else None
 
 tv.controls(job, state)
 tv.show_messages()
-# open while there is no run, or a run Reset prepared (Start then uses these options); closed once a run is on
-# screen (until the user opens it)
-with expander("Configuration: presets and every trainer option", "exp_config", icon=":material/settings:",
-              open_for=(job.id if job else None, job is None or tv._is_fresh(job))):
-    tv.config_panel(locked=state in ACTIVE)
+# Configuration first while there is no run or Reset has prepared one (Start then uses these options); once a run is
+# on screen, its live view comes right under the controls (on a 1280x800 projector the charts were below the fold)
+# and the panels for the next run, saving and the run list go under it. What to act on now stays on top: the
+# settings of a running job, the Save panel of one that has ended.
+fresh = job is None or tv._is_fresh(job)
+ended = job is not None and state not in ACTIVE
+
+
+def config_box():
+    with expander("Configuration: presets and every trainer option", "exp_config", icon=":material/settings:",
+                  open_for=(job.id if job else None, fresh)):
+        tv.config_panel(locked=state in ACTIVE)
+
+
+def save_box(where=st):
+    with expander("Save and download", "exp_save", icon=":material/save:", where=where,
+                  open_for=((job.id, ended), ended)):  # open when the run ends (or one that has ended is picked)
+        tv.save_panel(job)
+
+
+def runs_box(where=st):
+    with expander("All runs on this server", "exp_runs", icon=":material/list:", where=where):
+        tv.runs_table()
+        if job is not None and state not in ACTIVE:
+            st.button("Forget this run", key="btn_forget", icon=":material/delete:", on_click=tv._on_forget,
+                      help="Remove it from the list (and its autosave); saved checkpoints stay")
+
+
+if fresh:
+    config_box()
 if state in (*ACTIVE, INTERRUPTED) and job.trainer is not None:
     with expander("Change while running: β, schedule, free bits, lr", "exp_live", icon=":material/tune:"):
         tv.live_settings(job)
-c1, c2 = st.columns(2)
-if job is not None:
-    ended = state not in ACTIVE  # open when the run ends (or one that has ended is picked)
-    with expander("Save and download", "exp_save", icon=":material/save:", where=c1,
-                  open_for=((job.id, ended), ended)):
-        tv.save_panel(job)
-with expander("All runs on this server", "exp_runs", icon=":material/list:", where=c2):
-    tv.runs_table()
-    if job is not None and state not in ACTIVE:
-        st.button("Forget this run", key="btn_forget", icon=":material/delete:", on_click=tv._on_forget,
-                  help="Remove it from the list (and its autosave); saved checkpoints stay")
-
 if job is None:
+    runs_box()
     st.info("Pick a preset and press **Start**. “fast demo” trains in seconds; “reproduce KL collapse” shows every "
             "latent dimension dying; the two “fix it” presets bring them back.")
     busy = [j for j in tv.registry().jobs() if j.state in ACTIVE]
@@ -51,4 +64,14 @@ if job is None:
         st.caption(f"{len(busy)} run(s) already on this server ({', '.join(j.name for j in busy[:3])}"
                    f"{', …' if len(busy) > 3 else ''}): pick one in **Run** above to watch it.")
 else:
+    if ended:
+        save_box()
     tv.live_view(job, state)
+    if not fresh:
+        config_box()
+    if ended:
+        runs_box()
+    else:
+        c1, c2 = st.columns(2)
+        save_box(c1)
+        runs_box(c2)

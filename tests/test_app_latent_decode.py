@@ -333,3 +333,20 @@ def test_decode_numbers_out_of_range_are_brought_in_with_a_note():
     at.number_input(key="dec_sample_seed").set_value(-3).run()
     no_exception(at)
     assert any("Seed -3 is outside 0 to 1,000,000: showing 0" in c.value for c in at.caption)
+
+
+def test_aggregate_posterior_plot_draws_the_prior_at_1_2_3_sigma():
+    """The q(z) plot's prior rings are the 1, 2 and 3 sigma circles of N(0, I) (as on the scatter), not density
+    contours at other radii."""
+    from ui.latent import Codes, aggregate_figure
+    from vae.projection import project
+
+    rng = np.random.default_rng(0)
+    mu = rng.normal(size=(200, 2))
+    codes = Codes("test-aggregate", mu, np.full_like(mu, -2.0), np.zeros(200, int), "digits", "test")
+    fig = aggregate_figure(codes, project(mu))
+    prior = [t for t in fig.data if t.name and t.name.startswith("prior")]
+    assert len(prior) == 1 and prior[0].type == "scatter"
+    x, y = (np.array([v for v in getattr(prior[0], a) if v is not None], float) for a in ("x", "y"))
+    r = np.hypot(x, y)
+    assert np.allclose(np.unique(r.round(6)), [1, 2, 3])

@@ -131,14 +131,16 @@ def test_collapse_lab_runs_preset_and_remedies_side_by_side(registry):
     assert list(table["run"]) == ["collapsed", "+ free bits λ = 0.5"]
     collapsed_au, fixed_au = (int(v.split("/")[0]) for v in table["active units"])
     assert collapsed_au <= 1 and fixed_au >= 8
-    charts = at.get("plotly_chart")
-    assert len(charts) == 3  # active units over training + one heatmap per run
-    heat = json.loads(charts[1].proto.spec)["data"][0]
-    z = heat["z"]
+    charts = {c.key: c for c in at.get("plotly_chart")}
+    assert list(charts) == ["lab_au", "lab_scale", "lab_heat_0", "lab_heat_1"]  # active units, the scale, a heatmap per run
+    heats = [json.loads(charts[f"lab_heat_{i}"].proto.spec)["data"][0] for i in range(2)]
+    z = heats[0]["z"]
     shape = tuple(int(v) for v in z["shape"].split(",")) if isinstance(z, dict) else (len(z), len(z[0]))
-    assert heat["type"] == "heatmap" and shape == (16, 12)  # latent dims x epochs
-    last = json.loads(charts[2].proto.spec)["data"][0]  # the one shared colour scale, beside the last run only
-    assert not heat["showscale"] and last["showscale"] and last["colorbar"]["ticktext"] == ["0.001", "0.01", "0.1", "≥1"]
+    assert heats[0]["type"] == "heatmap" and shape == (16, 12)  # latent dims x epochs
+    # one colour scale for all, in its own strip: no heatmap draws a colour bar that would take its width
+    assert not any(h["showscale"] for h in heats)
+    scale = json.loads(charts["lab_scale"].proto.spec)["layout"]["xaxis"]
+    assert scale["ticktext"] == ["0.001", "0.01", "0.1", "≥1"]
     assert at.query_params["lab"] in (group, [group])
 
     # a reload (a new session with the same URL) finds the lab again, roles and all; a stale lab id is dropped

@@ -76,6 +76,9 @@ def start_long_run(pg, base: str) -> str:
     settle(pg)
     speed = pg.locator(".st-key-train_delay input[type=range]").first
     speed.focus()
+    for _ in range(12):  # to "off" (the preset set a pace), then three notches up (0.01, 0.02, 0.05 s)
+        speed.press("ArrowLeft")
+    speed.press("ArrowRight")
     speed.press("ArrowRight")
     speed.press("ArrowRight")
     settle(pg)

@@ -10,7 +10,7 @@ import torch
 from test_jobs import mc, registries, tc, wait_until  # noqa: F401  (registries is a fixture)
 from vae.jobs import FAILED
 from vae.trainer import Trainer
-from vae.worker import _Worker, pack, unpack
+from vae.worker import SLOW_WEIGHTS_S, _Worker, pack, unpack
 
 
 class FakePipe:
@@ -43,7 +43,19 @@ def test_resumable_states_are_sent_only_at_epoch_ends():
     steps = [s for p in syncs for s in p["steps"]["step"]]
     assert steps == t.history["step"]["step"]
     assert [e for p in syncs for e in p["epochs"]["epoch"]] == [1, 2, 3]
-    assert all("weights" in p for p in syncs)  # in slow motion every sync carries the weights
+    # at this pace (1e-4 s a step) the weights go with the first sync and the resumable states only (the run takes
+    # well under WEIGHTS_S), not with each step's
+    assert [i for i, p in enumerate(syncs) if "weights" in p] == [0, 5, 10, 15]
+
+
+def test_slow_motion_of_a_tenth_of_a_second_sends_the_weights_after_every_step():
+    t = Trainer(tc(epochs=1, max_examples=96), mc())  # 3 steps
+    pipe = FakePipe()
+    w = _Worker(pipe, t, {"delay_s": SLOW_WEIGHTS_S, "autosave_interval_s": 60.0})
+    assert w.run() == "finished"
+    w.close()
+    syncs = [p for kind, p in pipe.sent if kind == "sync"]
+    assert len(syncs) == 1 + t.step_count and all("weights" in p for p in syncs)
 
 
 def test_commands_are_handled_between_steps_and_acknowledged():

@@ -256,6 +256,7 @@ PRESENT_CSS = """
   { font-size: 1.1rem !important; }
 h1 { font-size: 2.9rem !important; } h2 { font-size: 2.2rem !important; } h3 { font-size: 1.75rem !important; }
 .katex { font-size: 1.3em !important; }
+[class*="st-key-lab_title_"] { min-height: 4.6rem; }  /* the Collapse lab's run names, two lines of the larger text */
 .katex-display > .katex { font-size: 1.55em !important; }  /* display formulas (st.latex) as large as the text */
 .st-key-stack_home > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] > [data-testid="stColumn"]
   { min-width: 38rem !important; }

@@ -15,7 +15,7 @@ from vae.data import DATASETS
 from vae.diagnostics import ACTIVE_THRESHOLD, kl_decomposition
 from vae.latent_ops import decoder_sensitivity, dims_by_kl, encode_split, inactive_by_kl, prior_latents
 from vae.projection import (DimStats, Projection, aggregate_density, aggregate_density_1d, dimension_stats,
-                            encoding_key, plot_limits, posterior_ellipses, prior_density, prior_in_plane, project,
+                            encoding_key, plot_limits, posterior_ellipses, prior_in_plane, project,
                             projection_key, gaussian_ellipse, standard_normal_pdf)
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -251,10 +251,10 @@ def aggregate_figure(codes: Codes, proj: Projection, height: int = 420) -> go.Fi
     fig.add_trace(go.Heatmap(x=xs, y=ys, z=dens, colorscale="Blues", name="q(z)",
                              colorbar=dict(title="q(z)"),
                              hovertemplate="(%{x:.2f}, %{y:.2f})<br>q(z) = %{z:.3g}<extra></extra>"))
-    prior = prior_density(proj, xs, ys)
-    fig.add_trace(go.Contour(x=xs, y=ys, z=prior, showscale=False, contours_coloring="lines", ncontours=6,
-                             line=dict(color="black", dash="dash", width=1.2), name="prior N(0, I)",
-                             hoverinfo="skip", showlegend=True))
+    # the prior's 1, 2, 3 sigma ellipses, as on the scatter beside it (contours of its density at evenly spaced
+    # levels were other radii, and the caption asks to judge q(z) against these)
+    for tr in prior_traces(proj, xlim):
+        fig.add_trace(tr.update(line=dict(color="black", dash="dash", width=1.4)))
     fig.update_layout(xaxis_title=proj.axis_labels[0], yaxis_title=proj.axis_labels[1])
     fig.update_xaxes(range=list(xlim), constrain="domain")
     fig.update_yaxes(range=list(ylim), scaleanchor="x", scaleratio=1, constrain="domain")

@@ -369,36 +369,56 @@ def split_figure(rd: dict, height: int = 230) -> go.Figure:
     return style_fig(fig, height)
 
 
-SCALE_ROOM_PX = 46  # right margin kept for a colour bar, on every heatmap of a row, so that all plot equally wide
-
-
 def heatmap_figure(heat: np.ndarray, title: str, zmax: float = 1.0, height: int = 240,
-                   show_scale: bool = False, scale_room: bool = False) -> go.Figure:
+                   show_scale: bool = False, fixed_margins: bool = False) -> go.Figure:
     """Per-dimension KL over training: rows = latent dims, columns = epochs; dark = collapsed (the Train page's
-    colours). scale_room: a fixed right margin for the colour bar, drawn or not, so that a row of these lines up."""
+    colours). fixed_margins: the same margins whatever the data, so that a row of these lines up (their colour scale
+    then goes in kl_scale_figure: a colour bar beside the last one took its width, and covered its last epochs in
+    presentation mode)."""
     d, e = heat.shape if heat.size else (0, 0)
     z, lo, hi, ticks = log_kl(heat, top=zmax)  # the Train page's log scale, with this row's common top
-    if ticks["tickvals"] and ticks["tickvals"][-1] == hi:  # the top is marked "≥": values above it are drawn there
+    ticks = _top_marked(ticks, hi, zmax)
+    fig = go.Figure(go.Heatmap(z=z, customdata=heat, x=list(range(1, e + 1)), y=list(range(1, d + 1)),
+                               colorscale=INFERNO, zmin=lo, zmax=hi, showscale=show_scale,
+                               colorbar=dict(title=dict(text="nats", side="top"), thickness=8, **ticks),
+                               hovertemplate="epoch %{x}, z%{y}: %{customdata:.3g} nats<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="epoch",
+                      yaxis=dict(title="dim", tickvals=[1, d] if d > 1 else [1], ticks=""))
+    style_fig(fig, height)
+    if not title:
+        fig.update_layout(margin=dict(t=6, b=6))
+    if fixed_margins:
+        # fixed margins all round (autoexpand off: tick labels of another width would otherwise shift one plot)
+        big = presenting()  # its larger tick and axis fonts need more room
+        fig.update_layout(margin=dict(l=52 if big else 40, r=8, t=6 if not title else 50, b=62 if big else 44,
+                                      autoexpand=False),
+                          xaxis=dict(title=dict(text="epoch", standoff=2)))
+    return fig
+
+
+def _top_marked(ticks: dict, hi: float, zmax: float) -> dict:
+    """The colour scale's top marked "≥ zmax": values above it are drawn there."""
+    ticks = {k: list(v) for k, v in ticks.items()}
+    if ticks["tickvals"] and ticks["tickvals"][-1] == hi:
         ticks["ticktext"][-1] = f"≥{zmax:g}"
     else:
         ticks["tickvals"].append(hi)
         ticks["ticktext"].append(f"≥{zmax:g}")
-    fig = go.Figure(go.Heatmap(z=z, customdata=heat, x=list(range(1, e + 1)), y=[f"z{i + 1}" for i in range(d)],
-                               colorscale=INFERNO, zmin=lo, zmax=hi, showscale=show_scale,
-                               colorbar=dict(title=dict(text="nats", side="top"), thickness=8, len=1.0, x=1.03,
-                                             xanchor="left", xpad=0, **ticks),
-                               hovertemplate="epoch %{x}, %{y}: %{customdata:.3g} nats<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title="epoch",
-                      yaxis=dict(showticklabels=False, title="dims"))
+    return ticks
+
+
+def kl_scale_figure(zmax: float = 1.0, height: int = 64) -> go.Figure:
+    """The colour scale of a row of heatmap_figure(..., zmax) as a strip of its own: KL per dimension in nats, log
+    scale, black (0.001 nats or less: collapsed) to bright (zmax or more)."""
+    _, lo, hi, ticks = log_kl(np.array([[zmax]]), top=zmax)
+    ticks = _top_marked(ticks, hi, zmax)
+    v = np.linspace(lo, hi, 200)
+    fig = go.Figure(go.Heatmap(z=[v], x=v, y=[0], colorscale=INFERNO, zmin=lo, zmax=hi, showscale=False,
+                               hoverinfo="skip"))
+    fig.update_layout(xaxis=dict(title="KL of a dimension (nats, log scale)", **ticks),
+                      yaxis=dict(visible=False))
     style_fig(fig, height)
-    if not title:
-        fig.update_layout(margin=dict(t=6, b=6))
-    if scale_room:
-        # fixed margins all round (autoexpand off: a colour bar would otherwise widen only its own figure's)
-        big = presenting()  # its larger tick and axis fonts need more room
-        fig.update_layout(margin=dict(l=36 if big else 28, r=SCALE_ROOM_PX + (16 if big else 0),
-                                      t=6 if not title else 50, b=62 if big else 44, autoexpand=False),
-                          xaxis=dict(title=dict(text="epoch", standoff=2)))
+    fig.update_layout(margin=dict(l=8, r=8, t=4, b=4))
     return fig
 
 

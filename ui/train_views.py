@@ -34,7 +34,8 @@ CHART_POLL_S = float(os.environ.get("VAE_CHART_POLL_S", "3.0"))  # ... and the l
 # CPU, which on a small machine is CPU the training thread gets back. Interactive again once the run has ended.
 LIVE_CHART_CONFIG = {**CHART_CONFIG, "staticPlot": True}
 IMAGE_EVERY_S = CHART_POLL_S  # while running, the image grids follow each epoch, but change at most this often
-SPEEDS = (0.0, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # slow motion: seconds of delay after every step
+SMOOTHING = (0.0, 0.3, 0.6, 0.8, 0.9, 0.95, 0.99)  # the curves' exponential moving average
+SPEEDS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # slow motion: seconds of delay after every step
 N_IMAGES = 16
 STATE_BADGE = {"queued": ("gray", ":material/schedule:"), "running": ("green", ":material/play_arrow:"),
                "paused": ("orange", ":material/pause:"), "finished": ("blue", ":material/check:"),
@@ -101,6 +102,17 @@ def apply_preset(name: str):
     values["cfg_hidden"] = ",".join(str(h) for h in p["model"].get("hidden", (256, 128)))
     for k, v in values.items():
         st.session_state[k] = float(v) if isinstance(v, float) else v
+    # its pace: at full speed a preset run ends before the charts' first redraw, too fast to watch in a lecture.
+    # The config panel is locked while a run is active, so this never changes a running job's slider.
+    st.session_state["train_delay"] = p.get("delay_s", 0.0)
+
+
+def init_options():
+    """On a first visit, the options of the "fast demo" preset (and its pace). Called before the controls: a preset
+    sets the slow-motion slider, which cannot change once drawn."""
+    if "cfg_dataset" not in st.session_state:
+        apply_preset("fast demo")
+        st.session_state["train_preset"] = "fast demo"
 
 
 def _on_preset():
@@ -169,9 +181,6 @@ def auto_name(tc: TrainConfig, mc) -> str:
 
 def config_panel(locked: bool):
     """Every trainer option, in three groups. locked: a run is active (the options then shape the next run)."""
-    if "cfg_dataset" not in st.session_state:
-        apply_preset("fast demo")
-        st.session_state["train_preset"] = "fast demo"
     keep = dict(persist_state="session")  # hidden options keep their values
     c1, c2 = st.columns([1, 2], vertical_alignment="bottom")
     c1.selectbox("Preset", list(PRESETS), key="train_preset", on_change=_on_preset, index=None,
@@ -401,8 +410,9 @@ def run_picker(job: Job | None, where=st):
     st.session_state["run_pick"] = job.id if job is not None else ""
     where.selectbox("Run", ids, key="run_pick", on_change=_on_pick_run,
                     format_func=lambda i: names.get(i, "— new run —"),
-                    help="Every run on this server. Its id is in the URL (?run=…): a reload or a shared link "
-                         "reattaches to it")
+                    help="Every run on this server. Runs go on in the background: switch pages, reload or close "
+                         "the tab, and pick the run here again. Its id is in the URL (?run=…), so a reload or a "
+                         "shared link reattaches to it")
 
 
 def controls(job: Job | None, state: str | None = None):
@@ -422,7 +432,7 @@ def controls(job: Job | None, state: str | None = None):
                          help="For lectures: slow the run down to watch single steps; Step runs one batch")
     cols = st.columns(5)
     cols[0].button("Start", key="btn_start", type="primary", icon=":material/play_arrow:", on_click=_on_start,
-                   width="stretch", help="Start a new run with the options below")
+                   width="stretch", help="Start a new run with the options in Configuration")
     paused = state in (PAUSED, INTERRUPTED) or (state == QUEUED and job.pause_requested)
     live = state in (*ACTIVE, INTERRUPTED)
     cols[1].button("Resume" if paused else "Pause", key="btn_pause",
@@ -433,7 +443,8 @@ def controls(job: Job | None, state: str | None = None):
     cols[3].button("Stop", key="btn_stop", icon=":material/stop:", on_click=_on_stop, width="stretch",
                    disabled=not live, help="End this run (its weights stay savable)")
     cols[4].button("Reset", key="btn_reset", icon=":material/restart_alt:", on_click=_on_reset, width="stretch",
-                   help="Back to epoch 0: a fresh run with the options below, paused before its first step")
+                   help="Back to epoch 0: a fresh run with the options in Configuration, paused before its first "
+                        "step")
 
 
 def live_settings(job: Job):
@@ -534,19 +545,21 @@ def live_view(job: Job, state: str | None = None):
     progress, ETA, samples/s, figures, collapse banner) every POLL_S, the charts and image grids every CHART_POLL_S
     (a browser redraw of the charts costs far more CPU than the numbers; on a small machine that CPU is taken from
     the training thread). Static once the run has ended."""
-    c1, c2, c3 = st.container(key="stack_liveopts").columns([1, 1.4, 3.2], vertical_alignment="bottom")
-    c1.toggle("log scale", key="curves_log", help="NLL and KL on a log axis", persist_state="session")
-    c2.select_slider("smoothing", (0.0, 0.3, 0.6, 0.8, 0.9, 0.95, 0.99), value=0.6, key="curves_smooth",
-                     persist_state="session", help="Exponential moving average of the per-step train curves")
-    options = _compare_options(job)
-    c3.multiselect("Compare with earlier runs and checkpoints", list(options), key="compare_runs",
-                   format_func=lambda r: options.get(r, r), placeholder="overlay other runs…",
-                   help="Test ELBO, KL and active units per epoch of this run and the ones picked")
     # as the rest of the page saw it: if the run has ended since, the status fragment's first poll sees it and
     # redraws the whole page (with the state read then), so no part of the page is left showing the old state
     active = (state or job.state) in ACTIVE
     st.fragment(run_every=POLL_S if active else None)(_live_status)(job.id, active)
     st.fragment(run_every=CHART_POLL_S if active else None)(_live_charts)(job.id, active)
+    # under the charts (they read these from the session state): above them, the row pushed the curves below the
+    # fold of a 1280x800 projector
+    c1, c2, c3 = st.container(key="stack_liveopts").columns([1, 1.4, 3.2], vertical_alignment="bottom")
+    c1.toggle("log scale", key="curves_log", help="NLL and KL on a log axis", persist_state="session")
+    c2.select_slider("smoothing", SMOOTHING, value=0.6, key="curves_smooth",
+                     persist_state="session", help="Exponential moving average of the per-step train curves")
+    options = _compare_options(job)
+    c3.multiselect("Compare with earlier runs and checkpoints", list(options), key="compare_runs",
+                   format_func=lambda r: options.get(r, r), placeholder="overlay other runs…",
+                   help="Test ELBO, KL and active units per epoch of this run and the ones picked")
 
 
 def _live_status(job_id: str, polling: bool):
@@ -611,7 +624,8 @@ def _live_charts(job_id: str, polling: bool):
 
 def _status(snap):
     color, icon = STATE_BADGE.get(snap.state, ("gray", None))
-    st.badge(f"{snap.name} · {snap.state}", color=color, icon=icon)
+    badge, bar = st.columns([1, 2.2], vertical_alignment="bottom") if snap.total_steps else (st, None)
+    badge.badge(f"{snap.name} · {snap.state}", color=color, icon=icon)
     if snap.state == QUEUED:
         st.info(f"Queued: place {snap.queue_position} in the queue. The server runs at most "
                 f"{registry().max_concurrent} jobs at once; this one starts when another ends (it is never dropped).")
@@ -628,8 +642,8 @@ def _status(snap):
     for k in ("autosave_error", "restore_error"):
         if snap.extra.get(k):
             st.warning(snap.extra[k])
-    if snap.total_steps:
-        st.progress(snap.progress, text=f"epoch {snap.epoch}/{snap.epochs} · step {snap.step}/{snap.total_steps}")
+    if bar is not None:
+        bar.progress(snap.progress, text=f"epoch {snap.epoch}/{snap.epochs} · step {snap.step}/{snap.total_steps}")
     h = snap.history["epoch"]
     m = st.columns(5)
     m[0].metric("samples/s", f"{snap.samples_per_s:,.0f}" if snap.samples_per_s else "–",

@@ -29,7 +29,9 @@ from .trainer import Trainer, TrainingDiverged
 
 SYNC_S = 0.2  # seconds between syncs while running at full speed
 COMMAND_POLL_S = 0.005  # ... and between looks for commands: a pipe's poll() costs ~30 µs, 3 % of a 1 ms step
-WEIGHTS_S = 1.0  # ... and between the model weights they carry (every sync in slow motion, single steps, pauses)
+WEIGHTS_S = 1.0  # ... and between the model weights they carry (every sync: in single steps, pauses and slow
+SLOW_WEIGHTS_S = 0.1  # motion of at least this delay a step; a page shows a running job's images per epoch, so
+# weights after each of a hundred steps a second would only load the server)
 
 
 def pack(obj) -> bytes:
@@ -129,7 +131,8 @@ class _Worker:
             payload["full"] = t.state_dict(history=False)  # the parent has the history, record by record
             payload["weights"] = payload["full"]["model"]
             self.last_full = self.last_weights = now
-        elif kind != "sync" or self.paused or self.delay > 0 or now - self.last_weights >= WEIGHTS_S:
+        elif (kind != "sync" or self.paused or self.delay >= SLOW_WEIGHTS_S or self.steps_requested
+              or now - self.last_weights >= WEIGHTS_S):
             payload["weights"] = t.model.state_dict()  # no copy: pack() serialises it before training goes on
             self.last_weights = now
         payload.update(extra)
