@@ -130,6 +130,24 @@ def test_reset_step_start_stop_drive_the_run_on_screen(registry):
     assert not at.exception and at.button(key="btn_stop").disabled
 
 
+def test_pause_drawn_before_another_tab_paused_does_not_resume(registry):
+    """The button does what it said when drawn: tab A shows "Pause", tab B pauses the run, A's click keeps it
+    paused (it used to toggle the run's real state and resume it)."""
+    at = small_run(open_page(PAGE), epochs=5000)
+    at.button(key="btn_start").click().run()
+    job = registry.get(at.query_params["run"])
+    wait_until(lambda: job.state == RUNNING, what="the run")
+    at.run()
+    assert at.button(key="btn_pause").label == "Pause"
+    job.pause()  # tab B
+    wait_until(lambda: job.state == PAUSED, what="the pause")
+    at.button(key="btn_pause").click().run()
+    assert job.state == PAUSED
+    assert at.button(key="btn_pause").label == "Resume"
+    job.stop()
+    assert job.join(60)
+
+
 def test_bad_input_is_a_one_line_error_and_starts_nothing(registry):
     at = open_page(PAGE)
     at.text_input(key="cfg_hidden").set_value("256,abc").run()

@@ -156,10 +156,10 @@ def _write_bad_config(path, good):
 
 
 BAD_FILES = {
-    "truncated": (_write_truncated, "truncated or corrupt"),
-    "random-bytes": (_write_random, "truncated or corrupt"),
-    "text": (_write_text, "truncated or corrupt"),
-    "empty": (_write_empty, "truncated or corrupt"),
+    "truncated": (_write_truncated, "not a readable PyTorch checkpoint"),
+    "random-bytes": (_write_random, "not a readable PyTorch checkpoint"),
+    "text": (_write_text, "not a readable PyTorch checkpoint"),
+    "empty": (_write_empty, "not a readable PyTorch checkpoint"),
     "plain-dict": (_write_plain_dict, "not a VAE Explorer checkpoint"),
     "format-version-99": (_write_future_version, "newer"),
     "no-state-dict": (_write_no_state_dict, "no state_dict"),
@@ -188,8 +188,8 @@ def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="no such file") as info:
         load_checkpoint(tmp_path / "nope.pt")
     assert str(tmp_path / "nope.pt") in str(info.value)
-    with pytest.raises(CheckpointError, match="no such file"):
-        read_checkpoint(tmp_path)  # a folder is not a checkpoint
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
+        read_checkpoint(tmp_path)
 
 
 def test_list_checkpoints(tmp_path, trained_checkpoint):

@@ -224,11 +224,33 @@ def save_user_checkpoint(name: str, ckpt: dict, overwrite: bool = False) -> Path
     return save_checkpoint(path, ckpt)
 
 
-def accept_upload(filename: str, data: bytes) -> Path:
-    """Validate an uploaded checkpoint (weights_only) in a temp file; only a good one is kept in checkpoints/user."""
+def upload_name(filename: str) -> str:
+    """A checkpoint name from an uploaded file's name: "mine (1).pt" (a browser's second download) -> "mine-1";
+    ValueError if nothing usable is left."""
+    stem = Path(filename or "").name
+    stem = stem[:-3] if stem.lower().endswith(".pt") else stem
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).replace("..", ".").strip("-._")[:MAX_NAME].rstrip("-._")
+    return validate_name(stem or "upload")
+
+
+def free_name(name: str) -> str:
+    """name, or name-2, name-3, ... : the first that no checkpoint in checkpoints/user has."""
+    if not (USER_DIR / f"{name}.pt").exists():
+        return name
+    for i in range(2, 10_000):
+        cand = f"{name[:MAX_NAME - len(str(i)) - 1]}-{i}"
+        if not (USER_DIR / f"{cand}.pt").exists():
+            return cand
+    raise ValueError(f"too many checkpoints named {name!r}-N: rename the file")
+
+
+def accept_upload(filename: str, data: bytes) -> tuple[Path, str | None]:
+    """Validate an uploaded checkpoint (weights_only) in a temp file; only a good one is kept in checkpoints/user.
+    Nothing saved is ever replaced: a file of the same name and other content is kept under the next free name
+    (name-2, ...). Returns (path, a note saying so, or None)."""
     import tempfile
 
-    name = validate_name(Path(filename).stem)
+    name = upload_name(filename)
     USER_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(suffix=".pt", dir=USER_DIR, delete=False) as f:
         f.write(data)
@@ -240,7 +262,13 @@ def accept_upload(filename: str, data: bytes) -> Path:
         raise CheckpointError(str(exc).replace(str(tmp), filename)) from None
     finally:
         tmp.unlink(missing_ok=True)
-    return save_user_checkpoint(name, ckpt, overwrite=True)
+    same = USER_DIR / f"{name}.pt"
+    if same.exists() and same.read_bytes() == data:
+        return same, None  # the very same file again
+    kept = free_name(name)
+    note = (f"a different checkpoint named {name!r} was already saved; this one is kept as {kept!r}"
+            if kept != name else None)
+    return save_user_checkpoint(kept, ckpt), note
 
 
 # ---- presentation mode -------------------------------------------------------------------------------------------
@@ -442,13 +470,16 @@ def _upload_box():
         return
     token = (up.name, up.size)
     if st.session_state.get("_upload_done") == token:
+        if st.session_state.get("_upload_note"):
+            st.info(st.session_state["_upload_note"])
         return
     try:
-        path = accept_upload(up.name, up.getvalue())
+        path, note = accept_upload(up.name, up.getvalue())
     except (CheckpointError, ValueError) as exc:
         st.error(str(exc))
         return
     st.session_state["_upload_done"] = token
+    st.session_state["_upload_note"] = note
     select_model(file_ref(path))
 
 

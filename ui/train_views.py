@@ -345,13 +345,16 @@ def _on_start():
     _submit(start_paused=False)
 
 
-def _on_pause_resume():
+def _on_pause_resume(want_pause: bool):
+    """Does what the button said when it was clicked: another tab may have paused or resumed the run since this one
+    was drawn, and a click on "Pause" must never resume it (nor "Resume" pause it)."""
     job = current_job()
     if job is None:
         return
-    if job.state == RUNNING or (job.state == QUEUED and not job.pause_requested):
+    paused_now = job.state in (PAUSED, INTERRUPTED) or (job.state == QUEUED and job.pause_requested)
+    if want_pause and not paused_now:
         job.pause()
-    else:
+    elif not want_pause and paused_now:
         job.resume()
 
 
@@ -437,7 +440,7 @@ def controls(job: Job | None, state: str | None = None):
     live = state in (*ACTIVE, INTERRUPTED)
     cols[1].button("Resume" if paused else "Pause", key="btn_pause",
                    icon=":material/play_circle:" if paused else ":material/pause:", on_click=_on_pause_resume,
-                   disabled=not live, width="stretch")
+                   args=(not paused,), disabled=not live, width="stretch")
     cols[2].button("Step", key="btn_step", icon=":material/skip_next:", on_click=_on_step, width="stretch",
                    disabled=not live, help="Run one batch, then stay paused")
     cols[3].button("Stop", key="btn_stop", icon=":material/stop:", on_click=_on_stop, width="stretch",
@@ -548,7 +551,7 @@ def live_view(job: Job, state: str | None = None):
     # as the rest of the page saw it: if the run has ended since, the status fragment's first poll sees it and
     # redraws the whole page (with the state read then), so no part of the page is left showing the old state
     active = (state or job.state) in ACTIVE
-    st.fragment(run_every=POLL_S if active else None)(_live_status)(job.id, active)
+    st.fragment(run_every=POLL_S if active else None)(_live_status)(job.id, active, state or job.state)
     st.fragment(run_every=CHART_POLL_S if active else None)(_live_charts)(job.id, active)
     # under the charts (they read these from the session state): above them, the row pushed the curves below the
     # fold of a 1280x800 projector
@@ -562,7 +565,8 @@ def live_view(job: Job, state: str | None = None):
                    help="Test ELBO, KL and active units per epoch of this run and the ones picked")
 
 
-def _live_status(job_id: str, polling: bool):
+def _live_status(job_id: str, polling: bool, drawn: str | None = None):
+    """drawn: the state the rest of the page was drawn with."""
     job = registry().get(job_id)
     if job is None:
         st.warning(f"run {job_id!r} is no longer on this server")
@@ -570,6 +574,8 @@ def _live_status(job_id: str, polling: bool):
     snap = job.snapshot(steps=False)  # the per-epoch history is all the status needs
     if polling and not snap.active:
         st.rerun()  # the run ended: redraw the whole page once (controls, run list, charts), then stop polling
+    if polling and drawn in (RUNNING, PAUSED) and snap.state in (RUNNING, PAUSED) and snap.state != drawn:
+        st.rerun()  # paused or resumed from another tab: the buttons and the run list follow
     _status(snap)
     h = snap.history
     if snap.step == 0:

@@ -67,6 +67,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load and validate the raw checkpoint dict (weights_only=True)."""
     path = Path(path)
     name = str(path)
+    if path.is_dir():
+        raise CheckpointError(f"{name}: is a folder, not a checkpoint file (`python -m vae list {name}` lists the "
+                              f"checkpoints in it)")
     if not path.is_file():
         raise CheckpointError(f"{name}: no such file")
     try:
@@ -77,14 +80,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         text = str(exc)
         unsafe = [ln.strip() for ln in text.splitlines() if "Unsupported global" in ln or "Unsupported class" in ln]
         if not unsafe:  # random bytes also fail in the restricted unpickler ("Unsupported operand 103")
-            raise CheckpointError(f"{name}: the file is truncated or corrupt (not a PyTorch checkpoint); "
-                                  f"re-save or re-download it") from None
+            raise CheckpointError(f"{name}: not a readable PyTorch checkpoint (truncated, corrupt, or another "
+                                  f"kind of file); re-save or re-download it") from None
         detail = unsafe[0].removeprefix("WeightsUnpickler error: ").split(". ")[0]  # "Unsupported global: ..."
         raise CheckpointError(f"{name}: refused to load: it holds objects other than tensors and plain data, which "
                               f"could run code ({detail[:120]})") from None
     except (EOFError, zipfile.BadZipFile, RuntimeError, OSError, ValueError, KeyError, IndexError) as exc:
-        raise CheckpointError(f"{name}: the file is truncated or corrupt ({type(exc).__name__}); "
-                              f"re-save or re-download it") from None
+        raise CheckpointError(f"{name}: not a readable PyTorch checkpoint (truncated, corrupt, or another kind "
+                              f"of file); re-save or re-download it") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{name}: not a VAE Explorer checkpoint (no format={FORMAT!r} key); save models "
                               f"with `python -m vae train` or the Train page")
@@ -107,8 +110,9 @@ def model_from_checkpoint(ckpt: dict, name: str = "checkpoint") -> VAE:
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(f"{name}: the weights do not fit the model_config ({first[:160]})") from None
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines[1:] if ln), lines[0] if lines else "")  # past "Error(s) in loading..."
+        raise CheckpointError(f"{name}: the weights do not fit the model_config ({detail[:160]})") from None
     return model.eval()
 
 

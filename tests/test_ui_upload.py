@@ -1,0 +1,70 @@
+"""Uploading a checkpoint (ui.core.accept_upload): validated with weights_only before anything is kept, a bad file
+changes nothing, and nothing already saved is ever replaced."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import ui.core
+from vae import ModelConfig
+from vae.checkpoint import CheckpointError, make_checkpoint
+from vae.trainer import build_model
+
+
+@pytest.fixture()
+def user_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "user"
+    monkeypatch.setattr(ui.core, "USER_DIR", folder)
+    return folder
+
+
+def _bytes(latent_dim: int, seed: int = 0) -> bytes:
+    cfg = ModelConfig(input_dim=64, image_shape=(8, 8), hidden=(16,), latent_dim=latent_dim)
+    buf = io.BytesIO()
+    torch.save(make_checkpoint(build_model(cfg, seed), dataset="digits"), buf)
+    return buf.getvalue()
+
+
+def test_a_good_upload_is_kept_under_its_name(user_dir):
+    path, note = ui.core.accept_upload("mine.pt", _bytes(2))
+    assert path == user_dir / "mine.pt" and note is None
+    assert path.read_bytes()  # a checkpoint written by save_checkpoint (it loads: the next test reads one back)
+
+
+def test_an_upload_never_replaces_a_saved_checkpoint_of_the_same_name(user_dir):
+    first, _ = ui.core.accept_upload("live8.pt", _bytes(8))
+    before = first.read_bytes()
+    second, note = ui.core.accept_upload("live8.pt", _bytes(16, seed=1))
+    assert first.read_bytes() == before  # untouched
+    assert second == user_dir / "live8-2.pt" and "live8-2" in note and "already saved" in note
+    assert ui.core.load_selection(ui.core.file_ref(second), "cpu").model.config.latent_dim == 16
+    third, _ = ui.core.accept_upload("live8.pt", _bytes(4, seed=2))
+    assert third.name == "live8-3.pt"
+
+
+def test_the_same_file_uploaded_again_is_not_kept_twice(user_dir):
+    data = _bytes(2)
+    path, _ = ui.core.accept_upload("twice.pt", data)
+    ui.core.save_user_checkpoint("twice", torch.load(path, weights_only=True), overwrite=True)  # as saved on disk
+    again, note = ui.core.accept_upload("twice.pt", path.read_bytes())
+    assert again == path and note is None and sorted(p.name for p in user_dir.iterdir()) == ["twice.pt"]
+
+
+@pytest.mark.parametrize("filename, name", [("mine (1).pt", "mine-1"), ("my model.PT", "my-model"),
+                                            ("../../etc/x.pt", "x"), ("(1).pt", "1"), ("???.pt", "upload")])
+def test_browser_style_file_names_become_valid_names(user_dir, filename, name):
+    path, _ = ui.core.accept_upload(filename, _bytes(2))
+    assert path == user_dir / f"{name}.pt"
+
+
+@pytest.mark.parametrize("data", [b"", b"not a checkpoint", _bytes(2)[:100]], ids=["empty", "text", "truncated"])
+def test_a_bad_upload_says_so_and_writes_nothing(user_dir, data):
+    ui.core.accept_upload("keep.pt", _bytes(2))
+    kept = (user_dir / "keep.pt").read_bytes()
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        ui.core.accept_upload("bad.pt", data)
+    with pytest.raises(CheckpointError):
+        ui.core.accept_upload("keep.pt", data)  # a bad file under a saved name leaves the saved one as it was
+    assert sorted(p.name for p in user_dir.iterdir()) == ["keep.pt"] and (user_dir / "keep.pt").read_bytes() == kept
