@@ -96,13 +96,35 @@ def test_list_prints_json(runs, capsys):
     assert str(runs["tmp"] / "corrupt.pt") in rows["corrupt"]["error"]
 
 
-def test_argparse_errors_exit_2(capsys):
+@pytest.mark.parametrize("argv, says", [(["evaluate", "x.pt", "--split", "validation"], "invalid choice"),
+                                        (["train", "--epochs", "1.5"], "invalid int value: '1.5'"),
+                                        (["bogus"], "invalid choice: 'bogus'")])
+def test_argparse_errors_are_one_line_and_exit_2(capsys, argv, says):
     from vae.cli import main
 
     with pytest.raises(SystemExit) as info:
-        main(["evaluate", "x.pt", "--split", "validation"])
+        main(argv)
     assert info.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error:") and says in err and "--help" in err
+
+
+def test_out_is_checked_before_training_and_never_replaced_unasked(tmp_path, capsys):
+    from vae.cli import main
+
+    kept = tmp_path / "kept.pt"
+    kept.write_bytes(b"an earlier checkpoint")
+    assert main(["train", "--epochs", "1", "--quiet", "--out", str(kept)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {kept} exists" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert kept.read_bytes() == b"an earlier checkpoint"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["train", "--epochs", "1", "--quiet", "--out", str(blocker / "sub" / "m.pt")]) == 2
+    assert "cannot write in" in capsys.readouterr().err  # before a single step: no "epochs" in any output
+    assert main(["train", "--epochs", "1", "--quiet", "--max-examples", "64", "--hidden", "16", "--latent-dim",
+                 "2", "--overwrite", "--out", str(kept)]) == 0
+    assert kept.read_bytes() != b"an earlier checkpoint"
 
 
 @pytest.mark.parametrize("case", list(ERROR_CASES))

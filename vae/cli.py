@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from .config import ARCHS, DECODERS, DEVICES, LIKELIHOODS, SCHEDULES, ModelConfig, TrainConfig, parse_hidden
@@ -55,8 +57,32 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--free-bits", type=float, default=d.free_bits, help="per-dimension KL floor lambda, nats")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help=f"{' | '.join(DEVICES)}")
-    p.add_argument("--out", default=None, help="checkpoint path to write (default: none)")
+    p.add_argument("--out", default=None, help="checkpoint path to write (default: none); an existing file is "
+                                                "kept unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """ValueError (one line) if training could not end with a checkpoint at out, or would replace one unasked."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: give a file path such as {out}/model.pt")
+    if out.exists() and not overwrite:
+        raise ValueError(f"--out {out} exists: give another path, or add --overwrite to replace it")
+    folder = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("."))
+    try:  # a probe file: permission bits say nothing for root, nor for /proc or a read-only mount
+        fd, probe = tempfile.mkstemp(prefix=".vae-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot write in {folder} ({exc.strerror or exc})") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (what was wrong, where to look), as every other CLI error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def cmd_train(args) -> dict:
@@ -79,9 +105,7 @@ def cmd_train(args) -> dict:
     test = load_dataset(cfg.dataset, "test", cfg.data_root, binarize=cfg.binarize)
     mcfg = default_model_config(train, **overrides)
     if args.out:  # fail before training, not after
-        out = Path(args.out)
-        if out.exists() and out.is_dir():
-            raise ValueError(f"--out {out} is a folder: give a file path such as {out}/model.pt")
+        check_out(Path(args.out), args.overwrite)
     trainer = Trainer(cfg, mcfg, train, test)
     bar = tqdm(total=trainer.total_steps, disable=args.quiet, file=sys.stderr, unit="step", dynamic_ncols=True)
 
@@ -101,7 +125,10 @@ def cmd_train(args) -> dict:
               **{k: metrics[k] for k in ("test_elbo", "test_recon", "test_kl", "active_units", "samples_per_s",
                                          "epochs", "steps")}}
     if args.out:
-        save_checkpoint(args.out, trainer.checkpoint())
+        try:
+            save_checkpoint(args.out, trainer.checkpoint())
+        except OSError as exc:
+            raise ValueError(f"could not write --out {args.out}: {exc.strerror or exc}") from None
         result["checkpoint"] = str(args.out)
     return result
 
@@ -149,7 +176,7 @@ def cmd_bench(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vae", description="VAE Explorer command line")
+    p = _Parser(prog="python -m vae", description="VAE Explorer command line")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a VAE; prints a JSON summary (nats per example)")
     _add_train_args(t)
@@ -177,7 +204,7 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "list": cmd_list, "ben
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # argparse prints its own one-line usage error and exits 2
+    args = parser.parse_args(argv)  # a usage error: one line on stderr, exit 2 (_Parser)
     from .checkpoint import CheckpointError
     from .device import flush_denormals
     from .data import DatasetUnavailable
