@@ -151,9 +151,20 @@ def test_pause_drawn_before_another_tab_paused_does_not_resume(registry):
 def test_bad_input_is_a_one_line_error_and_starts_nothing(registry):
     at = open_page(PAGE)
     at.text_input(key="cfg_hidden").set_value("256,abc").run()
+    assert [e.value for e in at.error if "Hidden sizes = '256,abc'" in e.value]  # the option as the page names it
     at.button(key="btn_start").click().run()
     assert not at.exception and registry.jobs() == []
-    assert any("hidden" in e.value and "Not started" in e.value for e in at.error)
+    said = [e.value for e in at.error if "Hidden sizes = '256,abc' is not allowed" in e.value]
+    assert len(said) == 1 and "Not started" in said[0]  # once: Start's message, not the panel's too
+    at.run()
+    assert [e.value for e in at.error if "Start refuses these options" in e.value]  # the panel's, on the next run
+    at.text_input(key="cfg_hidden").set_value("64 32").run()  # spaces separate sizes: not 6432
+    assert not at.error
+    at.button(key="btn_start").click().run()
+    job = registry.get(at.query_params["run"])
+    assert job.model_config.hidden == (64, 32)
+    job.stop()
+    assert job.join(60)
 
 
 def test_failure_queue_and_unknown_run_are_shown(registry):

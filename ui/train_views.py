@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
 import time
 
 import numpy as np
@@ -51,6 +52,8 @@ TRAIN_FIELDS = {"cfg_dataset": "dataset", "cfg_epochs": "epochs", "cfg_batch_siz
                 "cfg_binarize": "binarize"}
 MODEL_FIELDS = {"cfg_arch": "arch", "cfg_latent_dim": "latent_dim", "cfg_likelihood": "likelihood",
                 "cfg_decoder": "decoder", "cfg_sigma": "sigma"}
+OPTION_LABELS = {"cfg_hidden": "Hidden sizes", "cfg_dataset": "Dataset", "cfg_arch": "Architecture",
+                 "cfg_likelihood": "Likelihood", "cfg_decoder": "Decoder", "cfg_beta_schedule": "β schedule"}
 # widget key -> (label, lowest, highest) of the number options. The widgets take any number and these are checked on
 # the server: a browser refuses a value outside a widget's own min/max with only a small red mark and keeps sending
 # the old value, so Start would run on numbers the user no longer sees. Here a bad value gets a one-line message
@@ -155,17 +158,32 @@ def configs_from_state():
 
     check_limits({k: get(k) for k in LIMITS if k in shown}, labels)
     max_ex = int(get("cfg_max_examples") or 0)
-    tc = TrainConfig(**{f: get(k) for k, f in TRAIN_FIELDS.items()}, device=get("cfg_device"),
-                     max_examples=max_ex or None)
-    mc = model_config_for(tc.dataset, likelihood=get("cfg_likelihood"), arch=get("cfg_arch"),
-                          hidden=parse_hidden(get("cfg_hidden")), latent_dim=get("cfg_latent_dim"),
-                          decoder=get("cfg_decoder"), sigma=get("cfg_sigma"))
+    try:
+        tc = TrainConfig(**{f: get(k) for k, f in TRAIN_FIELDS.items()}, device=get("cfg_device"),
+                         max_examples=max_ex or None)
+        mc = model_config_for(tc.dataset, likelihood=get("cfg_likelihood"), arch=get("cfg_arch"),
+                              hidden=parse_hidden(get("cfg_hidden")), latent_dim=get("cfg_latent_dim"),
+                              decoder=get("cfg_decoder"), sigma=get("cfg_sigma"))
+    except ValueError as exc:
+        raise ValueError(_as_labelled(str(exc), labels)) from None
     name = (get("cfg_name") or "").strip()
     if name:
         name = validate_name(name)  # a run name may become a checkpoint name
     else:
         name = auto_name(tc, mc)
     return tc, mc, name
+
+
+def _as_labelled(text: str, labels: dict) -> str:
+    """A config error ("hidden=0 is not allowed: ...") with the option named as the page shows it ("Hidden sizes =
+    0 is not allowed: ...")."""
+    m = re.match(r"(\w+)=", text)
+    if not m:
+        return text
+    field = m.group(1)
+    key = next((k for k, f in {**TRAIN_FIELDS, **MODEL_FIELDS, "cfg_hidden": "hidden"}.items() if f == field), None)
+    label = labels.get(key) or (LIMITS[key][0] if key in LIMITS else OPTION_LABELS.get(key))
+    return f"{label} = {text[m.end():]}" if label else text
 
 
 def auto_name(tc: TrainConfig, mc) -> str:
@@ -253,7 +271,8 @@ def config_panel(locked: bool):
     try:
         configs_from_state()
     except ValueError as exc:
-        st.error(f"{exc}. Start refuses these options until it is fixed.", icon=":material/error:")
+        if st.session_state.pop("_refused_now", None) != str(exc):  # Start's own message says it already
+            st.error(f"{exc}. Start refuses these options until it is fixed.", icon=":material/error:")
 
 
 # ---- the run on screen -------------------------------------------------------------------------------------------
@@ -306,6 +325,7 @@ def _submit(start_paused: bool) -> Job | None:
         tc, mc, name = configs_from_state()
     except ValueError as exc:
         _msg("error", f"Not started: {exc}")
+        st.session_state["_refused_now"] = str(exc)  # the options panel does not say it a second time
         return None
     _, err = get_dataset(tc.dataset, "test", tc.binarize)
     if err:
@@ -336,6 +356,7 @@ def _on_start():
             tc, mc, _ = configs_from_state()
         except ValueError as exc:
             _msg("error", f"Not started: {exc}")
+            st.session_state["_refused_now"] = str(exc)
             return
         if job.train_config.to_dict() == tc.to_dict() and job.model_config.to_dict() == mc.to_dict():
             st.session_state.pop("_reset_job", None)

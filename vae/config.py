@@ -135,16 +135,19 @@ class TrainConfig:
 
 
 def parse_hidden(text: str) -> tuple:
-    """'256,128' -> (256, 128), with a clear error for anything else."""
-    parts = str(text).replace(" ", "").split(",")
-    if parts and not parts[-1]:
+    """'256,128' or '256 128' -> (256, 128), with a clear error for anything else."""
+    parts = str(text).strip().split(",")
+    if parts and not parts[-1].strip():
         parts.pop()  # a trailing comma ("256,128,")
+    # spaces separate sizes too ("256 128"; they were dropped, which read it as 256128); an empty part between
+    # commas ("256,,128") stays an error
+    parts = [w for p in parts for w in (p.split() or [""])]
     try:
         sizes = tuple(int(s) for s in parts)
     except ValueError:
-        raise _bad("hidden", text, "give comma-separated positive integers, e.g. 256,128") from None
+        raise _bad("hidden", text, "give positive integers separated by commas or spaces, e.g. 256,128") from None
     if not sizes:
-        raise _bad("hidden", text, "give comma-separated positive integers, e.g. 256,128")
+        raise _bad("hidden", text, "give positive integers separated by commas or spaces, e.g. 256,128")
     return sizes
 
 
