@@ -5,10 +5,10 @@ import numpy as np
 import streamlit as st
 
 from ui.core import clamped, current, need_model, presenting, selection_data, tile, to_images, upscale
-from ui.latent import (dim_info, encoded_split, follow_live_run, points_figure, sensitivity, sensitivity_figure,
-                       traversal_points_figure)
+from ui.latent import (class_names, dim_info, encoded_split, follow_live_run, points_figure, sensitivity,
+                       sensitivity_figure, traversal_points_figure)
 from vae.latent_ops import (MAX_SLIDERS, SLIDER_LIMIT, compose_latent, decode_one, decode_points, interpolate,
-                            prior_samples, slider_layout, start_point, traversal_grid, traversal_values)
+                            interpolate_at, prior_samples, slider_layout, start_point, traversal_grid, traversal_values)
 
 START_LABELS = {"zero": "zero (the prior's mean)", "prior": "a random prior sample", "image": "a test image's code"}
 IMAGE_PX = 448  # the decoded image's size on screen: integer nearest-neighbour upscaling, crisp pixels
@@ -169,11 +169,34 @@ else:
                                       title="the interpolation, decoded into data space", height=420),
                         key="dec_interp_fig")
     else:
+        names = class_names(sel.dataset)
+
+        def named(i):  # "#9 (a 4)": which digit or garment the number is
+            y, article = int(codes.y[i]), "a " if sel.dataset in ("digits", "mnist") else ""
+            return f"#{i} ({article}{names[y]})" if y < len(names) else f"#{i}"
+
         ends = np.stack([data.x[a].numpy(), data.x[b].numpy()])
         c1, c2 = st.columns([1, 6], vertical_alignment="center")
-        c1.image(tile(ends, shape, ncols=1, target_px=90), caption=f"#{a} and #{b}", output_format="PNG")
+        c1.image(tile(ends, shape, ncols=1, target_px=140 if presenting() else 90),
+                 caption=f"{named(a)} and {named(b)}", output_format="PNG")
         c2.image(tile(decoded, shape, ncols=steps, target_px=min(1000, 70 * steps)), output_format="PNG",
-                 caption=f"{method} path from μ(x#{a}) to μ(x#{b}), decoded")
+                 width="stretch" if presenting() else "content",
+                 caption=f"{method} path from μ(x{named(a)}) to μ(x{named(b)}), decoded")
+
+        @st.fragment
+        def morph():
+            """One slider from one image's code to the other's: only this part reruns as it moves."""
+            t = float(st.slider(f"Morph: t from {named(a)} (0) to {named(b)} (1)", 0.0, 1.0, 0.5, step=0.05,
+                                key="dec_morph_t", bind="query-params",
+                                help="z = the point at t on the path above; the middle image is p_θ's decoding of it"))
+            img = decode_points(model, interpolate_at(codes.mu[a], codes.mu[b], t, method)[None])
+            px = 360 if presenting() else 240
+            m1, m2, m3 = st.columns(3)
+            m1.image(upscale(to_images(data.x[a:a + 1], shape)[0], px), caption=f"x{named(a)}", output_format="PNG")
+            m2.image(upscale(to_images(img, shape)[0], px), caption=f"decoded at t = {t:.2f}", output_format="PNG")
+            m3.image(upscale(to_images(data.x[b:b + 1], shape)[0], px), caption=f"x{named(b)}", output_format="PNG")
+
+        morph()
     st.caption(f"‖z‖ along the path: {norms[0]:.2f} → min {norms.min():.2f} → {norms[-1]:.2f}.")
 
 # ---- prior samples ------------------------------------------------------------------------------------------------

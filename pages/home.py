@@ -25,7 +25,8 @@ with left:
 \end{aligned}""")
     st.markdown(
         "- **Reconstruction**: how well the decoder $p_\\theta$ explains $x$ from a code drawn from the encoder.\n"
-        "- **KL to the prior (rate)**: how many nats the code carries about $x$. At $\\beta=1$ the loss is exactly "
+        "- **KL to the prior (rate)**: what the code costs in nats; on average over the data it bounds the "
+        "information the code carries about $x$ from above. At $\\beta=1$ the loss is exactly "
         "$-\\text{ELBO}$; a $\\beta$-VAE weighs this term by $\\beta$.\n"
         "- Every figure in this app is in **nats per example**: summed over pixels and latent dimensions, averaged "
         "over the batch.")

@@ -102,8 +102,9 @@ with right:
         st.selectbox("Data set of the plane", datasets, key="rd_data",
                      help="Rates and distortions are only comparable on the same data")
     st.markdown(
-        "**Reading the plane.** Each model is a point: its **rate** $R$ (x axis), the nats its code carries about "
-        "x, against its **distortion** $D$ (y axis), the nats the decoder $p_\\theta$ still needs to describe x. "
+        "**Reading the plane.** Each model is a point: its **rate** $R$ (x axis), the mean KL to the prior, an upper "
+        "bound on the nats its code carries about x, against its **distortion** $D$ (y axis), the nats the "
+        "decoder $p_\\theta$ still needs to describe x. "
         "Since $-\\text{ELBO} = D + R$, the dotted lines of slope $-1$ join models with **equal ELBO**: along one, "
         "rate is traded for distortion at no cost in ELBO.\n\n"
         "A **β-VAE** minimises $D + \\beta R$, so among the models it can reach it picks the point where the "

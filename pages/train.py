@@ -57,8 +57,8 @@ if state in (*ACTIVE, INTERRUPTED) and job.trainer is not None:
         tv.live_settings(job)
 if job is None:
     runs_box()
-    st.info("Pick a preset and press **Start**. “fast demo” trains in seconds; “reproduce KL collapse” shows every "
-            "latent dimension dying; the two “fix it” presets bring them back.")
+    st.info("Pick a preset and press **Start**. “fast demo” trains in about 15 s at a lecture pace; “reproduce KL "
+            "collapse” shows every latent dimension dying; the two “fix it” presets bring them back.")
     busy = [j for j in tv.registry().jobs() if j.state in ACTIVE]
     if busy:  # a new tab, or another session's runs: say they exist, and how to watch one
         st.caption(f"{len(busy)} run(s) already on this server ({', '.join(j.name for j in busy[:3])}"

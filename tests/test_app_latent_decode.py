@@ -350,3 +350,16 @@ def test_aggregate_posterior_plot_draws_the_prior_at_1_2_3_sigma():
     x, y = (np.array([v for v in getattr(prior[0], a) if v is not None], float) for a in ("x", "y"))
     r = np.hypot(x, y)
     assert np.allclose(np.unique(r.round(6)), [1, 2, 3])
+
+
+def test_decode_morph_slider_goes_from_one_test_image_to_the_other():
+    at = open_page("pages/decode.py", model=Z16)
+    no_exception(at)
+    morph = at.slider(key="dec_morph_t")
+    assert morph.value == 0.5 and "(a 4) (0)" in morph.label and "(a 9) (1)" in morph.label  # digits' #: a 4 to a 9
+    [mid] = images(at, "decoded at t = 0.50")  # between x_a and x_b
+    before = mid.value[0]
+    morph.set_value(0.0).run()
+    no_exception(at)
+    [mid] = images(at, "decoded at t = 0.00")
+    assert mid.value[0] != before and at.slider(key="dec_morph_t").value == 0.0

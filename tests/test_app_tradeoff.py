@@ -132,7 +132,8 @@ def test_collapse_lab_runs_preset_and_remedies_side_by_side(registry):
     collapsed_au, fixed_au = (int(v.split("/")[0]) for v in table["active units"])
     assert collapsed_au <= 1 and fixed_au >= 8
     charts = {c.key: c for c in at.get("plotly_chart")}
-    assert list(charts) == ["lab_au", "lab_scale", "lab_heat_0", "lab_heat_1"]  # active units, the scale, a heatmap per run
+    # active units, the colour scale, a heatmap per run
+    assert list(charts) == ["lab_au", "lab_scale", "lab_heat_0", "lab_heat_1"]
     heats = [json.loads(charts[f"lab_heat_{i}"].proto.spec)["data"][0] for i in range(2)]
     z = heats[0]["z"]
     shape = tuple(int(v) for v in z["shape"].split(",")) if isinstance(z, dict) else (len(z), len(z[0]))

@@ -463,3 +463,20 @@ def test_several_bad_numbers_are_all_named_in_the_one_line(registry):
     line = next(e.value for e in at.error if "out of range" in e.value)
     assert line.startswith("Epochs = 0 is out of range") or line.startswith("Learning rate = 1e+09 is out of range")
     assert "(also out of range:" in line and all(n in line for n in ("Learning rate", "Epochs", "Seed"))
+
+
+def test_log_axis_ticks_are_labelled_in_full():
+    """The curves' log scale: 1, 2, 5 x 10^k, each labelled as the number it is (Plotly labelled 0.5 and 0.2 as a
+    bare "5" and "2"); under a decade, Plotly's own plain ticks."""
+    from ui.train_figures import curves_figure, log_ticks
+
+    t = log_ticks([0.012, 0.3, 3.0])
+    assert t["ticktext"] == ["0.01", "0.02", "0.05", "0.1", "0.2", "0.5", "1", "2"]
+    assert log_ticks([25.0, 40.0]) == {} and log_ticks([]) == {}
+    assert log_ticks([1e-3, 1e4])["ticktext"] == ["0.001", "0.01", "0.1", "1", "10", "100", "1000", "10000"]
+    h = {"step": {"step": [1, 2, 3], "recon": [40.0, 30.0, 25.0], "kl": [0.01, 0.5, 3.0], "elbo": [-40.0, -30.5, -28.0],
+                  "beta": [1.0] * 3, "loss": [40.0, 30.5, 28.0], "epoch": [1 / 3, 2 / 3, 1.0], "lr": [1e-3] * 3},
+         "epoch": {k: [] for k in ("epoch", "test_recon", "test_kl", "test_elbo")}, "events": []}
+    fig = curves_figure(h, steps_per_epoch=3, smoothing=0.0, log_y=True)
+    assert fig["layout"]["yaxis"]["type"] == "log" and "tickvals" not in fig["layout"]["yaxis"]
+    assert fig["layout"]["yaxis2"]["ticktext"][:3] == ["0.01", "0.02", "0.05"]

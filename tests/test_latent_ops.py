@@ -165,3 +165,18 @@ def test_encode_split_matches_encode_dataset():
     np.testing.assert_allclose(logvar, ref_lv.numpy(), rtol=1e-5, atol=1e-6)
     assert torch.get_num_threads() == before
     np.testing.assert_allclose(L.encode_split(m, x, threads=None)[0], mu, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["linear", "spherical"])
+def test_interpolate_at_is_a_point_of_the_path(method):
+    from vae.latent_ops import interpolate, interpolate_at
+
+    rng = np.random.default_rng(0)
+    z0, z1 = rng.normal(size=5), rng.normal(size=5)
+    assert np.allclose(interpolate_at(z0, z1, 0.0, method), z0, atol=1e-6)
+    assert np.allclose(interpolate_at(z0, z1, 1.0, method), z1, atol=1e-6)
+    path = interpolate(z0, z1, 5, method)  # t = 0, 0.25, 0.5, 0.75, 1
+    assert np.allclose(interpolate_at(z0, z1, 0.25, method), path[1], atol=1e-6)
+    assert interpolate_at(z0, z1, 0.5, method).dtype == np.float32
+    with pytest.raises(ValueError, match="t=1.5"):
+        interpolate_at(z0, z1, 1.5, method)

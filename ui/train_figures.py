@@ -80,18 +80,38 @@ def _arr(a) -> np.ndarray:
     return np.asarray(a, dtype=float)
 
 
+def log_ticks(values) -> dict:
+    """Tick values and labels for a log axis over these values: 1, 2, 5 times each power of ten, each labelled in
+    full (Plotly's own labels the 2 and 5 as a bare "2" and "5": "2, 1, 5, 2, 0.1" read as nonsense). Over less
+    than one decade, {} (Plotly's own ticks, which are then plain numbers)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    if not v.size:
+        return {}
+    lo, hi = float(v.min()), float(v.max())
+    if hi / lo < 10:
+        return {}
+    vals = [m * 10.0 ** k for k in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+            for m in (1, 2, 5)]
+    vals = [t for t in vals if lo / 1.5 <= t <= hi * 1.5]
+    if len(vals) > 10:  # many decades: the powers of ten alone
+        vals = [t for t in vals if np.isclose(np.log10(t), round(np.log10(t)))]
+    return dict(tickvals=vals, ticktext=[f"{t:g}" for t in vals])
+
+
 def curves_figure(history: dict, steps_per_epoch: int, smoothing: float = 0.6, log_y: bool = False,
                   max_points: int = 300) -> dict:
     """2x2: reconstruction NLL, KL, ELBO (train per step, smoothed; test per epoch) and beta, against epochs. Mid-run
     changes are dashed vertical lines. log_y puts the NLL and KL panels on a log axis (the ELBO is negative)."""
     sc, ec = step_curves(history, smoothing, max_points), epoch_curves(history)
     x = _arr(sc["step"] / max(1, steps_per_epoch))
-    data = []
+    data, log_axes = [], {}
     panels = (("recon", "test_recon", "x", "y"), ("kl", "test_kl", "x2", "y2"), ("elbo", "test_elbo", "x3", "y3"))
     for i, (k, tk, xa, ya) in enumerate(panels):
         y, ty = sc[k], ec[tk]
         if log_y and k != "elbo":
             y, ty = np.maximum(y, LOG_FLOOR), np.maximum(ty, LOG_FLOOR)
+            log_axes[ya] = dict(type="log", **log_ticks(np.concatenate([np.ravel(y), np.ravel(ty)])))
         data.append(dict(type="scatter", x=x, y=_arr(y), mode="lines", name="train (per step, smoothed)",
                          line=dict(color=TRAIN_COLOR, width=1.5), legendgroup="train", showlegend=i == 0,
                          xaxis=xa, yaxis=ya))
@@ -112,12 +132,12 @@ def curves_figure(history: dict, steps_per_epoch: int, smoothing: float = 0.6, l
                          marker=dict(symbol="triangle-down", size=12, color=EVENT_COLOR), hovertext=marks_text,
                          hoverinfo="text", showlegend=False, xaxis="x4", yaxis="y4"))
     left, right, top_row, bottom_row = [0, 0.46], [0.54, 1], [0.57, 0.95], [0, 0.40]
-    ylog = dict(type="log") if log_y else {}
     layout = _layout(
         560, hovermode="x", uirevision="curves", shapes=shapes,
         legend=dict(orientation="h", x=0, y=1.09, font=dict(size=18 if presenting() else 12)),
-        xaxis=dict(domain=left, anchor="y"), yaxis=dict(domain=top_row, anchor="x", **ylog),
-        xaxis2=dict(domain=right, anchor="y2", matches="x"), yaxis2=dict(domain=top_row, anchor="x2", **ylog),
+        xaxis=dict(domain=left, anchor="y"), yaxis=dict(domain=top_row, anchor="x", **log_axes.get("y", {})),
+        xaxis2=dict(domain=right, anchor="y2", matches="x"),
+        yaxis2=dict(domain=top_row, anchor="x2", **log_axes.get("y2", {})),
         xaxis3=dict(domain=left, anchor="y3", matches="x", title=dict(text="epoch")),
         yaxis3=dict(domain=bottom_row, anchor="x3"),
         xaxis4=dict(domain=right, anchor="y4", matches="x", title=dict(text="epoch")),

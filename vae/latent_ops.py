@@ -198,6 +198,20 @@ def interpolate(z0, z1, n: int = 10, method: str = "linear") -> np.ndarray:
     return z.astype(np.float32)
 
 
+def interpolate_at(z0, z1, t: float, method: str = "linear") -> np.ndarray:
+    """The point at fraction t in [0, 1] of interpolate()'s path from z0 to z1: (d,), float32."""
+    t = float(t)
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"t={t!r} is not allowed: give a number from 0 (z0) to 1 (z1)")
+    if method == "linear":
+        z = lerp(z0, z1, [t])
+    elif method == "spherical":
+        z = slerp(z0, z1, [t])
+    else:
+        raise ValueError(f"method={method!r} is not known: choose linear or spherical")
+    return z[0].astype(np.float32)
+
+
 # ---- prior samples ----------------------------------------------------------------------------------------------
 def prior_latents(n: int, d: int, temperature: float = 1.0, seed: int = 0) -> np.ndarray:
     """n draws z ~ N(0, T^2 I), seeded: (n, d)."""

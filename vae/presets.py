@@ -17,9 +17,9 @@ from .data import DATASETS
 PRESETS: dict[str, dict] = {
     "fast demo": {
         "description": "A 2-layer MLP VAE on the bundled 8x8 digits: the reconstruction NLL falls, the KL rises, and "
-                       "the reconstructions and samples sharpen epoch by epoch. It sets slow motion to 0.01 s a step, so "
-                       "that the run takes about 15 s and the class can watch it; with slow motion off it takes "
-                       "a few seconds.",
+                       "the reconstructions and samples sharpen epoch by epoch. It sets slow motion to 0.01 s a "
+                       "step, so that the run takes about 15 s and the class can watch it; with slow motion off it "
+                       "takes a few seconds.",
         "delay_s": 0.01,
         "train": dict(dataset="digits", epochs=50, batch_size=64, lr=3e-3, beta=1.0, beta_schedule="constant",
                       free_bits=0.0, seed=0),
@@ -36,8 +36,8 @@ PRESETS: dict[str, dict] = {
     },
     "fix it with free bits": {
         "description": "The same β = 4, with free bits λ = 0.5 nats (Kingma et al. 2016): each dimension's "
-                       "batch-averaged KL below λ costs nothing, so the dimensions come back to life. Slow motion 0.02 s a "
-                       "step: about 10 s.",
+                       "batch-averaged KL below λ costs nothing, so the dimensions come back to life. Slow motion "
+                       "0.02 s a step: about 10 s.",
         "delay_s": 0.02,
         "train": dict(dataset="digits", epochs=30, batch_size=128, lr=2e-3, beta=4.0, beta_schedule="constant",
                       free_bits=0.5, seed=0),
