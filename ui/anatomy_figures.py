@@ -5,7 +5,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ui.core import style_fig
+from ui.core import presenting, style_fig
 from vae.anatomy import Anatomy, PosteriorPicture, ellipse
 
 BLUE, ORANGE, GREEN, RED, GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#7f7f7f"
@@ -49,18 +49,24 @@ def decomposition_fig(a: Anatomy, height: int = 440):
     pad = max(abs(a.gap), 3 * max(a.gap_se, a.elbo_se), 0.3)
     fig.update_yaxes(range=[bottom - 1.2 * pad, top + 0.8 * pad], row=1, col=2)
     fig.update_layout(showlegend=False, title="log p(x) = E_q[log p(x|z)] − KL(q‖p(z)) + gap  (nats)")
-    return style_fig(fig, height)
+    style_fig(fig, height)
+    # room between the figure's title and the panels' own titles (they touched, in presentation mode the most)
+    return fig.update_layout(margin=dict(t=110 if presenting() else 85), title=dict(y=0.98, yanchor="top"))
 
 
 def iwae_fig(a: Anatomy, draws=None, grid_log_px: float | None = None, height: int = 420):
-    """L_K against K on a log axis: one nested draw with its ±1 SE band, optionally the mean of several draws."""
+    """L_K against K on a log axis: one nested draw with its ±1 SE band and, given draws, the mean of several
+    draws, drawn boldest: the mean shows the bound rising with K, where one draw can start above log p(x) and fall,
+    which on a projector reads as the bound broken."""
     ks, curve, se = a.ks, a.iwae, np.nan_to_num(a.iwae_se, nan=0.0)
     fig = go.Figure()
+    faint = draws is not None
     fig.add_trace(go.Scatter(x=np.concatenate([ks, ks[::-1]]), y=np.concatenate([curve + se, (curve - se)[::-1]]),
-                             fill="toself", fillcolor="rgba(31,119,180,0.18)", line=dict(width=0),
-                             hoverinfo="skip", name="±1 SE (this draw)"))
-    fig.add_trace(go.Scatter(x=ks, y=curve, mode="lines+markers", line=dict(color=BLUE, width=3),
-                             marker=dict(size=5), name="L_K, one nested draw"))
+                             fill="toself", fillcolor=f"rgba(31,119,180,{0.10 if faint else 0.18})",
+                             line=dict(width=0), hoverinfo="skip", name="±1 SE (this draw)"))
+    fig.add_trace(go.Scatter(x=ks, y=curve, mode="lines+markers", line=dict(color=BLUE, width=1.5 if faint else 3),
+                             marker=dict(size=3 if faint else 5), opacity=0.7 if faint else 1.0,
+                             name="L_K, one nested draw" + (" (noisy)" if faint else "")))
     if draws is not None:
         dks, curves = draws
         mean = curves.mean(0)
@@ -68,9 +74,9 @@ def iwae_fig(a: Anatomy, draws=None, grid_log_px: float | None = None, height: i
         for c in curves:
             fig.add_trace(go.Scatter(x=dks, y=c, mode="lines", line=dict(color=GREY, width=1), opacity=0.5,
                                      showlegend=False, hoverinfo="skip"))
-        fig.add_trace(go.Scatter(x=dks, y=mean, mode="lines", line=dict(color=ORANGE, width=3),
-                                 error_y=dict(type="data", array=dse, visible=True, thickness=1),
-                                 name=f"mean of {curves.shape[0]} draws ±1 SE"))
+        fig.add_trace(go.Scatter(x=dks, y=mean, mode="lines+markers", line=dict(color=ORANGE, width=4),
+                                 marker=dict(size=6), error_y=dict(type="data", array=dse, visible=True, thickness=1),
+                                 name=f"L_K: mean of {curves.shape[0]} draws ±1 SE"))
     box = dict(annotation_bgcolor="rgba(255, 255, 255, 0.85)")  # readable where a label sits over the curves
     fig.add_hline(y=a.elbo, line=dict(color=GREEN, dash="dot"),
                   annotation_text=f"ELBO (S={a.samples}) {_n(a.elbo)}", annotation_position="bottom right", **box)
