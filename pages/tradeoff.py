@@ -3,7 +3,7 @@ registry, live training paths, and per-model details (reconstructions, samples, 
 split of the rate into I(x;z) and KL(q(z) ‖ p(z))), side by side for two models."""
 import streamlit as st
 
-from ui.core import check_range, current, get_dataset, load_selection, recon_and_samples, tile
+from ui.core import DEFAULT_MODEL, check_range, current, get_dataset, load_selection, recon_and_samples, tile
 from ui.tradeoff import (collect_points, details_rd, group_in_url, group_jobs, group_progress, kl_bars_figure,
                          plane_extent, plane_figure, split_figure, state_line, stop_group, submit_group)
 from vae.jobs import ACTIVE
@@ -16,6 +16,17 @@ POLL_S = 1.5
 st.title("Trade-off: rate against distortion")
 
 points, problems = collect_points()
+# Model A follows the sidebar's model when that is on the plane: on a first visit (unless the URL names an A, or the
+# sidebar shows the app's default model: A is then the sweep's β = 1), and whenever the sidebar's pick changes
+side = current().ref
+side_point = next((p for p in points if p.ref == side), None)
+first_visit = "_rd_side" not in st.session_state
+side_changed = not first_visit and st.session_state["_rd_side"] != side
+st.session_state["_rd_side"] = side
+if side_point is not None and (side_changed or (first_visit and side != DEFAULT_MODEL and "rd_a" not in st.query_params
+                                                 and "rd_a" not in st.session_state)):
+    st.session_state["rd_data"] = side_point.dataset
+    st.session_state["_pending_rd_a"] = side
 datasets = sorted({p.dataset for p in points}, key=lambda d: (d != "digits", d)) or ["digits"]
 if st.session_state.get("rd_data") not in datasets:
     st.session_state["rd_data"] = datasets[0]
@@ -50,7 +61,7 @@ def plane_section():
     a, b = by_ref.get(st.session_state.get("rd_a")), by_ref.get(st.session_state.get("rd_b"))
     highlight = {p.ref: tag for p, tag in ((a, "A"), (b, "B")) if p is not None}
     a_now = next((p for p in pts if a is not None and p.ref == a.ref), None)
-    paths = st.session_state.get("rd_paths", True)
+    paths = st.session_state.get("rd_paths", False)
     box, off = plane_extent(pts, paths, zoom=True, keep=highlight)
     far = [p for p, f in zip(pts, off) if f]
     zoom = bool(far) and st.session_state.get("rd_zoom", True)
@@ -94,7 +105,8 @@ with left:
     if not on_plane:
         st.info("No models on this data set yet: run a β sweep (right) or train one on the Train page.")
     st.fragment(plane_section, run_every=POLL_S if live else None)()
-    st.toggle("Show training paths of runs (R, D per epoch)", value=True, key="rd_paths")
+    st.toggle("Show training paths of runs (R, D per epoch)", value=False, key="rd_paths",
+              help="Each run's (R, D) at every epoch, as a line: how training moves a model across the plane")
     st.caption("Click a legend entry to hide or show its models (double-click one: only those).")
 
 with right:

@@ -238,3 +238,14 @@ def test_out_of_range_numbers_for_a_sweep_or_a_lab_are_named_and_start_nothing(r
     lab.button(key="lab_run").click().run()
     assert not lab.exception and registry.jobs() == []
     assert any("epochs per run = 2 is out of range: use a number from 5 to 300" in e.value for e in lab.error)
+
+
+def test_model_a_follows_the_sidebar_model_when_it_is_on_the_plane():
+    at = open_page("pages/tradeoff.py", model=SWEEP[4])
+    assert not at.exception
+    assert at.selectbox(key="rd_a").value == SWEEP[4]  # not the β = 1 default: the model the user picked
+    at.selectbox(key="model").set_value(SWEEP[1]).run()
+    assert not at.exception and at.selectbox(key="rd_a").value == SWEEP[1]
+    at.selectbox(key="rd_a").set_value(SWEEP[5]).run()  # chosen on the page: kept while the sidebar stays
+    at.run()
+    assert at.selectbox(key="rd_a").value == SWEEP[5]

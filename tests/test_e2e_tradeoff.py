@@ -58,6 +58,6 @@ def test_collapse_lab_collapsed_and_fixed_side_by_side(server, page):  # noqa: F
     units = [int(v) for v in re.findall(r"active units (\d+)/16", body)]
     assert len(units) == 2 and units[0] <= 1 and units[1] >= 8  # collapsed -> fixed
     assert "Traceback" not in body
-    assert page.locator(".js-plotly-plot").count() == 3  # active units + two heatmaps
+    assert page.locator(".js-plotly-plot").count() == 4  # active units, the heatmaps' colour scale, two heatmaps
     page.get_by_role("heading", name="Collapse lab").scroll_into_view_if_needed()
     screenshot(page, "collapse-lab")

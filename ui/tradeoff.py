@@ -266,7 +266,9 @@ def plane_figure(points: list[PlanePoint], highlight: dict[str, str] | None = No
     for elbo, ((r0, d0), (r1, d1)) in iso_elbo_lines(box):
         fig.add_trace(go.Scatter(x=[r0, r1], y=[d0, d1], mode="lines", line=dict(color="#bbb", width=1, dash="dot"),
                                  hoverinfo="skip", showlegend=False))
-        fig.add_annotation(x=r0, y=d0, text=f"ELBO {elbo:g}", showarrow=False, xanchor="left", yanchor="top",
+        near_right = r0 > box[0] + 0.8 * (box[1] - box[0])  # a label starting there was cut at the plane's edge
+        fig.add_annotation(x=r0, y=d0, text=f"ELBO {elbo:g}", showarrow=False,
+                           xanchor="right" if near_right else "left", yanchor="top",
                            font=dict(color="#888", size=16 if presenting() else 12), textangle=0)
     hull = frontier(xy)
     if len(hull) >= 2:
