@@ -90,6 +90,11 @@ def test_a_short_run_from_the_page_produces_metrics_and_saves(registry, tmp_path
     assert float(metrics["test ELBO (nats)"]) < 0 and metrics["active units"].endswith("/8")
     assert "epoch 3/3" in at.get("progress")[0].proto.text
     assert len(at.get("plotly_chart")) >= 2  # the curves and the collapse view
+    (tmp_path / "user").mkdir(exist_ok=True)
+    (tmp_path / "user" / f"{job.name}.pt").write_bytes(b"an earlier run of the same preset")
+    at.session_state["_save_for"] = None  # the Save panel fills its name in afresh
+    at.run()
+    assert at.text_input(key="save_name").value == f"{job.name}-2"  # not the name a saved checkpoint has
     at.text_input(key="save_name").set_value("from-apptest")
     at.button(key="btn_save").click().run()
     assert (tmp_path / "user" / "from-apptest.pt").is_file()

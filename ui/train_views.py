@@ -539,7 +539,10 @@ def save_panel(job: Job):
         st.caption("Nothing to save yet: the run has no weights before it starts.")
         return
     if st.session_state.get("_save_for") != job.id:
-        st.session_state["save_name"] = job.name
+        try:  # a name no saved checkpoint has yet: runs of one preset share a name ("digits-z8-b1")
+            st.session_state["save_name"] = core.free_name(core.validate_name(job.name))
+        except ValueError:
+            st.session_state["save_name"] = job.name
         st.session_state["save_overwrite"] = False  # ticked for one run's name: never carried over to the next
         st.session_state["_save_for"] = job.id
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
