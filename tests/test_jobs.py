@@ -207,6 +207,7 @@ def test_autosave_then_a_new_registry_restores_and_resumes(registries, tmp_path)
     reg = registries(autosave_dir=tmp_path, autosave_interval_s=0)  # every epoch, however short
     job = reg.submit(tc(epochs=4), mc(), name="survivor", start_paused=True)
     wait_until(lambda: job.trainer is not None, what="the trainer")
+    job.set_delay(0.002)  # a lecture's slow motion: it comes back with the run
     job.step_once(4)  # two epochs, each autosaved
     wait_until(lambda: job.snapshot().epoch == 2, what="2 epochs")
     reg.flush()
@@ -217,6 +218,7 @@ def test_autosave_then_a_new_registry_restores_and_resumes(registries, tmp_path)
     restarted = registries(autosave_dir=tmp_path)  # a new server process on the same folder
     back = restarted.get(job.id)
     assert back is not None and back.name == "survivor" and back.state == INTERRUPTED and back.has_weights
+    assert back.delay_s == 0.002
     snap = back.snapshot()
     assert snap.epoch == 2 and snap.step == 4
     assert snap.history["epoch"]["test_elbo"] == history_at_2["epoch"]["test_elbo"]

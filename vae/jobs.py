@@ -796,6 +796,7 @@ class JobRegistry:
             ck["history"] = state["history"]
             ck["job"] = {"id": job.id, "name": job.name, "group": job.group, "state": job.state,
                          "error": job.error, "created": job.created, "trainer_state": state,
+                         "delay_s": job.delay_s,  # a lecture's slow motion, kept across a server restart
                          "train_wall": dict(job.extra.get("train_wall") or {})}
         path = self.autosave_dir / f"{job.id}.pt"
 
@@ -830,6 +831,10 @@ class JobRegistry:
                 continue
             job.created = meta.get("created", p.stat().st_mtime)
             job.error = meta.get("error")
+            try:
+                job.delay_s = min(max(float(meta.get("delay_s", 0.0)), 0.0), 10.0)
+            except (TypeError, ValueError):
+                job.delay_s = 0.0
             state = meta.get("state")
             job.state = state if state in (FINISHED, STOPPED, FAILED) else INTERRUPTED
             self._jobs[job.id] = job
