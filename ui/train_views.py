@@ -26,7 +26,7 @@ from vae.config import ARCHS, DECODERS, LIKELIHOODS, SCHEDULES, TrainConfig, par
 from vae.data import DATASETS
 from vae.device import available_devices
 from vae.jobs import ACTIVE, FAILED, INTERRUPTED, PAUSED, QUEUED, RUNNING, Job
-from vae.metrics import detect_collapse, detect_instability, format_duration, history_csv
+from vae.metrics import CAPACITY_HINT, detect_collapse, detect_instability, format_duration, history_csv
 from vae.presets import PRESETS, model_config_for
 
 POLL_S = float(os.environ.get("VAE_POLL_S", "1.0"))  # how often the live status redraws while a run is active
@@ -87,6 +87,7 @@ def check_limits(values: dict, labels: dict | None = None) -> None:
 def _defaults() -> dict:
     t = TrainConfig()
     d = {k: getattr(t, f) for k, f in TRAIN_FIELDS.items()}
+    d["cfg_capacity_max"] = float(CAPACITY_HINT["digits"])  # the page's data set: 25 nats (the CLI's) is far too many
     d.update(cfg_arch="mlp", cfg_hidden="256,128", cfg_latent_dim=16, cfg_likelihood="auto",
              cfg_decoder="standard", cfg_sigma=0.1, cfg_device="auto", cfg_max_examples=0, cfg_name="")
     return d
@@ -250,7 +251,10 @@ def config_panel(locked: bool):
             c2.number_input("Rising fraction R", step=0.05, key="cfg_cycle_ratio", format="%.2f",
                             **keep)
         if "cfg_capacity_max" in shown:
-            c2.number_input("C_max (nats)", step=1.0, key="cfg_capacity_max", format="%.1f", **keep)
+            c2.number_input("C_max (nats)", step=1.0, key="cfg_capacity_max", format="%.1f",
+                            help="About the KL a good β = 1 model of the data carries: ~4 nats on digits, ~25 on "
+                                 "28×28 images (Burgess et al. 2018). A larger C forces more KL than the data needs "
+                                 "and lowers the ELBO", **keep)
         st.number_input("Free bits λ (nats per dimension)", step=0.1, key="cfg_free_bits",
                         format="%.2f", help="KL term = Σ_d max(λ, batch-mean KL_d) (Kingma et al. 2016); 0 = off",
                         **keep)
