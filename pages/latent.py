@@ -3,7 +3,7 @@ the aggregate posterior; select points to see their images and reconstructions; 
 import numpy as np
 import streamlit as st
 
-from ui.core import current, need_model, selection_data, tile
+from ui.core import current, nats2, need_model, selection_data, tile
 from ui.latent import (aggregate_figure, class_names, dim_info, dims_figure, encoded_split, follow_live_run,
                        points_figure, projected, scatter_figure, selected_rows, surgery, update_selection)
 from vae.latent_ops import decode_points
@@ -137,8 +137,8 @@ with agg:
         fit = ("A good fit matches the prior's curve." if proj.method == "strip" else
                "A good fit fills the prior's circles without holes.")
         st.caption(f"q(z) = (1/N) Σₙ q(z|xₙ), in the same plane. {fit} "
-                   f"ELBO surgery on {s['n']} examples: mean KL {s['mean_kl']:.2f} nats = "
-                   f"I(n; z) {s['mutual_info']:.2f} + KL(q(z) ‖ p(z)) {s['marginal_kl']:.2f} nats.")
+                   f"ELBO surgery on {s['n']} examples: mean KL {nats2(s['mean_kl'])} nats = "
+                   f"I(n; z) {nats2(s['mutual_info'])} + KL(q(z) ‖ p(z)) {nats2(s['marginal_kl'])} nats.")
     else:
         st.info("t-SNE is not a linear map, so the prior cannot be drawn in its plane: choose PCA or two raw "
                 "dimensions to compare the aggregate posterior with the prior.")

@@ -363,3 +363,7 @@ def test_decode_morph_slider_goes_from_one_test_image_to_the_other():
     no_exception(at)
     [mid] = images(at, "decoded at t = 0.00")
     assert mid.value[0] != before and at.slider(key="dec_morph_t").value == 0.0
+
+
+def test_kl_estimates_a_hair_below_zero_show_as_zero():
+    assert [ui.core.nats2(v) for v in (-0.001, 0.004, -0.3, 3.071)] == ["0.00", "0.00", "-0.30", "3.07"]

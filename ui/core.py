@@ -342,6 +342,12 @@ def check_range(label: str, value, lo, hi) -> None:
         raise ValueError(f"{label} = {num(value)} is out of range: use a number from {num(lo)} to {num(hi)}")
 
 
+def nats2(v: float) -> str:
+    """A KL-like estimate in nats with two decimals, never "-0.00": a Monte Carlo estimate of a quantity >= 0 that
+    comes out a hair below zero shows as 0.00 (one further below is shown as it is: the estimate's error)."""
+    return "0.00" if -0.005 < v < 0.005 else f"{v:.2f}"
+
+
 def clamped(label: str, value, lo, hi, where=st):
     """value brought into [lo, hi], with a one-line note under the box when it had to be: for the number boxes of
     an interactive view (no run to refuse), which take any number for the same reason as check_range's."""
