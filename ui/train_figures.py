@@ -99,8 +99,16 @@ def log_ticks(values) -> dict:
     return dict(tickvals=vals, ticktext=[f"{t:g}" for t in vals])
 
 
+def _weight_title(train_config: dict | None) -> str:
+    """The fourth panel's title: β, or for capacity annealing the γ of γ·|KL − C| (the history's "beta")."""
+    tc = train_config or {}
+    if tc.get("beta_schedule") == "capacity":
+        return f"γ: weight of |KL − C| (C ramps to {tc.get('capacity_max', 0):g} nats)"
+    return "β: weight of the KL term"
+
+
 def curves_figure(history: dict, steps_per_epoch: int, smoothing: float = 0.6, log_y: bool = False,
-                  max_points: int = 300) -> dict:
+                  max_points: int = 300, train_config: dict | None = None) -> dict:
     """2x2: reconstruction NLL, KL, ELBO (train per step, smoothed; test per epoch) and beta, against epochs. Mid-run
     changes are dashed vertical lines. log_y puts the NLL and KL panels on a log axis (the ELBO is negative)."""
     sc, ec = step_curves(history, smoothing, max_points), epoch_curves(history)
@@ -145,7 +153,7 @@ def curves_figure(history: dict, steps_per_epoch: int, smoothing: float = 0.6, l
         annotations=[_title("reconstruction NLL −E_q[log p_θ(x|z)] (nats)", 0.23, 0.955),
                      _title("KL(q_φ(z|x) ‖ p(z)) (nats)", 0.77, 0.955),
                      _title("ELBO (nats, higher is better)", 0.23, 0.405),
-                     _title("β: weight of the KL term", 0.77, 0.405)])
+                     _title(_weight_title(train_config), 0.77, 0.405)])
     return dict(data=data, layout=layout)
 
 

@@ -632,7 +632,8 @@ def _live_charts(job_id: str, polling: bool):
         st.warning(unstable, icon=":material/trending_up:")
     log_y, smooth = st.session_state.get("curves_log", False), st.session_state.get("curves_smooth", 0.6)
     cfg = LIVE_CHART_CONFIG if polling else CHART_CONFIG
-    st.plotly_chart(curves_figure(h, snap.steps_per_epoch, smooth, log_y), key="fig_curves", config=cfg)
+    st.plotly_chart(curves_figure(h, snap.steps_per_epoch, smooth, log_y, train_config=snap.train_config),
+                    key="fig_curves", config=cfg)
     st.caption("Train: per step (one batch, one z sample), smoothed. Test: per epoch on the test split. Dashed lines "
                "mark changes made while the run went on. All in nats per example."
                + (f" Charts redraw every {CHART_POLL_S:g} s while the run goes on." if polling else ""))
@@ -685,7 +686,9 @@ def _status(snap):
                      "Paused, stopped or finished: the last epoch's rate of training steps alone (no pauses, no "
                      "test evaluation)")
     m[1].metric("ETA", format_duration(snap.eta_s) if snap.state == RUNNING else "–")
-    m[2].metric("test ELBO (nats)", f"{h['test_elbo'][-1]:.2f}" if h["test_elbo"] else "–")
+    m[2].metric("test ELBO (nats)", f"{h['test_elbo'][-1]:.2f}" if h["test_elbo"] else "–",
+                help="Negative for a Bernoulli decoder (a probability). A Gaussian decoder's log p(x|z) is a "
+                     "density, which can exceed 1, so its ELBO can be positive")
     m[3].metric("test KL (nats)", f"{h['test_kl'][-1]:.2f}" if h["test_kl"] else "–")
     m[4].metric("active units", f"{h['active_units'][-1]}/{len(h['test_kl_per_dim'][-1])}"
                 if h["active_units"] else "–")
