@@ -175,7 +175,7 @@ def test_decode_slider_changes_image_and_orders_by_kl(z16_stats):
     top = int(dims_by_kl(stats.kl)[0])
     sliders = [s for s in at.slider if s.key and s.key.startswith("dec_z_")]
     assert len(sliders) == 16
-    assert {s.key for s in sliders if "inactive: moving it changes nothing" in s.label} == \
+    assert {s.key for s in sliders if "inactive: barely moves the image" in s.label} == \
         {f"dec_z_{k}" for k in range(16) if not stats.active[k]}
     before = decoded_url(at)
     at.slider(key=f"dec_z_{top}").set_value(2.5).run()

@@ -29,7 +29,7 @@ def test_dims_by_kl_and_slider_layout():
     assert list(L.dims_by_kl(kl)) == [1, 3, 4, 0, 2]  # ties keep index order
     lay = L.slider_layout(kl, active=kl > 0.01, max_sliders=3)
     assert list(lay.shown) == [1, 3, 4] and list(lay.held) == [0, 2]
-    assert "inactive: moving it changes nothing" in lay.label(2)
+    assert "inactive: barely moves the image" in lay.label(2)
     assert lay.label(1).startswith("z2 · KL 2.00")
     assert len(L.slider_layout(np.zeros(20)).shown) == L.MAX_SLIDERS
     assert L.slider_layout(np.zeros(3), kl_known=False).label(1) == "z2"  # no KL to show

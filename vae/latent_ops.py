@@ -97,7 +97,7 @@ class SliderLayout:
 
     def label(self, dim: int) -> str:
         if not self.active[dim]:
-            return f"z{dim + 1} · inactive: moving it changes nothing"
+            return f"z{dim + 1} · inactive: barely moves the image"
         return f"z{dim + 1} · KL {self.kl[dim]:.2f} nats" if self.kl_known else f"z{dim + 1}"
 
 
