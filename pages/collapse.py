@@ -108,8 +108,8 @@ def results():
                              "then its reconstructions of these images (in two rows)")
     heats = [kl_heatmap(s.history) for s in snaps]
     if any(h.size for h in heats):  # one scale for every run's heatmap (0.001 to >= 1 nat), once, above them
-        st.plotly_chart(kl_scale_figure(1.0, height=90 if presenting() else 64), key="lab_scale",
-                        config={"displayModeBar": False})
+        strip = kl_scale_figure(1.0, height=100 if presenting() else 76)
+        st.columns([3, 2])[0].plotly_chart(strip, key="lab_scale", config={"displayModeBar": False})
     # one row where each run's panel gets ui.core's min width for stack_lab_runs, else wrapped onto more rows
     cols = st.container(key="stack_lab_runs").columns(len(snaps))
     for i, (col, s) in enumerate(zip(cols, snaps)):

@@ -196,8 +196,9 @@ else:
             m2.image(upscale(to_images(img, shape)[0], px), caption=f"decoded at t = {t:.2f}", output_format="PNG")
             m3.image(upscale(to_images(data.x[b:b + 1], shape)[0], px), caption=f"x{named(b)}", output_format="PNG")
 
-        morph()
     st.caption(f"‖z‖ along the path: {norms[0]:.2f} → min {norms.min():.2f} → {norms[-1]:.2f}.")
+    if not is_points:
+        morph()
 
 # ---- prior samples ------------------------------------------------------------------------------------------------
 st.subheader("Samples from the prior")

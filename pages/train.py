@@ -57,7 +57,7 @@ if state in (*ACTIVE, INTERRUPTED) and job.trainer is not None:
         tv.live_settings(job)
 if job is None:
     runs_box()
-    st.info("Pick a preset and press **Start**. “fast demo” trains in about 15 s at a lecture pace; “reproduce KL "
+    st.info("Pick a preset and press **Start**. “fast demo” trains in about 20 s at a lecture pace; “reproduce KL "
             "collapse” shows every latent dimension dying; the two “fix it” presets bring them back.")
     busy = [j for j in tv.registry().jobs() if j.state in ACTIVE]
     if busy:  # a new tab, or another session's runs: say they exist, and how to watch one

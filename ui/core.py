@@ -313,7 +313,7 @@ img { image-rendering: pixelated; image-rendering: crisp-edges; }
 .st-key-stack_rd > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] > [data-testid="stColumn"]
   { min-width: 17rem; }
 .st-key-stack_lab_runs > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] > [data-testid="stColumn"]
-  { min-width: 10rem; }
+  { min-width: 9rem; max-width: 18rem; }  /* a run wrapped onto a row of its own keeps a run's width */
 [class*="st-key-lab_title_"] { min-height: 3.3em; }  /* one- and two-line run names: the heatmaps below stay level */
 .st-key-stack_liveopts > [data-testid="stLayoutWrapper"] > [data-testid="stHorizontalBlock"] > [data-testid="stColumn"]
   { min-width: 9rem; }

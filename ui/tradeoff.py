@@ -392,7 +392,7 @@ def heatmap_figure(heat: np.ndarray, title: str, zmax: float = 1.0, height: int 
     if fixed_margins:
         # fixed margins all round (autoexpand off: tick labels of another width would otherwise shift one plot)
         big = presenting()  # its larger tick and axis fonts need more room
-        fig.update_layout(margin=dict(l=52 if big else 40, r=8, t=6 if not title else 50, b=62 if big else 44,
+        fig.update_layout(margin=dict(l=52 if big else 40, r=8, t=14 if not title else 50, b=62 if big else 44,
                                       autoexpand=False),
                           xaxis=dict(title=dict(text="epoch", standoff=2)))
     return fig
@@ -420,7 +420,9 @@ def kl_scale_figure(zmax: float = 1.0, height: int = 64) -> go.Figure:
     fig.update_layout(xaxis=dict(title="KL of a dimension (nats, log scale)", **ticks),
                       yaxis=dict(visible=False))
     style_fig(fig, height)
-    fig.update_layout(margin=dict(l=8, r=8, t=4, b=4))
+    big = presenting()
+    # below the strip: its tick labels and title; at the sides, room for the end labels (centred on the ends)
+    fig.update_layout(margin=dict(l=30, r=30, t=2, b=70 if big else 52))
     return fig
 
 

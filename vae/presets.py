@@ -18,7 +18,7 @@ PRESETS: dict[str, dict] = {
     "fast demo": {
         "description": "A 2-layer MLP VAE on the bundled 8x8 digits: the reconstruction NLL falls, the KL rises, and "
                        "the reconstructions and samples sharpen epoch by epoch. It sets slow motion to 0.01 s a "
-                       "step, so that the run takes about 15 s and the class can watch it; with slow motion off it "
+                       "step, so that the run takes about 20 s and the class can watch it; with slow motion off it "
                        "takes a few seconds.",
         "delay_s": 0.01,
         "train": dict(dataset="digits", epochs=50, batch_size=64, lr=3e-3, beta=1.0, beta_schedule="constant",
