@@ -383,10 +383,19 @@ def _on_pause_resume(want_pause: bool):
         job.resume()
 
 
+STEP_WAIT_S = 1.0  # Step waits this long at most for its batch, so that the page drawn next shows it
+
+
 def _on_step():
+    """One batch, then paused. Waits (briefly) until the step is done: the page then draws it at once, where the
+    charts would otherwise show it only at their next poll, seconds later, or not at all after a Reset."""
     job = current_job()
     if job is not None and (job.state in ACTIVE or job.state == INTERRUPTED):
+        before = job.snapshot(steps=False).step
         job.step_once()
+        deadline = time.monotonic() + STEP_WAIT_S
+        while job.snapshot(steps=False).step <= before and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 def _on_stop():
