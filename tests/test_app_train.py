@@ -426,6 +426,14 @@ def test_present_in_the_url_takes_the_usual_spellings(flag, on):
         assert at.query_params.get("present") in (None, "false", ["false"])
 
 
+def test_present_in_the_url_not_understood_says_so():
+    at = new_app_test()
+    at.query_params["present"] = "maybe"
+    at.run()
+    assert not at.exception and at.toggle(key="present").value is False
+    assert any("?present=maybe is not understood" in c.value for c in at.sidebar.caption)
+
+
 def test_overwrite_is_never_carried_over_to_the_next_runs_save_box(registry):
     first = registry.submit(TrainConfig(dataset="digits", epochs=1, batch_size=32, max_examples=64, device="cpu"),
                             model_config_for("digits", hidden=(16,), latent_dim=2), name="first")

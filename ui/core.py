@@ -459,6 +459,8 @@ def sidebar() -> Selection:
             st.rerun()
         st.toggle("Presentation mode", key="present", bind="query-params",
                   help="Larger type and less chrome for a projector; add ?present=true to a link")
+        if flag and flag not in (*PRESENT_ON, *PRESENT_OFF, "true", "false"):
+            st.caption(f"?present={flag[:20]} is not understood: use ?present=true (or 1, yes, on) or false")
         with st.expander("Upload a checkpoint"):
             _upload_box()
     st.html(BASE_CSS)
