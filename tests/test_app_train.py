@@ -140,6 +140,7 @@ def test_pause_drawn_before_another_tab_paused_does_not_resume(registry):
     paused (it used to toggle the run's real state and resume it)."""
     at = small_run(open_page(PAGE), epochs=5000)
     at.button(key="btn_start").click().run()
+    assert "Change" in expanded(at)  # "Change while running" from the first page drawn after Start
     job = registry.get(at.query_params["run"])
     wait_until(lambda: job.state == RUNNING, what="the run")
     at.run()
