@@ -343,7 +343,13 @@ def test_the_comparison_names_runs_and_checkpoints_as_the_picker_does(registry):
     fig = next(c for c in at.get("plotly_chart") if "fig_compare" in str(c.proto.id))
     names = {t.get("name") for t in json.loads(fig.proto.spec)["data"]}
     assert any(n and n.startswith("run: earlier-run") for n in names), names
+    assert "range" not in json.loads(fig.proto.spec)["layout"]["xaxis"]  # runs of one length: the axes fit all
     assert not at.exception
+    # a 200-epoch checkpoint beside this 2-epoch run: the axes end at the run's epochs, and the caption says so
+    at.multiselect(key="compare_runs").select("file:checkpoints/digits-z2.pt").run()
+    fig = next(c for c in at.get("plotly_chart") if "fig_compare" in str(c.proto.id))
+    assert json.loads(fig.proto.spec)["layout"]["xaxis"]["range"] == [0, 2.1]
+    assert any("longer histories go on past the right edge" in c.value for c in at.caption)
 
 
 def test_the_save_box_and_the_view_options_survive_a_visit_to_another_page(registry):

@@ -188,8 +188,9 @@ def collapse_figure(history: dict) -> dict:
     return dict(data=data, layout=layout)
 
 
-def compare_figure(runs: list[tuple[str, dict, bool]]) -> dict:
-    """Overlay of runs (label, history, is_current): test ELBO, test KL and active units per epoch."""
+def compare_figure(runs: list[tuple[str, dict, bool]], x_max: float | None = None) -> dict:
+    """Overlay of runs (label, history, is_current): test ELBO, test KL and active units per epoch. x_max: the
+    epoch axes end there (longer histories run off the right edge; double-click shows them whole)."""
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
     data = []
     for i, (label, hist, current) in enumerate(runs):
@@ -205,7 +206,8 @@ def compare_figure(runs: list[tuple[str, dict, bool]]) -> dict:
                                   zip(("test ELBO (nats)", "test KL (nats)", "active units"), doms)])
     for c, dom in enumerate(doms, start=1):
         sfx = "" if c == 1 else str(c)
-        layout[f"xaxis{sfx}"] = dict(domain=dom, anchor=f"y{sfx}", title=dict(text="epoch"))
+        layout[f"xaxis{sfx}"] = dict(domain=dom, anchor=f"y{sfx}", title=dict(text="epoch"),
+                                     **({"range": [0, x_max]} if x_max else {}))
         layout[f"yaxis{sfx}"] = dict(domain=[0, 0.92], anchor=f"x{sfx}")
     return dict(data=data, layout=layout)
 

@@ -772,11 +772,20 @@ def _compare(job: Job, history: dict):
         return
     runs = [(f"this run: {job.name}", history, True)]
     labels = _compare_options(job)
+    spans = [job.train_config.epochs]  # this run's planned epochs, and the other runs' (not the checkpoints')
     for ref in picked:
         hist = _history_of(ref)
         if hist:  # the legend says what the picker said (a run's name, not only its id)
             runs.append((labels.get(ref, ref.split(":", 1)[1].rsplit("/", 1)[-1]), hist, False))
-    st.plotly_chart(compare_figure(runs), key="fig_compare", config=CHART_CONFIG)
+            if ref.startswith("run:"):
+                spans.append(len(hist["epoch"]["epoch"]))
+    # the axes fit those: a 200-epoch checkpoint beside a 20-epoch run squeezed the run into the left tenth
+    longest = max(len(h["epoch"]["epoch"]) for _, h, _ in runs)
+    x_max = max(spans) * 1.05 if longest > 2 * max(spans) else None
+    st.plotly_chart(compare_figure(runs, x_max), key="fig_compare", config=CHART_CONFIG)
+    if x_max:
+        st.caption(f"The epoch axes end at this run's {job.train_config.epochs} epochs; longer histories go on "
+                   "past the right edge (double-click a chart to see them whole).")
 
 
 def _history_of(ref: str) -> dict | None:
