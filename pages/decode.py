@@ -186,7 +186,7 @@ else:
         @st.fragment
         def morph():
             """One slider from one image's code to the other's: only this part reruns as it moves."""
-            t = float(st.slider(f"Morph: t from {named(a)} (0) to {named(b)} (1)", 0.0, 1.0, 0.5, step=0.05,
+            t = float(st.slider(f"Morph t: 0 = {named(a)}, 1 = {named(b)}", 0.0, 1.0, 0.5, step=0.05,
                                 key="dec_morph_t", bind="query-params",
                                 help="z = the point at t on the path above; the middle image is p_θ's decoding of it"))
             img = decode_points(model, interpolate_at(codes.mu[a], codes.mu[b], t, method)[None])

@@ -206,9 +206,10 @@ st.latex(r"\begin{aligned}\mathcal L_K &= \mathbb{E}\left[\log \frac1K \sum_{k=1
          r"{q_\phi(z_k\mid x)}\right], \quad z_k \sim q_\phi(z\mid x) \\ \text{ELBO} = \mathcal L_1 &\le "
          r"\mathcal L_K \le \mathcal L_{K+1} \le \log p_\theta(x)\end{aligned}")
 st.plotly_chart(iwae_fig(a, draws, grid_lp), width="stretch", key="elbo_iwae")
-st.caption(("The orange line is L_K averaged over independent draws: on average" if draws is not None else
-            "On average over draws (tick the mean above to see it)") +
-           f" L_K never decreases with K (Burda et al. 2015). The blue line is one nested draw: L_K from the first K of the same {k} weights, so "
+st.caption(("The orange line is L_K averaged over independent draws (grey). In expectation" if draws is not None
+            else "In expectation over draws (tick the mean above to see it)") +
+           f" L_K never decreases with K (Burda et al. 2015); a mean of a few draws still wiggles within its "
+           f"error bars. The blue line is one nested draw: L_K from the first K of the same {k} weights, so "
            f"its last point is the IS estimate of log p(x); the band is its ±1 delta-method standard error. One "
            f"draw can wiggle, and even start above log p(x) and fall. The dashed log p(x) is itself an estimate "
            f"with its own error: a curve that ends a little above it, within the bands, is Monte Carlo noise, not a "

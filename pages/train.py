@@ -26,7 +26,8 @@ tv.show_messages()
 # on screen, its live view comes right under the controls (on a 1280x800 projector the charts were below the fold)
 # and the panels for the next run, saving and the run list go under it. What to act on now stays on top: the
 # settings of a running job, the Save panel of one that has ended.
-fresh = job is None or tv._is_fresh(job)
+# (a prepared run once stepped is being watched: its live view goes on top as for any run)
+fresh = job is None or (tv._is_fresh(job) and job.snapshot(steps=False).step == 0)
 ended = job is not None and state not in ACTIVE
 
 
@@ -57,8 +58,8 @@ if state in (*ACTIVE, INTERRUPTED):  # from the first page drawn after Start, be
         tv.live_settings(job)
 if job is None:
     runs_box()
-    st.info("Pick a preset and press **Start**. “fast demo” trains in about 20 s at a lecture pace; “reproduce KL "
-            "collapse” shows every latent dimension dying; the two “fix it” presets bring them back.")
+    st.info("Pick a preset and press **Start**. “fast demo” trains in about 20 s at a lecture pace; “reproduce "
+            "KL collapse” shows every latent dimension dying; the two “fix it” presets bring them back.")
     busy = [j for j in tv.registry().jobs() if j.state in ACTIVE]
     if busy:  # a new tab, or another session's runs: say they exist, and how to watch one
         st.caption(f"{len(busy)} run(s) already on this server ({', '.join(j.name for j in busy[:3])}"

@@ -356,7 +356,7 @@ def test_decode_morph_slider_goes_from_one_test_image_to_the_other():
     at = open_page("pages/decode.py", model=Z16)
     no_exception(at)
     morph = at.slider(key="dec_morph_t")
-    assert morph.value == 0.5 and "(a 4) (0)" in morph.label and "(a 9) (1)" in morph.label  # digits' #: a 4 to a 9
+    assert morph.value == 0.5 and "0 = #9 (a 4)" in morph.label and "1 = #24 (a 9)" in morph.label  # a 4 to a 9
     [mid] = images(at, "decoded at t = 0.50")  # between x_a and x_b
     before = mid.value[0]
     morph.set_value(0.0).run()

@@ -500,3 +500,17 @@ def test_log_axis_ticks_are_labelled_in_full():
     fig = curves_figure(h, steps_per_epoch=3, smoothing=0.0, log_y=True)
     assert fig["layout"]["yaxis"]["type"] == "log" and "tickvals" not in fig["layout"]["yaxis"]
     assert fig["layout"]["yaxis2"]["ticktext"][:3] == ["0.01", "0.02", "0.05"]
+
+
+def test_the_collapse_banner_is_one_line_with_the_remedies_in_a_popover(registry):
+    cfg = TrainConfig(dataset="digits", epochs=8, batch_size=64, max_examples=256, beta=4.0, lr=2e-3, device="cpu")
+    job = registry.submit(cfg, model_config_for("digits", hidden=(64,), latent_dim=8))
+    assert job.join(120)
+    at = open_page(PAGE)
+    at.query_params["run"] = job.id
+    at.run()
+    assert not at.exception
+    [banner] = [e.value for e in at.error if "KL collapse detected" in e.value]
+    assert "Try" not in banner and "free bits" not in banner  # the remedies are not in the banner's text
+    remedies = " ".join(m.value for m in at.markdown)
+    assert "free bits" in remedies and "~4 nats here" in remedies  # in the popover, digits' capacity hint

@@ -71,9 +71,9 @@ def iwae_fig(a: Anatomy, draws=None, grid_log_px: float | None = None, height: i
         dks, curves = draws
         mean = curves.mean(0)
         dse = curves.std(0, ddof=1) / np.sqrt(curves.shape[0]) if curves.shape[0] > 1 else np.zeros_like(mean)
-        for c in curves:
+        for j, c in enumerate(curves):
             fig.add_trace(go.Scatter(x=dks, y=c, mode="lines", line=dict(color=GREY, width=1), opacity=0.5,
-                                     showlegend=False, hoverinfo="skip"))
+                                     name="each draw", legendgroup="draws", showlegend=j == 0, hoverinfo="skip"))
         fig.add_trace(go.Scatter(x=dks, y=mean, mode="lines+markers", line=dict(color=ORANGE, width=4),
                                  marker=dict(size=6), error_y=dict(type="data", array=dse, visible=True, thickness=1),
                                  name=f"L_K: mean of {curves.shape[0]} draws ±1 SE"))
@@ -91,7 +91,7 @@ def iwae_fig(a: Anatomy, draws=None, grid_log_px: float | None = None, height: i
     lo, hi = min(lines), max(lines)
     span = max(hi - lo, 0.2)
     fig.update_yaxes(range=[lo - 0.25 * span, hi + 0.25 * span])
-    fig.update_layout(title="The IWAE bound L_K rises, on average, from the ELBO (K = 1) towards log p(x)",
+    fig.update_layout(title="L_K rises on average from the ELBO (K = 1) to log p(x)",
                       xaxis=dict(type="log", title="K (importance samples)"), yaxis_title="nats",
                       legend=dict(orientation="h", y=-0.25))
     return style_fig(fig, height)

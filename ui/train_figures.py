@@ -120,13 +120,13 @@ def curves_figure(history: dict, steps_per_epoch: int, smoothing: float = 0.6, l
         if log_y and k != "elbo":
             y, ty = np.maximum(y, LOG_FLOOR), np.maximum(ty, LOG_FLOOR)
             log_axes[ya] = dict(type="log", **log_ticks(np.concatenate([np.ravel(y), np.ravel(ty)])))
-        data.append(dict(type="scatter", x=x, y=_arr(y), mode="lines", name="train (per step, smoothed)",
+        data.append(dict(type="scatter", x=x, y=_arr(y), mode=_epoch_mode(len(x)), name="train (per step, smoothed)",
                          line=dict(color=TRAIN_COLOR, width=1.5), legendgroup="train", showlegend=i == 0,
                          xaxis=xa, yaxis=ya))
         data.append(dict(type="scatter", x=_arr(ec["epoch"]), y=_arr(ty), mode=_epoch_mode(len(ec["epoch"])),
                          name="test (per epoch)", line=dict(color=TEST_COLOR, width=2), marker=dict(size=5),
                          legendgroup="test", showlegend=i == 0, xaxis=xa, yaxis=ya))
-    data.append(dict(type="scatter", x=x, y=_arr(sc["beta"]), mode="lines", name="β", showlegend=False,
+    data.append(dict(type="scatter", x=x, y=_arr(sc["beta"]), mode=_epoch_mode(len(x)), name="β", showlegend=False,
                      line=dict(color=BETA_COLOR, width=2), xaxis="x4", yaxis="y4"))
     shapes, marks_x, marks_text = [], [], []
     for e in history.get("events", []):

@@ -623,9 +623,11 @@ def _live_status(job_id: str, polling: bool, drawn: str | None = None):
                     "Queued: the curves appear once the run starts.")
         return
     status = detect_collapse(h, train_config=snap.train_config, model_config=snap.model_config)
-    if status.collapsed:
-        st.error(f"**KL collapse detected.** {status.reason}.  \nTry: " + "; ".join(status.remedies) + ".",
-                 icon=":material/warning:")
+    if status.collapsed:  # one line: the remedies in a popover (listed in full, they pushed the curves off screen)
+        banner, tips = st.columns([5, 1], vertical_alignment="center")
+        banner.error(f"**KL collapse detected.** {status.reason}.", icon=":material/warning:")
+        with tips.popover("What to try", icon=":material/healing:", width="stretch"):
+            st.markdown("\n".join(f"- {r}" for r in status.remedies))
 
 
 def _live_charts(job_id: str, polling: bool):
