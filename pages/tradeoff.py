@@ -168,7 +168,10 @@ for msg in problems[:3]:
 st.subheader("Inspect and compare")
 refs = list(by_ref)
 c1, c2 = st.columns(2)
-c1.selectbox("Model A", refs or [NONE], format_func=_label, key="rd_a", bind="query-params")
+c1.selectbox("Model A", refs or [NONE], format_func=_label, key="rd_a", bind="query-params",
+             help="The model the dashed β line goes through. It starts at the shipped sweep's β = 1 model, or at the "
+                  "sidebar's model when you picked one that is on the plane, and follows the sidebar; a click on a "
+                  "point makes that model A")
 c2.selectbox("Compare with model B", [NONE, *refs], format_func=lambda r: NONE if r == NONE else _label(r),
              key="rd_b", bind="query-params")
 chosen = [r for r in (st.session_state.get("rd_a"), st.session_state.get("rd_b")) if r in by_ref]

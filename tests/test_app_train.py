@@ -514,3 +514,14 @@ def test_the_collapse_banner_is_one_line_with_the_remedies_in_a_popover(registry
     assert "Try" not in banner and "free bits" not in banner  # the remedies are not in the banner's text
     remedies = " ".join(m.value for m in at.markdown)
     assert "free bits" in remedies and "~4 nats here" in remedies  # in the popover, digits' capacity hint
+
+
+def test_c_max_follows_the_dataset_until_the_user_sets_it(registry):
+    at = open_page(PAGE)
+    at.selectbox(key="cfg_beta_schedule").set_value("capacity").run()
+    assert at.number_input(key="cfg_capacity_max").value == 4.0  # digits: about the KL a good model carries
+    at.selectbox(key="cfg_dataset").set_value("mnist").run()
+    assert at.number_input(key="cfg_capacity_max").value == 25.0
+    at.number_input(key="cfg_capacity_max").set_value(12.0).run()
+    at.selectbox(key="cfg_dataset").set_value("digits").run()
+    assert at.number_input(key="cfg_capacity_max").value == 12.0  # typed: kept

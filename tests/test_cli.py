@@ -109,6 +109,13 @@ def test_argparse_errors_are_one_line_and_exit_2(capsys, argv, says):
     assert len(err.strip().splitlines()) == 1 and err.startswith("error:") and says in err and "--help" in err
 
 
+def test_list_of_a_missing_folder_is_an_error(tmp_path, capsys):
+    from vae.cli import main
+
+    assert main(["list", str(tmp_path / "nope")]) == 2
+    assert f"{tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
+
+
 def test_out_is_checked_before_training_and_never_replaced_unasked(tmp_path, capsys):
     from vae.cli import main
 

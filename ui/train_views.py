@@ -109,6 +109,7 @@ def apply_preset(name: str):
     # its pace: at full speed a preset run ends before the charts' first redraw, too fast to watch in a lecture.
     # The config panel is locked while a run is active, so this never changes a running job's slider.
     st.session_state["train_delay"] = p.get("delay_s", 0.0)
+    st.session_state["_cfg_dataset_was"] = values["cfg_dataset"]
 
 
 def init_options():
@@ -117,6 +118,15 @@ def init_options():
     if "cfg_dataset" not in st.session_state:
         apply_preset("fast demo")
         st.session_state["train_preset"] = "fast demo"
+
+
+def _on_dataset():
+    """C_max follows the data set while it holds the previous one's suggestion (a value the user typed stays)."""
+    s = st.session_state
+    new, old = s.get("cfg_dataset"), s.get("_cfg_dataset_was", "digits")
+    if s.get("cfg_capacity_max") == float(CAPACITY_HINT.get(old, 25)):
+        s["cfg_capacity_max"] = float(CAPACITY_HINT.get(new, 25))
+    s["_cfg_dataset_was"] = new
 
 
 def _on_preset():
@@ -214,7 +224,8 @@ def config_panel(locked: bool):
     with data_col:
         st.markdown("**Data and model**")
         c1, c2 = st.columns(2)
-        c1.selectbox("Dataset", list(DATASETS), key="cfg_dataset", help="digits works offline; MNIST-style sets "
+        c1.selectbox("Dataset", list(DATASETS), key="cfg_dataset", on_change=_on_dataset,
+                     help="digits works offline; MNIST-style sets "
                      "need their files (or a network)", **keep)
         c2.number_input("Examples (0 = all)", step=100, key="cfg_max_examples",
                         help="Train on only the first N training examples (0: all of them): quicker runs", **keep)

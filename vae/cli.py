@@ -157,6 +157,10 @@ def cmd_evaluate(args) -> dict:
 def cmd_list(args) -> dict:
     from .checkpoint import list_checkpoints
 
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder" + (" (it is a file: `python -m vae evaluate` reads one)"
+                                                         if folder.is_file() else ""))
     rows = []
     for s in list_checkpoints(args.folder):
         rows.append({"name": s.name, "path": s.path, "dataset": s.dataset, "error": s.error,
