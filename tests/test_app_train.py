@@ -525,3 +525,15 @@ def test_c_max_follows_the_dataset_until_the_user_sets_it(registry):
     at.number_input(key="cfg_capacity_max").set_value(12.0).run()
     at.selectbox(key="cfg_dataset").set_value("digits").run()
     assert at.number_input(key="cfg_capacity_max").value == 12.0  # typed: kept
+
+
+def test_an_edited_preset_says_so_and_can_be_applied_again(registry):
+    at = open_page(PAGE)
+    assert any("It sets slow motion to 0.01 s" in c.value for c in at.caption)  # fast demo's description
+    at.number_input(key="cfg_epochs").set_value(20).run()
+    at.select_slider(key="train_delay").set_value(0.0).run()
+    [note] = [c.value for c in at.caption if "Edited since “fast demo” was applied" in c.value]
+    assert "Epochs" in note and "Slow motion" in note
+    at.button(key="btn_reapply").click().run()
+    assert at.number_input(key="cfg_epochs").value == 50 and at.select_slider(key="train_delay").value == 0.01
+    assert any("It sets slow motion to 0.01 s" in c.value for c in at.caption)

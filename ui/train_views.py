@@ -93,8 +93,8 @@ def _defaults() -> dict:
     return d
 
 
-def apply_preset(name: str):
-    """Fill the configuration widgets with a preset (unset options go back to their defaults)."""
+def preset_values(name: str) -> dict:
+    """widget key -> value for a preset (unset options at their defaults), its pace included."""
     p = PRESETS[name]
     values = _defaults()
     for k, f in TRAIN_FIELDS.items():
@@ -104,12 +104,36 @@ def apply_preset(name: str):
         if f in p["model"]:
             values[k] = p["model"][f]
     values["cfg_hidden"] = ",".join(str(h) for h in p["model"].get("hidden", (256, 128)))
-    for k, v in values.items():
-        st.session_state[k] = float(v) if isinstance(v, float) else v
+    values = {k: float(v) if isinstance(v, float) else v for k, v in values.items()}
     # its pace: at full speed a preset run ends before the charts' first redraw, too fast to watch in a lecture.
     # The config panel is locked while a run is active, so this never changes a running job's slider.
-    st.session_state["train_delay"] = p.get("delay_s", 0.0)
+    values["train_delay"] = p.get("delay_s", 0.0)
+    return values
+
+
+def apply_preset(name: str):
+    """Fill the configuration widgets (and the slow-motion slider) with a preset."""
+    values = preset_values(name)
+    for k, v in values.items():
+        st.session_state[k] = v
     st.session_state["_cfg_dataset_was"] = values["cfg_dataset"]
+
+
+def preset_edits(name: str) -> list[str]:
+    """The options (as the page labels them) that no longer hold the preset's values."""
+    s, labels = st.session_state, {**{k: v[0] for k, v in LIMITS.items()}, **OPTION_LABELS,
+                                   "train_delay": "Slow motion", "cfg_binarize": "Binarize", "cfg_device": "Device",
+                                   "cfg_name": "Run name", "cfg_beta_schedule": "β schedule"}
+    shown, _ = shown_numbers(s)
+    hidden = set(LIMITS) - shown
+    return [labels.get(k, k) for k, v in preset_values(name).items()
+            if k not in hidden and k in s and s[k] != v and not (isinstance(v, float) and s[k] == v)]
+
+
+def _on_reapply():
+    name = st.session_state.get("train_preset")
+    if name in PRESETS:
+        apply_preset(name)
 
 
 def init_options():
@@ -215,8 +239,15 @@ def config_panel(locked: bool):
     c1.selectbox("Preset", list(PRESETS), key="train_preset", on_change=_on_preset, index=None,
                  placeholder="choose a preset…", help="Fills in the options below; edit them freely afterwards",
                  **keep)
-    if st.session_state.get("train_preset") in PRESETS:
-        c2.caption(PRESETS[st.session_state["train_preset"]]["description"])
+    name = st.session_state.get("train_preset")
+    if name in PRESETS:
+        edits = [] if locked else preset_edits(name)
+        if edits:  # the description would no longer be true of these options
+            d1, d2 = c2.columns([3, 1], vertical_alignment="center")
+            d1.caption(f"Edited since “{name}” was applied: {', '.join(edits[:4])}{' …' if len(edits) > 4 else ''}.")
+            d2.button("Apply it again", key="btn_reapply", on_click=_on_reapply, icon=":material/undo:")
+        else:
+            c2.caption(PRESETS[name]["description"])
     if locked:
         st.caption("These options shape the *next* run (Start or Reset); use **Change while running** for the "
                    "current one.")
