@@ -244,7 +244,8 @@ def config_panel(locked: bool):
         edits = [] if locked else preset_edits(name)
         if edits:  # the description would no longer be true of these options
             d1, d2 = c2.columns([3, 1], vertical_alignment="center")
-            d1.caption(f"Edited since “{name}” was applied: {', '.join(edits[:4])}{' …' if len(edits) > 4 else ''}.")
+            more = " …" if len(edits) > 4 else ""
+            d1.caption(f"Edited since “{name}” was applied: {', '.join(edits[:4])}{more}.")
             d2.button("Apply it again", key="btn_reapply", on_click=_on_reapply, icon=":material/undo:")
         else:
             c2.caption(PRESETS[name]["description"])
