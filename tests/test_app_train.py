@@ -512,8 +512,10 @@ def test_the_collapse_banner_is_one_line_with_the_remedies_in_a_popover(registry
     assert not at.exception
     [banner] = [e.value for e in at.error if "KL collapse detected" in e.value]
     assert "Try" not in banner and "free bits" not in banner  # the remedies are not in the banner's text
+    assert "Since epoch" in banner and "total KL now" in banner and "decoder ignores z" not in banner
     remedies = " ".join(m.value for m in at.markdown)
     assert "free bits" in remedies and "~4 nats here" in remedies  # in the popover, digits' capacity hint
+    assert "Here q_φ(z|x) ≈ p(z) for every x, so the decoder ignores z." in remedies
 
 
 def test_c_max_follows_the_dataset_until_the_user_sets_it(registry):

@@ -667,9 +667,12 @@ def _live_status(job_id: str, polling: bool, drawn: str | None = None):
         return
     status = detect_collapse(h, train_config=snap.train_config, model_config=snap.model_config)
     if status.collapsed:  # one line: the remedies in a popover (listed in full, they pushed the curves off screen)
+        what, _, why = status.reason.partition("; ")  # the facts on the banner, what they mean in the popover
         banner, tips = st.columns([5, 1], vertical_alignment="center")
-        banner.error(f"**KL collapse detected.** {status.reason}.", icon=":material/warning:")
+        banner.error(f"**KL collapse detected.** {what}.", icon=":material/warning:")
         with tips.popover("What to try", icon=":material/healing:", width="stretch"):
+            if why:  # "q_φ(z|x) ≈ p(z) for every x, ...": not capitalised (q_φ is not Q_φ)
+                st.markdown(f"Here {why}.")
             st.markdown("\n".join(f"- {r}" for r in status.remedies))
 
 
