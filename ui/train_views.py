@@ -623,17 +623,17 @@ def save_panel(job: Job):
 
 # ---- the live view ---------------------------------------------------------------------------------------------------
 def live_view(job: Job, state: str | None = None):
-    """The curve options and the comparison picker (widgets: outside the polled parts, so a redraw does not rebuild
-    them), then two fragments that poll the job while it is active, each redrawing only itself: the status (state,
-    progress, ETA, samples/s, figures, collapse banner) every POLL_S, the charts and image grids every CHART_POLL_S
-    (a browser redraw of the charts costs far more CPU than the numbers; on a small machine that CPU is taken from
-    the training thread). Static once the run has ended."""
+    """Fragments that poll the job while it is active, each redrawing only itself: the status (state, progress,
+    ETA, samples/s, figures, collapse banner) every POLL_S; the curves, then (under the curve options and the
+    comparison picker, widgets outside the polled parts so that a redraw does not rebuild them) the KL heatmap,
+    image grids and comparison, every CHART_POLL_S (a browser redraw of the charts costs far more CPU than the
+    numbers; on a small machine that CPU is taken from the training thread). Static once the run has ended."""
     # as the rest of the page saw it: if the run has ended since, the status fragment's first poll sees it and
     # redraws the whole page (with the state read then), so no part of the page is left showing the old state
     active = (state or job.state) in ACTIVE
     st.fragment(run_every=POLL_S if active else None)(_live_status)(job.id, active, state or job.state)
     st.fragment(run_every=CHART_POLL_S if active else None)(_live_charts)(job.id, active)
-    # under the charts (they read these from the session state): above them, the row pushed the curves below the
+    # under the curves (they read these from the session state): above them, the row pushed the curves below the
     # fold of a 1280x800 projector
     c1, c2, c3 = st.container(key="stack_liveopts").columns([1, 1.4, 3.2], vertical_alignment="bottom")
     c1.toggle("log scale", key="curves_log", help="NLL and KL on a log axis", persist_state="session")
@@ -643,6 +643,7 @@ def live_view(job: Job, state: str | None = None):
     c3.multiselect("Compare with earlier runs and checkpoints", list(options), key="compare_runs",
                    format_func=lambda r: options.get(r, r), placeholder="overlay other runs…",
                    help="Test ELBO, KL and active units per epoch of this run and the ones picked")
+    st.fragment(run_every=CHART_POLL_S if active else None)(_live_panels)(job.id, active)
 
 
 def _live_status(job_id: str, polling: bool, drawn: str | None = None):
@@ -694,6 +695,19 @@ def _live_charts(job_id: str, polling: bool):
     st.caption("Train: per step (one batch, one z sample), smoothed. Test: per epoch on the test split. Dashed lines "
                "mark changes made while the run went on. All in nats per example."
                + (f" Charts redraw every {CHART_POLL_S:g} s while the run goes on." if polling else ""))
+
+
+def _live_panels(job_id: str, polling: bool):
+    """The per-dimension KL heatmap with the active units, the image grids and the comparison: under the curves'
+    options (their own fragment, so that the options sit right under the curves they change)."""
+    job = registry().get(job_id)
+    if job is None:
+        return
+    snap = job.snapshot(steps=False)  # epochs, images and weights: not the per-step curves
+    h = snap.history
+    if snap.step == 0:
+        return
+    cfg = LIVE_CHART_CONFIG if polling else CHART_CONFIG
     left, right = st.container(key="stack_live").columns([1.3, 1])  # stacked when narrow (ui.core's CSS)
     with left:
         if not h["epoch"]["epoch"]:
