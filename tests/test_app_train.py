@@ -100,6 +100,8 @@ def test_a_short_run_from_the_page_produces_metrics_and_saves(registry, tmp_path
     assert (tmp_path / "user" / "from-apptest.pt").is_file()
     assert any("Saved from-apptest.pt" in s.value for s in at.success)
     assert any(f"in {tmp_path / 'user'}:" in s.value for s in at.success)  # the folder it went to, named
+    at.button(key="btn_save").click().run()  # the same weights again: said, not refused as an existing name
+    assert any("Already saved as from-apptest.pt" in i.value for i in at.info) and not at.error
     at.text_input(key="save_name").set_value("../escape").run()
     at.button(key="btn_save").click().run()
     assert any("not allowed" in e.value for e in at.error) and not (tmp_path / "escape.pt").exists()

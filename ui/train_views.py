@@ -576,11 +576,18 @@ def _metrics_csv(job_id: str) -> str:
 def _on_save(job_id: str):
     job = registry().get(job_id)
     name = st.session_state.get("save_name", "")
+    version = job.snapshot(steps=False).weights_version
+    saved = st.session_state.setdefault("_saved_as", {})  # run id -> (name, weights version) saved in this session
+    same = saved.get(job_id) == (name.strip().removesuffix(".pt"), version)
+    if same and (core.USER_DIR / f"{saved[job_id][0]}.pt").exists():
+        _msg("info", f"Already saved as {saved[job_id][0]}.pt: the weights have not changed since")
+        return
     try:
         path = save_user_checkpoint(name, job.checkpoint(), overwrite=st.session_state.get("save_overwrite", False))
     except ValueError as exc:
         _msg("error", f"Not saved: {exc}")
         return
+    saved[job_id] = (path.stem, version)
     _msg("success", f"Saved {path.name} in {_shown_dir(path.parent)}: pick “saved: {path.stem}” in the sidebar on "
          "any page")
 
@@ -594,11 +601,16 @@ def save_panel(job: Job):
     if not job.has_weights:
         st.caption("Nothing to save yet: the run has no weights before it starts.")
         return
+    saved = st.session_state.get("_saved_as", {}).get(job.id)
     if st.session_state.get("_save_for") != job.id:
-        try:  # a name no saved checkpoint has yet: runs of one preset share a name ("digits-z8-b1")
-            st.session_state["save_name"] = core.free_name(core.validate_name(job.name))
-        except ValueError:
-            st.session_state["save_name"] = job.name
+        if saved:  # saved before in this session: that name again (Save then says so; newer weights need
+            # "overwrite" or another name)
+            st.session_state["save_name"] = saved[0]
+        else:
+            try:  # a name no saved checkpoint has yet: runs of one preset share a name ("digits-z8-b1")
+                st.session_state["save_name"] = core.free_name(core.validate_name(job.name))
+            except ValueError:
+                st.session_state["save_name"] = job.name
         st.session_state["save_overwrite"] = False  # ticked for one run's name: never carried over to the next
         st.session_state["_save_for"] = job.id
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
