@@ -643,7 +643,8 @@ def live_view(job: Job, state: str | None = None):
     # as the rest of the page saw it: if the run has ended since, the status fragment's first poll sees it and
     # redraws the whole page (with the state read then), so no part of the page is left showing the old state
     active = (state or job.state) in ACTIVE
-    st.fragment(run_every=POLL_S if active else None)(_live_status)(job.id, active, state or job.state)
+    st.fragment(run_every=POLL_S if active else None)(_live_status)(job.id, active,
+                                                                    (state or job.state, job.pause_requested))
     st.fragment(run_every=CHART_POLL_S if active else None)(_live_charts)(job.id, active)
     # under the curves (they read these from the session state): above them, the row pushed the curves below the
     # fold of a 1280x800 projector
@@ -658,8 +659,8 @@ def live_view(job: Job, state: str | None = None):
     st.fragment(run_every=CHART_POLL_S if active else None)(_live_panels)(job.id, active)
 
 
-def _live_status(job_id: str, polling: bool, drawn: str | None = None):
-    """drawn: the state the rest of the page was drawn with."""
+def _live_status(job_id: str, polling: bool, drawn: tuple | None = None):
+    """drawn: (state, pause asked for) as the rest of the page was drawn with them."""
     job = registry().get(job_id)
     if job is None:
         st.warning(f"run {job_id!r} is no longer on this server")
@@ -667,8 +668,9 @@ def _live_status(job_id: str, polling: bool, drawn: str | None = None):
     snap = job.snapshot(steps=False)  # the per-epoch history is all the status needs
     if polling and not snap.active:
         st.rerun()  # the run ended: redraw the whole page once (controls, run list, charts), then stop polling
-    if polling and drawn in (RUNNING, PAUSED) and snap.state in (RUNNING, PAUSED) and snap.state != drawn:
-        st.rerun()  # paused or resumed from another tab: the buttons and the run list follow
+    now = (snap.state, job.pause_requested)
+    if polling and drawn is not None and {drawn[0], now[0]} <= {RUNNING, PAUSED, QUEUED} and now != drawn:
+        st.rerun()  # paused, resumed or started (from the queue) meanwhile, maybe from another tab: the buttons follow
     _status(snap)
     h = snap.history
     if snap.step == 0:
