@@ -6,12 +6,13 @@ import streamlit as st
 from ui.core import current, nats2, need_model, selection_data, tile
 from ui.latent import (aggregate_figure, class_names, dim_info, dims_figure, encoded_split, follow_live_run,
                        points_figure, projected, scatter_figure, selected_rows, surgery, update_selection)
-from vae.latent_ops import decode_points
+from vae.latent_ops import decode_points, decode_rows, encode_rows
 from vae.projection import TSNE_MAX_POINTS, available_methods
 
 METHOD_LABELS = {"identity": "none (2-D latent)", "strip": "1-D latent: strip plot",
                  "pca": "PCA (first two components)", "dims": "two raw dimensions", "tsne": "t-SNE"}
 MAX_SHOWN = 48  # selected examples drawn as images
+MAX_SEL_URL = 2000  # characters of ?sel= at most: a larger selection is not put in the URL
 
 sel = current()
 st.title("Latent space")
@@ -75,8 +76,22 @@ else:
 data_id = (codes.dataset, codes.split, len(codes.mu))
 store = st.session_state.get("latent_selection")
 if not store or store.get("data") != data_id:
-    store = st.session_state["latent_selection"] = {"data": data_id, "rows": [], "event": []}
+    # a link's selection (?sel=3,17-20) on a first visit; another split or model starts empty
+    rows = decode_rows(st.query_params.get("sel", ""), len(codes.mu)) if not store else []
+    store = st.session_state["latent_selection"] = {"data": data_id, "rows": rows, "event": []}
 update_selection(store, selected_rows(st.session_state.get("latent_scatter")))
+
+
+def keep_in_url(rows):
+    """The selection in the URL, so that a reload or a shared link shows it (a huge one is left out)."""
+    text = encode_rows(rows)
+    if text and len(text) <= MAX_SEL_URL:
+        st.query_params["sel"] = text
+    elif "sel" in st.query_params:
+        del st.query_params["sel"]
+
+
+keep_in_url(store["rows"])
 
 # ---- the scatter, and what the selection shows -----------------------------------------------------------------
 is_points = tuple(cfg.image_shape) == (2,)
@@ -96,6 +111,7 @@ with left:
                  "their images; double-click empties the chart's selection.")
     st.caption(" ".join(notes))
 if update_selection(store, selected_rows(event)):  # a selection this run's chart made: redraw with rings
+    keep_in_url(store["rows"])
     st.rerun()
 
 with right:
@@ -125,6 +141,7 @@ with right:
                 caption="reconstructions E[x | z=μ(x)]", width="stretch")
     if rows and st.button("Clear selection", key="latent_clear"):
         store["rows"] = []
+        keep_in_url([])
         st.rerun()
 
 # ---- the aggregate posterior and the prior; the dimensions ---------------------------------------------------

@@ -141,8 +141,22 @@ def test_latent_selection_is_kept_and_shows_images():
     at.selectbox(key="latent_method").set_value("tsne").run()  # a rerun with another projection keeps it
     assert at.session_state["latent_selection"]["rows"] == [3, 5, 8]
     assert any("3 selected" in m.value for m in at.markdown)
+    assert at.query_params["sel"] in ("3,5,8", ["3,5,8"])  # in the URL: a reload or a link shows it
     at.button(key="latent_clear").click().run()
-    assert at.session_state["latent_selection"]["rows"] == []
+    assert at.session_state["latent_selection"]["rows"] == [] and "sel" not in at.query_params
+
+
+def test_a_link_with_a_selection_opens_with_it():
+    from apptest_support import new_app_test
+
+    at = new_app_test()
+    at.query_params["model"] = Z2
+    at.query_params["sel"] = "3,5-7,99999"  # the last row is past the split's end: dropped
+    at.run()
+    at.switch_page("pages/latent.py").run()
+    no_exception(at)
+    assert at.session_state["latent_selection"]["rows"] == [3, 5, 6, 7]
+    assert any("4 selected" in m.value for m in at.markdown)
 
 
 def test_moons_data_space_beside_latent_space():

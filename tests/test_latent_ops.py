@@ -180,3 +180,13 @@ def test_interpolate_at_is_a_point_of_the_path(method):
     assert interpolate_at(z0, z1, 0.5, method).dtype == np.float32
     with pytest.raises(ValueError, match="t=1.5"):
         interpolate_at(z0, z1, 1.5, method)
+
+
+def test_rows_round_trip_through_compact_url_text():
+    from vae.latent_ops import decode_rows, encode_rows
+
+    rows = [25, 3, 17, 18, 19, 20, 20]
+    assert encode_rows(rows) == "3,17-20,25" and decode_rows("3,17-20,25", 100) == [3, 17, 18, 19, 20, 25]
+    assert encode_rows([]) == "" and decode_rows("", 10) == []
+    assert decode_rows("5,8-12,99", 10) == [5, 8, 9]  # rows past the split's end are dropped
+    assert all(decode_rows(bad, 10) == [] for bad in ("x", "3,,a", "9-2", "1-99999999"))  # a bad link: no rows

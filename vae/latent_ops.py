@@ -212,6 +212,37 @@ def interpolate_at(z0, z1, t: float, method: str = "linear") -> np.ndarray:
     return z[0].astype(np.float32)
 
 
+# ---- a selection of rows in a URL ---------------------------------------------------------------------------------
+def encode_rows(rows) -> str:
+    """Sorted row indices as compact text for a URL: [3, 17, 18, 19, 20, 25] -> "3,17-20,25"."""
+    out, rows = [], sorted({int(r) for r in rows})
+    i = 0
+    while i < len(rows):
+        j = i
+        while j + 1 < len(rows) and rows[j + 1] == rows[j] + 1:
+            j += 1
+        out.append(str(rows[i]) if i == j else f"{rows[i]}-{rows[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def decode_rows(text: str, n: int) -> list[int]:
+    """The inverse of encode_rows, keeping only rows in [0, n); anything that is not such text gives []."""
+    rows: set[int] = set()
+    try:
+        for part in str(text or "").split(","):
+            if not part:
+                continue
+            lo, _, hi = part.partition("-")
+            a, b = int(lo), int(hi) if hi else int(lo)
+            if b < a or b - a > n:
+                return []
+            rows.update(range(max(a, 0), min(b, n - 1) + 1))
+    except ValueError:
+        return []
+    return sorted(rows)
+
+
 # ---- prior samples ----------------------------------------------------------------------------------------------
 def prior_latents(n: int, d: int, temperature: float = 1.0, seed: int = 0) -> np.ndarray:
     """n draws z ~ N(0, T^2 I), seeded: (n, d)."""
