@@ -82,16 +82,14 @@ if not store or store.get("data") != data_id:
 update_selection(store, selected_rows(st.session_state.get("latent_scatter")))
 
 
-def keep_in_url(rows):
-    """The selection in the URL, so that a reload or a shared link shows it (a huge one is left out)."""
-    text = encode_rows(rows)
-    if text and len(text) <= MAX_SEL_URL:
-        st.query_params["sel"] = text
-    elif "sel" in st.query_params:
-        del st.query_params["sel"]
-
-
-keep_in_url(store["rows"])
+# the selection in the URL, so that a reload or a shared link shows it (a huge one is left out); every change reruns
+# the page, so keeping it here, once a run, is enough
+sel_text = encode_rows(store["rows"])
+if sel_text and len(sel_text) <= MAX_SEL_URL:
+    if st.query_params.get("sel") != sel_text:
+        st.query_params["sel"] = sel_text
+elif "sel" in st.query_params:
+    del st.query_params["sel"]
 
 # ---- the scatter, and what the selection shows -----------------------------------------------------------------
 is_points = tuple(cfg.image_shape) == (2,)
@@ -111,7 +109,6 @@ with left:
                  "their images; double-click empties the chart's selection.")
     st.caption(" ".join(notes))
 if update_selection(store, selected_rows(event)):  # a selection this run's chart made: redraw with rings
-    keep_in_url(store["rows"])
     st.rerun()
 
 with right:
@@ -141,7 +138,6 @@ with right:
                 caption="reconstructions E[x | z=μ(x)]", width="stretch")
     if rows and st.button("Clear selection", key="latent_clear"):
         store["rows"] = []
-        keep_in_url([])
         st.rerun()
 
 # ---- the aggregate posterior and the prior; the dimensions ---------------------------------------------------

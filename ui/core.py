@@ -247,28 +247,41 @@ def free_name(name: str) -> str:
 def accept_upload(filename: str, data: bytes) -> tuple[Path, str | None]:
     """Validate an uploaded checkpoint (weights_only) in a temp file; only a good one is kept in checkpoints/user.
     Nothing saved is ever replaced: a file of the same name and other content is kept under the next free name
-    (name-2, ...). Returns (path, a note saying so, or None)."""
+    (name-2, ...). The file is kept as uploaded (its bytes), so the same file uploaded again is recognised and not
+    kept twice. Returns (path, a note saying so, or None)."""
     import tempfile
 
     name = upload_name(filename)
     USER_DIR.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(suffix=".pt", dir=USER_DIR, delete=False) as f:
+    with tempfile.NamedTemporaryFile(prefix=".upload-", suffix=".tmp", dir=USER_DIR, delete=False) as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
         tmp = Path(f.name)
     try:
-        ckpt = read_checkpoint(tmp)
-        model_from_checkpoint(ckpt, filename)
-    except CheckpointError as exc:
-        raise CheckpointError(str(exc).replace(str(tmp), filename)) from None
+        try:
+            ckpt = read_checkpoint(tmp)
+            model_from_checkpoint(ckpt, filename)
+        except CheckpointError as exc:
+            raise CheckpointError(str(exc).replace(str(tmp), filename)) from None
+        same = USER_DIR / f"{name}.pt"
+        if same.is_file() and same.read_bytes() == data:
+            return same, None  # the very same file again
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as save_checkpoint's files (mkstemp makes 0600)
+        while True:
+            kept = free_name(name)
+            try:  # a link fails if the name was taken meanwhile (a rename would replace that file)
+                os.link(tmp, USER_DIR / f"{kept}.pt")
+                break
+            except FileExistsError:
+                continue
     finally:
         tmp.unlink(missing_ok=True)
-    same = USER_DIR / f"{name}.pt"
-    if same.exists() and same.read_bytes() == data:
-        return same, None  # the very same file again
-    kept = free_name(name)
     note = (f"a different checkpoint named {name!r} was already saved; this one is kept as {kept!r}"
             if kept != name else None)
-    return save_user_checkpoint(kept, ckpt), note
+    return USER_DIR / f"{kept}.pt", note
 
 
 # ---- presentation mode -------------------------------------------------------------------------------------------

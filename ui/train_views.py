@@ -53,7 +53,9 @@ TRAIN_FIELDS = {"cfg_dataset": "dataset", "cfg_epochs": "epochs", "cfg_batch_siz
 MODEL_FIELDS = {"cfg_arch": "arch", "cfg_latent_dim": "latent_dim", "cfg_likelihood": "likelihood",
                 "cfg_decoder": "decoder", "cfg_sigma": "sigma"}
 OPTION_LABELS = {"cfg_hidden": "Hidden sizes", "cfg_dataset": "Dataset", "cfg_arch": "Architecture",
-                 "cfg_likelihood": "Likelihood", "cfg_decoder": "Decoder", "cfg_beta_schedule": "β schedule"}
+                 "cfg_likelihood": "Likelihood", "cfg_decoder": "Decoder", "cfg_beta_schedule": "β schedule",
+                 "cfg_binarize": "Binarize", "cfg_device": "Device", "cfg_name": "Run name",
+                 "train_delay": "Slow motion"}
 # widget key -> (label, lowest, highest) of the number options. The widgets take any number and these are checked on
 # the server: a browser refuses a value outside a widget's own min/max with only a small red mark and keeps sending
 # the old value, so Start would run on numbers the user no longer sees. Here a bad value gets a one-line message
@@ -121,13 +123,9 @@ def apply_preset(name: str):
 
 def preset_edits(name: str) -> list[str]:
     """The options (as the page labels them) that no longer hold the preset's values."""
-    s, labels = st.session_state, {**{k: v[0] for k, v in LIMITS.items()}, **OPTION_LABELS,
-                                   "train_delay": "Slow motion", "cfg_binarize": "Binarize", "cfg_device": "Device",
-                                   "cfg_name": "Run name", "cfg_beta_schedule": "β schedule"}
-    shown, _ = shown_numbers(s)
-    hidden = set(LIMITS) - shown
-    return [labels.get(k, k) for k, v in preset_values(name).items()
-            if k not in hidden and k in s and s[k] != v and not (isinstance(v, float) and s[k] == v)]
+    s, labels = st.session_state, {**{k: v[0] for k, v in LIMITS.items()}, **OPTION_LABELS}
+    hidden = set(LIMITS) - shown_numbers(s)[0]  # an option not on screen has no effect on the run
+    return [labels.get(k, k) for k, v in preset_values(name).items() if k not in hidden and k in s and s[k] != v]
 
 
 def _on_reapply():
