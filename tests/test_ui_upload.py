@@ -68,3 +68,15 @@ def test_a_bad_upload_says_so_and_writes_nothing(user_dir, data):
     with pytest.raises(CheckpointError):
         ui.core.accept_upload("keep.pt", data)  # a bad file under a saved name leaves the saved one as it was
     assert sorted(p.name for p in user_dir.iterdir()) == ["keep.pt"] and (user_dir / "keep.pt").read_bytes() == kept
+
+
+def test_the_upload_note_shows_once_in_the_sidebar_outside_its_expander():
+    from apptest_support import new_app_test
+
+    at = new_app_test()
+    at.session_state["_upload_note"] = "a different checkpoint named 'x' was already saved; this one is kept as 'x-2'"
+    at.run()
+    assert [i.value for i in at.sidebar.info if "kept as 'x-2'" in i.value]
+    assert not [i for e in at.sidebar.expander for i in e.info]  # not inside the (closed) upload expander
+    at.run()
+    assert not [i.value for i in at.sidebar.info if "kept as" in i.value]  # said once

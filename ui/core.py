@@ -476,6 +476,9 @@ def sidebar() -> Selection:
             st.caption(f"?present={flag[:20]} is not understood: use ?present=true (or 1, yes, on) or false")
         with st.expander("Upload a checkpoint"):
             _upload_box()
+        note = st.session_state.pop("_upload_note", None)
+        if note:  # outside the expander: the rerun after an upload draws the sidebar with it closed
+            st.info(note)
     st.html(BASE_CSS)
     if presenting():
         st.html(PRESENT_CSS)
@@ -491,8 +494,6 @@ def _upload_box():
         return
     token = (up.name, up.size)
     if st.session_state.get("_upload_done") == token:
-        if st.session_state.get("_upload_note"):
-            st.info(st.session_state["_upload_note"])
         return
     try:
         path, note = accept_upload(up.name, up.getvalue())
