@@ -15,11 +15,13 @@ and, batch-averaged, loss = recon + beta * R with R = sum_d max(lambda, KL_d) (f
 """
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
 from torch import nn
 
+from . import native
 from .model import LOG_2PI, LOGVAR_MAX, LOGVAR_MIN, VAE
 
 EXP_FLOOR = 40.0  # log(1 + exp(-t)) for t >= 40 is 0 in float32 and float64 (exp(-40) = 4e-18 < 2^-53)
@@ -53,9 +55,13 @@ def _linears(seq: nn.Module) -> list[nn.Linear]:
 
 
 class FusedStep:
-    """forward_backward(x, ...) -> (3,) tensor [loss, recon, kl] of the batch, with every parameter's .grad set."""
+    """forward_backward(x, ...) -> (3,) tensor [loss, recon, kl] of the batch, with every parameter's .grad set;
+    terms(x, ...) the same as three floats.
 
-    def __init__(self, model: VAE):
+    native=True: where vae.native's C library is built and covers the batch (float32 on the CPU, a Bernoulli or
+    fixed-sigma Gaussian decoder), it computes the step in one call; elsewhere the torch code below does."""
+
+    def __init__(self, model: VAE, native: bool = True):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(reason)
@@ -73,7 +79,60 @@ class FusedStep:
         if {id(p) for p in written} != {id(p) for p in model.parameters()}:
             raise ValueError("the model has parameters the fused step does not compute gradients for")
         self.ref = written[0]  # dtype and device of the buffers
+        self.layers = layers
         self._bufs: dict = {}
+        self._native = _Native(self) if native and _Native.model_covered(model) else None
+        self.chunked_steps = 0  # steps taken by native_steps
+
+    @property
+    def native(self) -> bool:
+        """Whether the C library is ready for this model (a batch must also be float32 on the CPU to use it)."""
+        return self._native is not None and self._native.ready()
+
+    def terms(self, x: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0, capacity: float | None = None,
+              generator: torch.Generator | None = None, adam: AdamStep | None = None,
+              rows: torch.Tensor | None = None) -> tuple[list[float], bool]:
+        """([loss, recon, kl] of the batch as floats, whether Adam's step was taken), with every parameter's .grad
+        set. rows: the batch is x[rows] (gathered in the C step, or with index_select). adam: take that
+        optimizer's step in the same call where the C library can (vae.native; Adam applied layer by layer while
+        the gradients are in cache); when it cannot, the caller still has to."""
+        nat = self._native
+        if nat is not None and nat.covers(x) and (rows is None or (rows.dtype == torch.int64 and rows.is_contiguous()
+                                                                     and rows.device.type == "cpu")):
+            state = adam.native_state(nat.params) if adam is not None else None
+            vals = nat.run(x, beta, free_bits, capacity, generator, state, rows)
+            if state is not None:
+                adam.direct_steps += 1
+            return vals, state is not None
+        if rows is not None:
+            x = torch.index_select(x, 0, rows, out=self._buf("batch", rows.shape[0], x.shape[1]))
+        return self._forward_backward(x, beta, free_bits, capacity, generator).tolist(), False
+
+    def native_steps(self, x: torch.Tensor, rows: torch.Tensor, batch: int, betas: list[float], free_bits: float,
+                     capacities: list[float] | None, generator: torch.Generator | None,
+                     adam: AdamStep) -> list[list[float]] | None:
+        """len(betas) training steps (forward, backward and Adam's step) in one call into the C library: step i
+        takes the batch x[rows[i batch:(i + 1) batch]], beta betas[i] and capacity capacities[i]. Returns each
+        step's [loss, recon, kl], ending with the first whose loss is not finite if one is; or None where the C
+        library cannot take these steps (the caller takes them one by one then). The reparameterisation's draws
+        come from generator in the order single steps would draw them."""
+        nat, k = self._native, len(betas)
+        if (nat is None or k < 1 or not nat.covers(x) or rows.dtype != torch.int64 or not rows.is_contiguous()
+                or rows.device.type != "cpu" or rows.shape[0] != k * batch):
+            return None
+        state = adam.native_state(nat.params)
+        if state is None:
+            return None
+        out = nat.run_steps(x, rows, batch, betas, free_bits, capacities, generator, state)
+        adam.direct_steps += len(out)
+        self.chunked_steps += len(out)
+        return out
+
+    def forward_backward(self, x: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0,
+                         capacity: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self._native is not None and self._native.covers(x):
+            return torch.tensor(self._native.run(x, beta, free_bits, capacity, generator), dtype=x.dtype)
+        return self._forward_backward(x, beta, free_bits, capacity, generator)
 
     def _buf(self, name: str, *shape, fill: float | None = None) -> torch.Tensor:
         """A buffer kept between steps, made anew for a new shape, dtype or device (filled with `fill` then)."""
@@ -111,8 +170,8 @@ class FusedStep:
                 torch.addmm(ga, gy, layer.weight, beta=0, alpha=scale, out=ga)
 
     @torch.no_grad()
-    def forward_backward(self, x: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0,
-                         capacity: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def _forward_backward(self, x: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0,
+                          capacity: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         model, cfg = self.model, self.model.config
         B, d = x.shape[0], self.d
         # ---- forward, keeping each layer's output ------------------------------------------------------------
@@ -208,6 +267,122 @@ class FusedStep:
         return torch.stack([loss, recon, kl])
 
 
+class _Native:
+    """FusedStep's computation as one call into vae.native's C library (vae/native/fused_mlp.c)."""
+
+    LIKELIHOODS = {"bernoulli": 0, "gaussian": 1}
+
+    @classmethod
+    def model_covered(cls, model: VAE) -> bool:
+        c = model.config
+        return (c.likelihood in cls.LIKELIHOODS and 1 <= len(c.hidden) and 2 * len(c.hidden) + 2 <= native.MAX_LAYERS
+                and c.latent_dim <= native.MAX_LATENT)
+
+    def __init__(self, step: FusedStep):
+        self.step = step
+        self.params = [p for layer in step.layers for p in (layer.weight, layer.bias)]
+        c = step.model.config
+        net = self.net = native.Net()
+        net.n_layers, net.n_enc, net.d, net.D = len(step.layers), len(step.enc), c.latent_dim, c.input_dim
+        net.likelihood = self.LIKELIHOODS[c.likelihood]
+        net.inv_var = c.sigma ** -2 if c.likelihood == "gaussian" else 1.0
+        net.recon_const = c.input_dim * (math.log(c.sigma) + 0.5 * LOG_2PI) if c.likelihood == "gaussian" else 0.0
+        net.logvar_min, net.logvar_max = LOGVAR_MIN, LOGVAR_MAX
+        for i, layer in enumerate(step.layers):
+            net.inp[i], net.out[i] = layer.in_features, layer.out_features
+        self.net_ref = ctypes.byref(net)
+        self.terms_out = (ctypes.c_double * 3)()
+        self._ptrs: tuple = ()
+        self._grads: list = []
+        self._ws: torch.Tensor | None = None
+        self._ws_batch = 0
+        self._eps: torch.Tensor | None = None
+        self._eps_steps: torch.Tensor | None = None
+
+    def ready(self) -> bool:
+        return native.library() is not None
+
+    def covers(self, x: torch.Tensor) -> bool:
+        ref = self.step.ref
+        return (x.dtype == torch.float32 and ref.dtype == torch.float32 and x.device.type == "cpu"
+                and ref.device.type == "cpu" and x.is_contiguous() and x.dim() == 2 and x.shape[0] >= 1
+                and native.library() is not None)
+
+    def _bind(self):
+        """Point the C struct at the parameters and their .grad (again when either has moved: a new tensor set
+        in place of the old, .to(), a grad set to None)."""
+        grads = self._grads
+        if not grads or any(p.grad is not g for p, g in zip(self.params, grads)):  # a new .grad tensor, or None
+            grads = self._grads = [self.step._grad(p) for p in self.params]
+        ptrs = (*map(torch.Tensor.data_ptr, self.params), *map(torch.Tensor.data_ptr, grads))
+        if ptrs != self._ptrs:
+            if not all(p.is_contiguous() for p in self.params):
+                raise ValueError("the fused step needs contiguous parameters")
+            net, n = self.net, len(self.params)
+            for i in range(n // 2):
+                net.W[i], net.b[i] = ptrs[2 * i], ptrs[2 * i + 1]
+                net.gW[i], net.gb[i] = ptrs[n + 2 * i], ptrs[n + 2 * i + 1]
+            self._ptrs = ptrs
+
+    @torch.no_grad()
+    def run(self, x, beta, free_bits, capacity, generator, adam_state=None, rows=None) -> list[float]:
+        lib = native.library()
+        B, d = (x.shape[0] if rows is None else rows.shape[0]), self.net.d
+        if x.shape[1] != self.net.D:
+            raise ValueError(f"a batch of {x.shape[1]} values an example; the model takes {self.net.D}")
+        if B < 1:
+            raise ValueError("an empty batch")
+        self._bind()
+        if self._ws is None or B > self._ws_batch:
+            self._ws = torch.empty(lib.vae_workspace_floats(self.net_ref, B), dtype=torch.float32)
+            self._ws_batch = B
+            self._eps = torch.empty(B, d)
+        eps = torch.randn((B, d), generator=generator, out=self._eps[:B])  # VAE.reparameterize's draw
+        self.net.threads = torch.get_num_threads()
+        rc = lib.vae_fb(self.net_ref, x.data_ptr(), None if rows is None else rows.data_ptr(), x.shape[0],
+                        eps.data_ptr(), B, self._ws.data_ptr(), beta, free_bits, capacity is not None,
+                        0.0 if capacity is None else capacity, self.terms_out,
+                        None if adam_state is None else ctypes.addressof(adam_state))
+        if rc == -2:
+            raise IndexError(f"a row index out of range for {x.shape[0]} examples")
+        if rc != 0:
+            raise RuntimeError("the native fused step refused this model")
+        return self.terms_out[:]
+
+
+    @torch.no_grad()
+    def run_steps(self, x, rows, B, betas, free_bits, capacities, generator, adam_state) -> list[list[float]]:
+        lib, d, k = native.library(), self.net.d, len(betas)
+        if x.shape[1] != self.net.D:
+            raise ValueError(f"a batch of {x.shape[1]} values an example; the model takes {self.net.D}")
+        self._bind()
+        if self._ws is None or B > self._ws_batch:
+            self._ws = torch.empty(lib.vae_workspace_floats(self.net_ref, B), dtype=torch.float32)
+            self._ws_batch = B
+            self._eps = torch.empty(B, d)
+        if self._eps_steps is None or self._eps_steps.numel() < k * B * d:
+            self._eps_steps = torch.empty(k * B * d)
+        eps = self._eps_steps[:k * B * d].view(k * B, d)
+        if (B * d) % 16 == 0:  # torch fills normals 16 at a time: one draw of k batches = k draws of one
+            torch.randn((k * B, d), generator=generator, out=eps)
+        else:
+            for i in range(k):
+                torch.randn((B, d), generator=generator, out=eps[i * B:(i + 1) * B])
+        self.net.threads = torch.get_num_threads()
+        dbl = ctypes.c_double * k
+        terms = (ctypes.c_double * (3 * k))()
+        caps = dbl(*capacities) if capacities is not None else None
+        n = lib.vae_fb_steps(self.net_ref, x.data_ptr(), rows.data_ptr(), x.shape[0], eps.data_ptr(), B, k,
+                             self._ws.data_ptr(), dbl(*betas), free_bits, capacities is not None, caps, terms,
+                             ctypes.addressof(adam_state))
+        if n == -2:
+            raise IndexError(f"a row index out of range for {x.shape[0]} examples")
+        if n < 0:
+            raise RuntimeError("the native fused step refused this model")
+        t = terms[:3 * n]
+        return [t[3 * i:3 * i + 3] for i in range(n)]
+
+
 class AdamStep:
     """Optimizer.step() of a fused torch.optim.Adam without its Python wrapper: the same kernel, the same state
     (optimizer.state stays the truth, so state_dict and load_state_dict work as ever). Falls back to
@@ -216,6 +391,7 @@ class AdamStep:
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
         self.direct_steps = 0  # steps taken without the wrapper
+        self._native: tuple | None = None  # (optimizer.state it was made from, params, vae.native.Adam)
 
     def covered(self) -> bool:
         """Whether the direct call does what Optimizer.step would, for the settings as they are now (checked at
@@ -226,6 +402,41 @@ class AdamStep:
                 and not g["amsgrad"] and not g["maximize"] and g["weight_decay"] == 0
                 and not g.get("differentiable") and not g.get("capturable") and not g.get("decoupled_weight_decay")
                 and not torch.is_tensor(g["lr"]) and hasattr(torch, "_fused_adam_"))
+
+    def native_state(self, params: list[torch.Tensor]) -> "native.Adam | None":
+        """vae.native's Adam struct over this optimizer's state for params (in that order: the C step's layer
+        order), or None where the C step cannot take Adam's step: a setting covered() does not cover, a first step
+        (no state yet), state that is not float32 on the CPU, params that are not exactly the optimizer's."""
+        opt = self.optimizer
+        if not self.covered():
+            return None
+        group = opt.param_groups[0]
+        cached = self._native
+        # load_state_dict gives the optimizer a new state dict (and new tensors): made again then
+        if cached is None or cached[0] is not opt.state or cached[1] != [id(p) for p in params]:
+            self._native = cached = self._make_native(params)
+            if cached is None:
+                return None
+        a = cached[2]
+        a.lr, (a.beta1, a.beta2), a.eps = group["lr"], group["betas"], group["eps"]
+        return a
+
+    def _make_native(self, params) -> tuple | None:
+        opt, group = self.optimizer, self.optimizer.param_groups[0]
+        if len(params) != len(group["params"]) or {id(p) for p in params} != {id(p) for p in group["params"]}:
+            return None
+        a = native.Adam()
+        for i, p in enumerate(params):
+            st = opt.state.get(p)
+            if not st:
+                return None
+            m, v, step = st["exp_avg"], st["exp_avg_sq"], st["step"]
+            for t, shape in ((m, p.shape), (v, p.shape), (step, ())):
+                if (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
+                        or t.shape != shape):
+                    return None
+            a.exp_avg[i], a.exp_avg_sq[i], a.step[i] = m.data_ptr(), v.data_ptr(), step.data_ptr()
+        return opt.state, [id(p) for p in params], a
 
     def step(self):
         opt = self.optimizer

@@ -84,9 +84,10 @@ def build_model(config: ModelConfig, seed: int) -> VAE:
 class Trainer:
     def __init__(self, train_config: TrainConfig | None = None, model_config: ModelConfig | None = None,
                  train_data: Dataset | None = None, test_data: Dataset | None = None, model: VAE | None = None,
-                 fused: bool = True):
+                 fused: bool = True, native: bool = True):
         """fused: the MLP's step with the backward pass written out (vae.fused; the same loss and gradients, in
-        fewer operations) where the model allows; False always takes autograd. A Trainer sets the CPU to flush
+        fewer operations) where the model allows; False always takes autograd. native: that step in C where
+        vae.native's library is built (float32 on the CPU; see vae.native), else in torch. A Trainer sets the CPU to flush
         denormals to zero (vae.device.flush_denormals: Adam's state of a weight whose gradient is always 0 would
         slow every step down for good), on this thread and on torch's thread pool if that has not started yet."""
         cfg = self.config = train_config or TrainConfig()
@@ -107,7 +108,8 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.optimizer = make_optimizer(self.model.parameters(), cfg.lr)
         self._adam = AdamStep(self.optimizer)
-        self._fused = FusedStep(self.model) if fused and unsupported_reason(self.model) is None else None
+        self._fused = (FusedStep(self.model, native=native) if fused and unsupported_reason(self.model) is None
+                       else None)
         self.steps_per_epoch = math.ceil(self.x_train.shape[0] / cfg.batch_size)
         self.schedule = make_schedule(cfg, self.steps_per_epoch)
         self.history = new_history()
@@ -128,6 +130,16 @@ class Trainer:
     def fused(self) -> bool:
         """True when steps run vae.fused's hand-written backward pass, False when they run autograd."""
         return self._fused is not None
+
+    @property
+    def step_path(self) -> str:
+        """How a step is computed here: "native fused step" (vae.native, C), "fused step" (vae.fused, torch) or
+        "autograd step"."""
+        if self._fused is None:
+            return "autograd step"
+        if self._fused.native and self.x_train.dtype == torch.float32 and self.device.type == "cpu":
+            return "native fused step"
+        return "fused step"
 
     @property
     def total_steps(self) -> int:
@@ -173,44 +185,97 @@ class Trainer:
             self._perm = torch.randperm(n, generator=self.generator, device=self.device)
             self._pos = 0
         idx = self._perm[self._pos:self._pos + cfg.batch_size]
-        if self._xb is None or self._xb.shape[0] != idx.shape[0]:  # one batch buffer, refilled each step
-            self._xb = self.x_train.new_empty((idx.shape[0], self.x_train.shape[1]))
-        xb = torch.index_select(self.x_train, 0, idx, out=self._xb)
+        b = idx.shape[0]
         beta = self.schedule.beta(self.step_count)
         capacity = self.schedule.capacity(self.step_count)
         if not self.model.training:  # train() walks every module: ~0.1 ms a step for nothing
             self.model.train()
-        if self._fused is not None:  # sets every .grad
-            checks = [self._fused.forward_backward(xb, beta, cfg.free_bits, capacity, self.generator)]
+        adam_done = False
+        if self._fused is not None:  # sets every .grad; the C step takes Adam's too, where it can (not with a clip)
+            vals, adam_done = self._fused.terms(self.x_train, beta, cfg.free_bits, capacity, self.generator,
+                                                self._adam if cfg.grad_clip <= 0 else None, rows=idx)
         else:
+            if self._xb is None or self._xb.shape[0] != b:  # one batch buffer, refilled each step
+                self._xb = self.x_train.new_empty((b, self.x_train.shape[1]))
+            xb = torch.index_select(self.x_train, 0, idx, out=self._xb)
             terms = elbo_terms(self.model, xb, beta=beta, free_bits=cfg.free_bits, capacity=capacity,
                                generator=self.generator)
             self.optimizer.zero_grad(set_to_none=True)
             terms.loss.backward()
-            checks = [torch.stack([terms.loss.detach(), terms.recon.detach(), terms.kl.detach()])]
+            vals = torch.stack([terms.loss.detach(), terms.recon.detach(), terms.kl.detach()]).tolist()
         if cfg.grad_clip > 0:
-            checks.append(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).reshape(1))
-        vals = torch.cat(checks).tolist()
+            vals.append(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item())
         if not all(math.isfinite(v) for v in vals):
-            self._restore_last_good()
-            what = "gradient norm" if all(math.isfinite(v) for v in vals[:3]) else "loss"
-            raise TrainingDiverged(self.step_count, (
-                f"the {what} became {vals[0] if what == 'loss' else vals[3]} at step {self.step_count} "
-                f"(epoch {self.epoch + 1}); the weights from the end of epoch {self.epoch} are kept. "
-                f"Try a lower lr (now {cfg.lr:g}), gradient clipping, or a smaller beta"))
-        self._adam.step()
+            self._diverged(vals)
+        if not adam_done:
+            self._adam.step()
+        self._sums["compute_s"] += time.perf_counter() - t0
+        return self._record(vals, b, beta)
+
+    def steps(self, n: int) -> list[dict]:
+        """Up to n steps, as many single step() calls would take them (the same batches, draws and history), but
+        never past the end of the epoch: the records of the steps taken (the last may end the epoch). Where the C
+        library can (vae.native: the fused MLP step on the CPU, no gradient clipping), all but the epoch's last
+        step run in one call, without Python between the steps; elsewhere, and for that last step, step()."""
+        if n < 1:
+            return []
+        if self.done:
+            raise RuntimeError(f"training is finished ({self.epoch} epochs); raise epochs to go on")
+        cfg, size = self.config, self.x_train.shape[0]
+        B = cfg.batch_size
+        if self._perm is None:
+            self._perm = torch.randperm(size, generator=self.generator, device=self.device)
+            self._pos = 0
+        # full batches before the epoch's last step (which ends the epoch, and may be a smaller batch)
+        k = min(n, (size - self._pos - 1) // B)
+        recs = []
+        if k >= 2 and self._fused is not None and cfg.grad_clip <= 0:
+            t0 = time.perf_counter()
+            first = self.step_count
+            betas = [self.schedule.beta(first + i) for i in range(k)]
+            caps = [self.schedule.capacity(first + i) for i in range(k)]
+            rows = self._perm[self._pos:self._pos + k * B]
+            if not self.model.training:
+                self.model.train()
+            out = self._fused.native_steps(self.x_train, rows, B, betas, cfg.free_bits,
+                                           None if caps[0] is None else caps, self.generator, self._adam)
+            if out is not None:
+                self._sums["compute_s"] += time.perf_counter() - t0
+                for i, vals in enumerate(out):
+                    if not math.isfinite(vals[0]):
+                        self._diverged(vals)
+                    recs.append(self._record(vals, B, betas[i]))
+                n -= len(out)
+        while n > 0 and not self.done and not (recs and recs[-1]["epoch_end"]):
+            recs.append(self.step())
+            n -= 1
+        return recs
+
+    def _diverged(self, vals):
+        """A step gave a loss (or gradient norm) that is not finite: back to the last epoch end's weights, and
+        raise."""
+        cfg = self.config
+        self._restore_last_good()
+        what = "gradient norm" if all(math.isfinite(v) for v in vals[:3]) else "loss"
+        raise TrainingDiverged(self.step_count, (
+            f"the {what} became {vals[0] if what == 'loss' else vals[3]} at step {self.step_count} "
+            f"(epoch {self.epoch + 1}); the weights from the end of epoch {self.epoch} are kept. "
+            f"Try a lower lr (now {cfg.lr:g}), gradient clipping, or a smaller beta"))
+
+    def _record(self, vals, b, beta) -> dict:
+        """Count a step taken (its terms vals, batch size b): the epoch's sums, the history, its record; ends the
+        epoch on its last batch."""
         loss, recon, kl = vals[:3]
+        n = self.x_train.shape[0]
         self.step_count += 1
-        self._pos += xb.shape[0]
-        b = xb.shape[0]
+        self._pos += b
         s = self._sums
         s["n"] += b
         s["loss"] += loss * b
         s["recon"] += recon * b
         s["kl"] += kl * b
-        s["compute_s"] += time.perf_counter() - t0
         rec = {"step": self.step_count, "epoch": self.epoch + self._pos / n, "loss": loss, "recon": recon,
-               "kl": kl, "elbo": -(recon + kl), "beta": beta, "lr": cfg.lr}
+               "kl": kl, "elbo": -(recon + kl), "beta": beta, "lr": self.config.lr}
         for k in STEP_KEYS:
             self.history["step"][k].append(rec[k])
         rec["epoch_end"] = self._pos >= n
@@ -239,11 +304,12 @@ class Trainer:
         """Steps to the end of the current epoch. on_step(record) after each step; should_stop() -> True stops
         between steps (returns None then). Returns the epoch record."""
         while not self.done:
-            rec = self.step()
-            if on_step is not None:
-                on_step(rec)
-            if rec["epoch_end"]:
-                return self.last_epoch()
+            # in chunks (see steps()): 64 of the bench's steps take about 0.15 s; one at a time with should_stop
+            for rec in self.steps(1 if should_stop is not None else 64):
+                if on_step is not None:
+                    on_step(rec)
+                if rec["epoch_end"]:
+                    return self.last_epoch()
             if should_stop is not None and should_stop():
                 return None
         return None
