@@ -6,7 +6,8 @@ Both train the reference MLP 784-400-20 (Bernoulli, batch 128, Adam 1e-3) for th
   - ours:     vae.Trainer on the same images held in memory on the device, its steps taken as Trainer.fit takes
               them (Trainer.steps: with the C library, vae.native, a chunk of steps in one call).
 roofline_fraction = achieved FLOP/s of our step over the measured throughput of the same GEMMs (forward and backward
-of every Linear at batch 128, issued as our step issues them: vae.fused) run back to back on this machine.
+of every Linear at batch 128, the shapes and transposes our step issues: vae.fused, and vae.native's C step, which
+calls the same BLAS sgemm_ as torch.mm) run back to back on this machine.
 """
 from __future__ import annotations
 
@@ -90,9 +91,9 @@ def cpu_name() -> str:
 
 
 def _gemm_seconds(batch: int, device, repeats: int) -> float:
-    """Seconds for one step's GEMMs, issued exactly as the trainer's fused step (vae.fused.FusedStep) issues them
-    (same shapes, same transposed views): forward addmm(b, X, W^T); grad-weight mm(GY^T, X); grad-input mm(GY, W)
-    except for layer 1. Best of 5 timings of `repeats` back-to-back steps."""
+    """Seconds for one step's GEMMs, as the trainer's fused step issues them (vae.fused.FusedStep, and the C step of
+    vae.native through the same BLAS: same shapes, same transposes): forward addmm(b, X, W^T); grad-weight
+    mm(GY^T, X); grad-input mm(GY, W) except for layer 1. Best of 5 timings of `repeats` back-to-back steps."""
     mats = []
     for i, (a, b) in enumerate(LAYERS):
         x, w, gy, bias = (torch.randn(batch, a, device=device), torch.randn(b, a, device=device),
