@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -88,7 +89,7 @@ def test_the_library_builds_and_loads_here():
 def test_terms_and_gradients_match_autograd(model_kw, objective):
     model = tiny_model(seed=2, latent_dim=4, **model_kw)
     _spread(model)
-    x = _data(model, n=23)  # an odd batch: the two threads' row split is uneven
+    x = _data(model, n=23)  # an odd batch
     want_vals, want = _reference(model, x, seed=5, **objective)
     step = FusedStep(model)
     assert step.native
@@ -132,8 +133,10 @@ def test_saturated_logits_stay_finite_and_exact():
 
 @needs_cc
 def test_one_thread_and_two_agree_and_each_repeats_exactly():
-    model = tiny_model(seed=1, hidden=(300,), input_dim=150, image_shape=(10, 15))  # passes big enough to split
-    x = _data(model, n=128)
+    assert native.library().vae_has_openmp()  # else "two threads" below would run on one
+    # passes big enough to split (>= 16384 values), over an odd batch: the two threads' rows are uneven
+    model = tiny_model(seed=1, hidden=(300,), input_dim=150, image_shape=(10, 15))
+    x = _data(model, n=127)
     before = torch.get_num_threads()
     runs = {}
     try:
@@ -152,6 +155,42 @@ def test_one_thread_and_two_agree_and_each_repeats_exactly():
 
 
 @needs_cc
+def test_float32_buffers_whatever_the_default_dtype():
+    model = tiny_model(seed=0)
+    x = _data(model)
+    want_vals, _ = _reference(model, x, seed=2)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        vals, _ = FusedStep(model).terms(x, generator=gen(2))
+    finally:
+        torch.set_default_dtype(before)
+    assert vals == pytest.approx(want_vals, rel=1e-5)
+
+
+@needs_cc
+@pytest.mark.parametrize("where", ["kl", "gaussian"])
+def test_an_overflow_is_inf_as_in_the_torch_step(where):
+    """Sums past float32's range: the torch step's float32 sums give inf, and so does the C step (its double sums
+    are rounded to float32), so the trainer's guard stops such a run either way."""
+    if where == "kl":
+        model = tiny_model(seed=0, latent_dim=8)
+        with torch.no_grad():
+            model.enc_out.weight.zero_()
+            model.enc_out.bias[:8] = 1e19  # mu^2 = 1e38 a dimension, 8e38 summed
+    else:
+        model = tiny_model(seed=0, likelihood="gaussian", sigma=1.0)
+        with torch.no_grad():
+            model.decoder[-1].weight.zero_()
+            model.decoder[-1].bias.fill_(3e18)  # (3e18)^2 / 2 = 4.5e36 a pixel, 2.9e38 for 64, x 24 rows
+    x = _data(model)
+    torch_vals = FusedStep(model, native=False).terms(x, generator=gen(0))[0]
+    c_vals = FusedStep(model).terms(x, generator=gen(0))[0]
+    assert not all(map(math.isfinite, torch_vals))
+    assert not all(map(math.isfinite, c_vals))
+
+
+@needs_cc
 def test_a_parameter_replaced_between_steps_is_followed():
     """p.data = a new tensor (its memory elsewhere): the C step reads the new one, and writes the new .grad."""
     model = tiny_model(seed=0)
@@ -161,6 +200,7 @@ def test_a_parameter_replaced_between_steps_is_followed():
     with torch.no_grad():
         model.decoder[-1].weight.data = model.decoder[-1].weight.data * 0.5  # a fresh tensor
     model.enc_out.weight.grad = None
+    model.enc_out.bias = torch.nn.Parameter(model.enc_out.bias.detach().clone())  # load_state_dict(assign=True)
     vals, _ = step.terms(x, generator=gen(1))
     want_vals, want = _reference(model, x, seed=1)
     assert vals == pytest.approx(want_vals, rel=1e-5)
@@ -226,6 +266,44 @@ def test_the_c_adam_step_follows_torch_adam(make_native_trainer):
 
 
 @needs_cc
+def test_the_c_adam_step_on_two_threads(make_native_trainer):
+    """a 64 x 300 weight: Adam's update of it is split between the threads"""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        c, t = _pair(make_native_trainer, epochs=1, model_overrides=dict(hidden=(300,), latent_dim=4))
+        c.fit()
+        t.fit()
+    finally:
+        torch.set_num_threads(before)
+    assert c._fused.chunked_steps > 0
+    for (name, p), q in zip(c.model.named_parameters(), t.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@needs_cc
+@pytest.mark.parametrize("schedule", [dict(), dict(beta_schedule="linear", warmup_epochs=1.5),
+                                      dict(beta_schedule="capacity", capacity_max=3.0, free_bits=0.1)],
+                         ids=["constant", "linear", "capacity-free-bits"])
+def test_chunks_follow_the_schedule_step_by_step(make_native_trainer, schedule):
+    a, b = (make_native_trainer(epochs=2, **schedule) for _ in range(2))
+    a.step()
+    b.step()
+    while not a.done:
+        a.steps(7)
+    while not b.done:
+        b.step()
+    assert a._fused.chunked_steps > 0 and b._fused.chunked_steps == 0
+    assert _history(a) == _history(b)
+    if "linear" in schedule.values():
+        assert len(set(a.history["step"]["beta"])) > 10
+    if schedule.get("capacity_max"):
+        assert a.schedule.capacity(0) < a.schedule.capacity(a.step_count - 1)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)
+
+
+@needs_cc
 @pytest.mark.parametrize("latent_dim", [4, 3])  # batch x d: 512 (one draw for a chunk) and 384 + 3 (one a step)
 def test_steps_take_the_same_steps_as_single_steps(make_native_trainer, latent_dim):
     model = dict(hidden=(32,), latent_dim=latent_dim)
@@ -263,11 +341,15 @@ def test_a_divergence_inside_a_chunk_keeps_the_epoch_end_weights(make_native_tra
     t = make_native_trainer(epochs=3)
     t.run_epoch()
     epoch_end = {k: v.clone() for k, v in t.model.state_dict().items()}
+    adam_step = float(t.optimizer.state_dict()["state"][0]["step"])
+    chunked = t._fused.chunked_steps
     t.update(lr=1e9)
     with pytest.raises(TrainingDiverged, match="became"):
         for _ in range(10):
             t.steps(5)
+    assert t._fused.chunked_steps > chunked  # it diverged inside a chunk
     assert all(torch.equal(v, epoch_end[k]) for k, v in t.model.state_dict().items())
+    assert float(t.optimizer.state_dict()["state"][0]["step"]) == adam_step
     t.update(lr=1e-2)
     rec = t.steps(3)  # and it trains on from there
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rec)
@@ -298,8 +380,9 @@ def test_a_checkpointed_run_resumes_the_same(make_native_trainer, tmp_path):
 # ---- building, and the fallbacks -----------------------------------------------------------------------------------
 
 def _python(code: str, **env) -> dict:
+    base = {k: v for k, v in os.environ.items() if k not in ("CC", "VAE_NATIVE", "VAE_NATIVE_DIR")}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, **env})
+                         env={**base, **env})
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 

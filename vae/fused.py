@@ -99,6 +99,7 @@ class FusedStep:
         nat = self._native
         if nat is not None and nat.covers(x) and (rows is None or (rows.dtype == torch.int64 and rows.is_contiguous()
                                                                      and rows.device.type == "cpu")):
+            nat.bind()
             state = adam.native_state(nat.params) if adam is not None else None
             vals = nat.run(x, beta, free_bits, capacity, generator, state, rows)
             if state is not None:
@@ -107,6 +108,10 @@ class FusedStep:
         if rows is not None:
             x = torch.index_select(x, 0, rows, out=self._buf("batch", rows.shape[0], x.shape[1]))
         return self._forward_backward(x, beta, free_bits, capacity, generator).tolist(), False
+
+    def can_chunk(self, x: torch.Tensor) -> bool:
+        """Whether native_steps can take steps on batches of x (given Adam's state; see there)."""
+        return self._native is not None and self._native.covers(x)
 
     def native_steps(self, x: torch.Tensor, rows: torch.Tensor, batch: int, betas: list[float], free_bits: float,
                      capacities: list[float] | None, generator: torch.Generator | None,
@@ -120,6 +125,7 @@ class FusedStep:
         if (nat is None or k < 1 or not nat.covers(x) or rows.dtype != torch.int64 or not rows.is_contiguous()
                 or rows.device.type != "cpu" or rows.shape[0] != k * batch):
             return None
+        nat.bind()
         state = adam.native_state(nat.params)
         if state is None:
             return None
@@ -131,6 +137,7 @@ class FusedStep:
     def forward_backward(self, x: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0,
                          capacity: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         if self._native is not None and self._native.covers(x):
+            self._native.bind()
             return torch.tensor(self._native.run(x, beta, free_bits, capacity, generator), dtype=x.dtype)
         return self._forward_backward(x, beta, free_bits, capacity, generator)
 
@@ -308,9 +315,12 @@ class _Native:
                 and ref.device.type == "cpu" and x.is_contiguous() and x.dim() == 2 and x.shape[0] >= 1
                 and native.library() is not None)
 
-    def _bind(self):
+    def bind(self):
         """Point the C struct at the parameters and their .grad (again when either has moved: a new tensor set
-        in place of the old, .to(), a grad set to None)."""
+        in place of the old, .to(), a grad set to None, a Parameter replaced: load_state_dict(assign=True))."""
+        params = [t for layer in self.step.layers for t in (layer.weight, layer.bias)]
+        if any(p is not q for p, q in zip(params, self.params)):
+            self.params, self._grads = params, []
         grads = self._grads
         if not grads or any(p.grad is not g for p, g in zip(self.params, grads)):  # a new .grad tensor, or None
             grads = self._grads = [self.step._grad(p) for p in self.params]
@@ -326,17 +336,17 @@ class _Native:
 
     @torch.no_grad()
     def run(self, x, beta, free_bits, capacity, generator, adam_state=None, rows=None) -> list[float]:
+        """One step in C (bind() first)."""
         lib = native.library()
         B, d = (x.shape[0] if rows is None else rows.shape[0]), self.net.d
         if x.shape[1] != self.net.D:
             raise ValueError(f"a batch of {x.shape[1]} values an example; the model takes {self.net.D}")
         if B < 1:
             raise ValueError("an empty batch")
-        self._bind()
         if self._ws is None or B > self._ws_batch:
             self._ws = torch.empty(lib.vae_workspace_floats(self.net_ref, B), dtype=torch.float32)
             self._ws_batch = B
-            self._eps = torch.empty(B, d)
+            self._eps = torch.empty(B, d, dtype=torch.float32)
         eps = torch.randn((B, d), generator=generator, out=self._eps[:B])  # VAE.reparameterize's draw
         self.net.threads = torch.get_num_threads()
         rc = lib.vae_fb(self.net_ref, x.data_ptr(), None if rows is None else rows.data_ptr(), x.shape[0],
@@ -352,16 +362,16 @@ class _Native:
 
     @torch.no_grad()
     def run_steps(self, x, rows, B, betas, free_bits, capacities, generator, adam_state) -> list[list[float]]:
+        """len(betas) steps in C (bind() first)."""
         lib, d, k = native.library(), self.net.d, len(betas)
         if x.shape[1] != self.net.D:
             raise ValueError(f"a batch of {x.shape[1]} values an example; the model takes {self.net.D}")
-        self._bind()
         if self._ws is None or B > self._ws_batch:
             self._ws = torch.empty(lib.vae_workspace_floats(self.net_ref, B), dtype=torch.float32)
             self._ws_batch = B
-            self._eps = torch.empty(B, d)
+            self._eps = torch.empty(B, d, dtype=torch.float32)
         if self._eps_steps is None or self._eps_steps.numel() < k * B * d:
-            self._eps_steps = torch.empty(k * B * d)
+            self._eps_steps = torch.empty(k * B * d, dtype=torch.float32)
         eps = self._eps_steps[:k * B * d].view(k * B, d)
         if (B * d) % 16 == 0:  # torch fills normals 16 at a time: one draw of k batches = k draws of one
             torch.randn((k * B, d), generator=generator, out=eps)
@@ -412,8 +422,11 @@ class AdamStep:
             return None
         group = opt.param_groups[0]
         cached = self._native
-        # load_state_dict gives the optimizer a new state dict (and new tensors): made again then
-        if cached is None or cached[0] is not opt.state or cached[1] != [id(p) for p in params]:
+        # load_state_dict gives the optimizer a new state dict (and new tensors): made again then, as when a state
+        # tensor was replaced in place of another
+        if (cached is None or cached[0] is not opt.state or cached[1] != [id(p) for p in params]
+                or any(t is not opt.state[p].get(k) for p, ts in zip(params, cached[3])
+                       for k, t in zip(("exp_avg", "exp_avg_sq", "step"), ts))):
             self._native = cached = self._make_native(params)
             if cached is None:
                 return None
@@ -425,18 +438,19 @@ class AdamStep:
         opt, group = self.optimizer, self.optimizer.param_groups[0]
         if len(params) != len(group["params"]) or {id(p) for p in params} != {id(p) for p in group["params"]}:
             return None
-        a = native.Adam()
+        a, kept = native.Adam(), []
         for i, p in enumerate(params):
             st = opt.state.get(p)
             if not st:
                 return None
-            m, v, step = st["exp_avg"], st["exp_avg_sq"], st["step"]
+            m, v, step = st.get("exp_avg"), st.get("exp_avg_sq"), st.get("step")
             for t, shape in ((m, p.shape), (v, p.shape), (step, ())):
-                if (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
-                        or t.shape != shape):
+                if (not torch.is_tensor(t) or t.dtype != torch.float32 or t.device.type != "cpu"
+                        or not t.is_contiguous() or t.shape != shape):
                     return None
             a.exp_avg[i], a.exp_avg_sq[i], a.step[i] = m.data_ptr(), v.data_ptr(), step.data_ptr()
-        return opt.state, [id(p) for p in params], a
+            kept.append((m, v, step))  # held: the C struct points into them
+        return opt.state, [id(p) for p in params], a, kept
 
     def step(self):
         opt = self.optimizer

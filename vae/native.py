@@ -6,8 +6,8 @@ torch path runs instead (same loss and gradients; tests/test_native.py checks th
 against autograd).
 
 The library is cached per source, compiler flags, compiler, CPU and torch (built for this CPU with -march=native),
-under VAE_NATIVE_DIR or ~/.cache/vae-explorer/native, written atomically (a temp file, then a rename), so processes
-that start together do not see half a file.
+under VAE_NATIVE_DIR or ~/.cache/vae-explorer/native (the temp folder if that cannot be made), written atomically
+(a temp file, then a rename), so processes that start together do not see half a file.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("native") / "fused_mlp.c"
-ABI_VERSION = 4
+ABI_VERSION = 5
 MAX_LAYERS = 34  # VAE_MAX_LAYERS in the C source
 MAX_LATENT = 1024
 BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-std=c99"]
@@ -58,7 +58,11 @@ def _cache_dir() -> Path:
     env = os.environ.get("VAE_NATIVE_DIR")
     if env:
         return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vae-explorer" / "native"
+    try:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:  # no home directory (a container's user with no passwd entry)
+        base = Path(tempfile.gettempdir())
+    return base / "vae-explorer" / "native"
 
 
 def _compiler() -> str | None:
@@ -90,8 +94,36 @@ def _sgemm_address() -> int | None:
     return None
 
 
-def _build(cc: str, out: Path) -> tuple[bool, str]:
-    """Compile SOURCE to out with the first of FLAG_SETS the compiler takes. (ok, the compiler's last complaint)."""
+def _open(path: str, sgemm: int) -> tuple[ctypes.CDLL | None, str]:
+    """Load a built library and check it: its version, and a small product through the sgemm_ it is given."""
+    try:
+        lib = ctypes.CDLL(path)
+        if lib.vae_abi_version() != ABI_VERSION:
+            return None, "of another version"
+    except (OSError, AttributeError) as e:
+        return None, str(e).splitlines()[0]
+    lib.vae_set_sgemm(ctypes.c_void_p(sgemm))
+    lib.vae_gemm_selftest.restype = ctypes.c_double
+    if lib.vae_gemm_selftest() != 0.0:
+        return None, "the BLAS sgemm_ gave a wrong product"
+    lib.vae_has_openmp.restype = ctypes.c_int
+    lib.vae_workspace_floats.argtypes = [ctypes.POINTER(Net), ctypes.c_int]
+    lib.vae_workspace_floats.restype = ctypes.c_long
+    dp = ctypes.POINTER(ctypes.c_double)
+    lib.vae_fb.argtypes = [ctypes.POINTER(Net), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
+                           ctypes.c_int, ctypes.c_void_p, ctypes.c_double, ctypes.c_double, ctypes.c_int,
+                           ctypes.c_double, dp, ctypes.c_void_p]
+    lib.vae_fb.restype = ctypes.c_int
+    lib.vae_fb_steps.argtypes = [ctypes.POINTER(Net), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
+                                 ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, dp, ctypes.c_double,
+                                 ctypes.c_int, dp, dp, ctypes.c_void_p]
+    lib.vae_fb_steps.restype = ctypes.c_int
+    return lib, ""
+
+
+def _build(cc: str, out: Path, sgemm: int) -> tuple[ctypes.CDLL | None, str]:
+    """Compile SOURCE with the first of FLAG_SETS that gives a library that loads and checks out (one built with
+    OpenMP may not find its runtime), put it at out, and return it loaded; or (None, the last complaint)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     err = "failed"
     for extra in FLAG_SETS:
@@ -99,17 +131,20 @@ def _build(cc: str, out: Path) -> tuple[bool, str]:
         os.close(fd)
         try:
             proc = subprocess.run([cc, *BASE_FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
-                                  text=True, timeout=120)
-            if proc.returncode == 0:
+                                  text=True, timeout=60)
+            if proc.returncode != 0:
+                lines = (proc.stderr or proc.stdout).strip().splitlines()
+                err = lines[-1] if lines else f"exit status {proc.returncode}"
+                continue
+            lib, err = _open(tmp, sgemm)  # loaded under its temp name: a damaged file at out may be loaded already
+            if lib is not None:
                 os.replace(tmp, out)  # atomic: a process loading it meanwhile sees the whole file or none
-                return True, ""
-            lines = (proc.stderr or proc.stdout).strip().splitlines()
-            err = lines[-1] if lines else f"exit status {proc.returncode}"
+                return lib, ""
         except (OSError, subprocess.SubprocessError) as e:
             err = str(e)
         finally:
             Path(tmp).unlink(missing_ok=True)
-    return False, err
+    return None, err
 
 
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
@@ -127,41 +162,27 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"the C compiler did not run ({e})"
+    # built for this CPU (-march=native): the key names it, and the host (a home shared by machines)
     key = hashlib.sha256("\n".join([SOURCE.read_text(), repr(BASE_FLAGS), repr(FLAG_SETS), cc,
-                                    version.split("\n")[0], _cpu_flags(), platform.machine(),
+                                    version.split("\n")[0], _cpu_flags(), platform.machine(), platform.node(),
                                     torch.__version__]).encode())
-    path = _cache_dir() / f"fused_mlp-{key.hexdigest()[:16]}.so"
-    lib, err = None, ""
-    for attempt in range(2):  # a cached file that does not load (damaged, foreign) is built again, once
-        if attempt or not path.exists():
-            try:
-                ok, err = _build(cc, path)
-            except OSError as e:
-                ok, err = False, str(e)
-            if not ok:
-                return None, f"the C build failed ({err})"
+    name = f"fused_mlp-{key.hexdigest()[:16]}.so"
+    path = _cache_dir() / name
+    if not path.exists():
         try:
-            lib = ctypes.CDLL(str(path))
-            if lib.vae_abi_version() == ABI_VERSION:
-                break
-            err, lib = "of another version", None
-        except (OSError, AttributeError) as e:
-            err, lib = str(e), None
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:  # a home without a writable cache: the temp folder, one per user
+            user = os.getuid() if hasattr(os, "getuid") else 0
+            path = Path(tempfile.gettempdir()) / f"vae-explorer-native-{user}" / name
+    if path.exists():
+        lib, err = _open(str(path), sgemm)
+        if lib is not None:
+            return lib, None
+        if err == "the BLAS sgemm_ gave a wrong product":
+            return None, err
+    lib, err = _build(cc, path, sgemm)  # not built yet, or a cached file that does not load (damaged, foreign)
     if lib is None:
-        return None, f"the built library did not load ({err})"
-    lib.vae_set_sgemm(ctypes.c_void_p(sgemm))
-    lib.vae_workspace_floats.argtypes = [ctypes.POINTER(Net), ctypes.c_int]
-    lib.vae_workspace_floats.restype = ctypes.c_long
-    lib.vae_fb.argtypes = [ctypes.POINTER(Net), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
-                           ctypes.c_int, ctypes.c_void_p,
-                           ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.c_double,
-                           ctypes.POINTER(ctypes.c_double), ctypes.c_void_p]
-    lib.vae_fb.restype = ctypes.c_int
-    dp = ctypes.POINTER(ctypes.c_double)
-    lib.vae_fb_steps.argtypes = [ctypes.POINTER(Net), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
-                                 ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, dp, ctypes.c_double,
-                                 ctypes.c_int, dp, dp, ctypes.c_void_p]
-    lib.vae_fb_steps.restype = ctypes.c_int
+        return None, f"the C build failed ({err})"
     return lib, None
 
 
@@ -169,7 +190,10 @@ def library() -> ctypes.CDLL | None:
     """The loaded library (built the first time), or None: see unavailable_reason()."""
     with _lock:
         if "lib" not in _state:
-            _state["lib"], _state["reason"] = _load()
+            try:
+                _state["lib"], _state["reason"] = _load()
+            except Exception as e:  # noqa: BLE001  (an accelerator: whatever went wrong, the torch step runs)
+                _state["lib"], _state["reason"] = None, f"{type(e).__name__}: {e}"
         return _state["lib"]
 
 

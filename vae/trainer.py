@@ -87,8 +87,8 @@ class Trainer:
                  fused: bool = True, native: bool = True):
         """fused: the MLP's step with the backward pass written out (vae.fused; the same loss and gradients, in
         fewer operations) where the model allows; False always takes autograd. native: that step in C where
-        vae.native's library is built (float32 on the CPU; see vae.native), else in torch. A Trainer sets the CPU to flush
-        denormals to zero (vae.device.flush_denormals: Adam's state of a weight whose gradient is always 0 would
+        vae.native's library is built (float32 on the CPU; see vae.native), else in torch. A Trainer sets the CPU
+        to flush denormals to zero (vae.device.flush_denormals: Adam's state of a weight whose gradient is always 0 would
         slow every step down for good), on this thread and on torch's thread pool if that has not started yet."""
         cfg = self.config = train_config or TrainConfig()
         self.device = resolve_device(cfg.device)
@@ -226,29 +226,41 @@ class Trainer:
         if self._perm is None:
             self._perm = torch.randperm(size, generator=self.generator, device=self.device)
             self._pos = 0
-        # full batches before the epoch's last step (which ends the epoch, and may be a smaller batch)
-        k = min(n, (size - self._pos - 1) // B)
         recs = []
-        if k >= 2 and self._fused is not None and cfg.grad_clip <= 0:
-            t0 = time.perf_counter()
-            first = self.step_count
-            betas = [self.schedule.beta(first + i) for i in range(k)]
-            caps = [self.schedule.capacity(first + i) for i in range(k)]
-            rows = self._perm[self._pos:self._pos + k * B]
-            if not self.model.training:
-                self.model.train()
-            out = self._fused.native_steps(self.x_train, rows, B, betas, cfg.free_bits,
-                                           None if caps[0] is None else caps, self.generator, self._adam)
-            if out is not None:
-                self._sums["compute_s"] += time.perf_counter() - t0
-                for i, vals in enumerate(out):
-                    if not math.isfinite(vals[0]):
-                        self._diverged(vals)
-                    recs.append(self._record(vals, B, betas[i]))
-                n -= len(out)
+        chunks = self._fused is not None and cfg.grad_clip <= 0 and self._fused.can_chunk(self.x_train)
         while n > 0 and not self.done and not (recs and recs[-1]["epoch_end"]):
-            recs.append(self.step())
-            n -= 1
+            # full batches before the epoch's last step (which ends the epoch, and may be a smaller batch)
+            k = min(n, (size - self._pos - 1) // B)
+            tried, had_state = chunks and k >= 2, bool(self.optimizer.state)
+            out = self._chunk(k) if tried else None
+            if out is None:  # one step: the epoch's last, or the first of a run (Adam's state is made there)
+                if tried and had_state:  # refused for another reason (a setting it does not cover): no more tries
+                    chunks = False
+                recs.append(self.step())
+                n -= 1
+            else:
+                recs += out
+                n -= len(out)
+        return recs
+
+    def _chunk(self, k: int) -> list[dict] | None:
+        """k full-batch steps in one call (vae.fused.FusedStep.native_steps), or None where it cannot."""
+        cfg, B, first = self.config, self.config.batch_size, self.step_count
+        t0 = time.perf_counter()
+        betas = [self.schedule.beta(first + i) for i in range(k)]
+        caps = [self.schedule.capacity(first + i) for i in range(k)]
+        if not self.model.training:
+            self.model.train()
+        out = self._fused.native_steps(self.x_train, self._perm[self._pos:self._pos + k * B], B, betas,
+                                       cfg.free_bits, None if caps[0] is None else caps, self.generator, self._adam)
+        if out is None:
+            return None
+        self._sums["compute_s"] += time.perf_counter() - t0
+        recs = []
+        for vals, beta in zip(out, betas):
+            if not all(math.isfinite(v) for v in vals):
+                self._diverged(vals)
+            recs.append(self._record(vals, B, beta))
         return recs
 
     def _diverged(self, vals):

@@ -170,8 +170,9 @@ class _Worker:
             else:  # full speed: a chunk of steps that lasts about COMMAND_POLL_S (Trainer.steps: one C call)
                 t0 = time.perf_counter()
                 recs = t.steps(max(1, min(CHUNK_MAX, int(COMMAND_POLL_S / self.step_s))))
-                self.step_s = 0.8 * self.step_s + 0.2 * (time.perf_counter() - t0) / len(recs)
                 rec = recs[-1]
+                if not rec["epoch_end"]:  # an epoch's end also evaluates the test set: not a step's time
+                    self.step_s = 0.8 * self.step_s + 0.2 * (time.perf_counter() - t0) / len(recs)
             # the resumable state (for the autosave) only right at an epoch end: a resumed run starts an epoch
             full = rec["epoch_end"] and time.monotonic() - self.last_full >= self.full_interval
             if full or self.delay > 0 or self.paused or time.monotonic() - self.last_sync >= SYNC_S:

@@ -16,6 +16,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "vae.native assumes a little-endian machine (see gemm)"
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -29,7 +32,7 @@ typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, c
 static sgemm_fn sgemm_ptr = 0;
 
 int vae_set_sgemm(void *f) { sgemm_ptr = (sgemm_fn)f; return 0; }
-int vae_abi_version(void) { return 4; }
+int vae_abi_version(void) { return 5; }
 
 typedef struct {
     int n_layers, n_enc, d, D, likelihood; /* likelihood: 0 Bernoulli, 1 Gaussian with a fixed sigma */
@@ -52,9 +55,33 @@ typedef struct {
 /* Row-major C (M x N) = alpha op(A) op(B) + beta C, where op(A) is M x K; ta: A is stored K x M (transposed). */
 static void gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
                  float beta, float *C, int ldc) {
-    /* column-major view: C^T (N x M) = op(B)^T op(A)^T */
+    /* column-major view: C^T (N x M) = op(B)^T op(A)^T. The sizes sit in 64-bit slots: a BLAS with 32-bit
+     * integers reads their low halves (little-endian), one with 64-bit integers (ILP64) the whole, and both read
+     * the right value. */
     const char a = tb ? 'T' : 'N', c = ta ? 'T' : 'N';
-    sgemm_ptr(&a, &c, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+    const int64_t m = M, n = N, k = K, la = lda, lb = ldb, lc = ldc;
+    sgemm_ptr(&a, &c, (const int *)&n, (const int *)&m, (const int *)&k, &alpha, B, (const int *)&lb, A,
+              (const int *)&la, &beta, C, (const int *)&lc);
+}
+
+/* |C - want| summed for a 2x3 by 3x2 product through gemm: 0 when the sgemm found is the BLAS it is taken for. */
+double vae_gemm_selftest(void) {
+    if (!sgemm_ptr) return -1.0;
+    const float A[6] = {1, 2, 3, 4, 5, 6}, Bm[6] = {7, 8, 9, 10, 11, 12}, want[4] = {58, 64, 139, 154};
+    float C[4] = {0, 0, 0, 0};
+    gemm(0, 0, 2, 2, 3, 1.0f, A, 3, Bm, 2, 0.0f, C, 2);
+    double err = 0.0;
+    for (int i = 0; i < 4; i++) err += fabs((double)C[i] - want[i]);
+    return err;
+}
+
+/* Whether this build's elementwise passes can use threads. */
+int vae_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* exp and log that vectorise (Cephes' expf and logf: about 1e-7 relative error), so that the passes below run as
@@ -129,7 +156,7 @@ static void relu_back_rows(float *g, const float *a, float *colsum, int r0, int 
 
 /* Rows [r0, r1) of the likelihood pass. o: the last GEMM's output (bias not yet added), x the data. Writes
  * g = dloss/d(decoder parameters) (the batch mean's 1/B included) and colsum(g); returns the sum of -log p(x|z)
- * over these rows (without the Gaussian's constant). */
+ * over these rows (Bernoulli), or of the squared residuals (Gaussian). */
 static double likelihood_rows(const vae_net *net, const float *o, const float *bias, const float *x, float *g,
                               float *colsum, int r0, int r1, float inv_b) {
     const int D = net->D;
@@ -172,7 +199,7 @@ static double likelihood_rows(const vae_net *net, const float *o, const float *b
                 gr[j] = gv;
                 colsum[j] += gv;
             }
-            total += 0.5 * (double)net->inv_var * (double)acc;
+            total += (double)acc; /* the sum of squares: vae_fb scales it */
         }
     }
     return total;
@@ -268,8 +295,9 @@ long vae_workspace_floats(const vae_net *net, int B) {
  * every weight's and bias's gradient of the loss. eps (B x d) is the reparameterisation's standard-normal draw.
  * beta, free_bits (0: none) and capacity (has_capacity: loss = recon + beta |R - C|) as vae.losses.elbo_terms.
  * rows (or NULL): x holds n_src examples and the batch is x[rows[0]], ..., x[rows[B - 1]] (gathered here: returns
- * -2 for a row out of range). adam (or NULL): also take Adam's step, layer by layer as soon as a layer's gradients are done, while they are
- * still in cache. Returns 0, or -1 when the net is not one this code covers or no sgemm is set. */
+ * -2 for a row out of range). adam (or NULL): also take Adam's step, layer by layer as soon as a layer's gradients
+ * are done, while they are still in cache. Returns 0, or -1 when the net is not one this code covers or no sgemm
+ * is set. */
 int vae_fb(const vae_net *net, const float *x, const int64_t *rows, long n_src, const float *eps, int B, float *ws,
            double beta, double free_bits, int has_capacity, double capacity, double *terms, const vae_adam *adam) {
     const int L = net->n_layers, ne = net->n_enc, d = net->d, D = net->D;
@@ -346,25 +374,30 @@ int vae_fb(const vae_net *net, const float *x, const int64_t *rows, long n_src, 
         recon_sum = tot;
         sum_parts(net->gb[lo], part, nt, D);
     }
-    /* The batch sums are accumulated in double, but they are sums of float32 quantities, as the torch step's are:
-     * one beyond float32's range has overflowed (inf), as it does there, and the trainer's guard sees it. */
-    recon_sum = (double)(float)recon_sum;
-    for (int k = 0; k < d; k++) kl2[k] = (double)(float)kl2[k];
-    double recon = recon_sum / B + (net->likelihood == 1 ? net->recon_const : 0.0);
+    /* The sums are accumulated in double, but they are float32 quantities, as the torch step's are: each is
+     * rounded to float32 (F32), so one beyond its range has overflowed (inf) as it does there, and the trainer's
+     * guard sees it. */
+#define F32(v) ((double)(float)(v))
+    recon_sum = F32(recon_sum);
+    if (net->likelihood == 1) recon_sum = F32(0.5 * net->inv_var * recon_sum);
+    for (int k = 0; k < d; k++) kl2[k] = F32(kl2[k]);
+    double recon = F32(recon_sum / B + (net->likelihood == 1 ? net->recon_const : 0.0));
     double kl = 0.0, reg = 0.0;
     for (int k = 0; k < d; k++) kl += 0.5 * kl2[k] / B;
     for (int k = 0; k < d; k++) {
         double v = 0.5 * kl2[k] / B;
-        reg += free_bits > 0 ? (v > free_bits ? v : free_bits) : v;
+        reg += free_bits > 0 ? (v > free_bits || v != v ? v : free_bits) : v; /* a NaN stays NaN */
     }
-    if (free_bits <= 0) reg = kl;
+    kl = F32(kl);
+    reg = free_bits > 0 ? F32(reg) : kl;
     double sign = 1.0, loss;
     if (has_capacity) {
         sign = reg > capacity ? 1.0 : (reg < capacity ? -1.0 : 0.0);
-        loss = recon + beta * fabs(reg - capacity);
+        loss = F32(recon + beta * fabs(reg - capacity));
     } else {
-        loss = recon + beta * reg;
+        loss = F32(recon + beta * reg);
     }
+#undef F32
     for (int k = 0; k < d; k++) { /* dloss/dKL_d / B: beta, 0 where free bits hold KL_d up, times sign(R - C) */
         double w = beta * sign;
         if (free_bits > 0 && !(0.5 * kl2[k] / B >= free_bits)) w = 0.0;
@@ -424,18 +457,20 @@ int vae_fb(const vae_net *net, const float *x, const int64_t *rows, long n_src, 
 
 /* n_steps training steps of batch B in one call, each as vae_fb with Adam's step (adam must be given): step i
  * takes the rows rows[i B .. (i + 1) B - 1] of x, the draw eps[i B d ..], betas[i] and capacities[i] (when
- * has_capacity), and writes its (loss, recon, kl) to terms[3 i ..]. Stops after a step whose loss is not finite
+ * has_capacity), and writes its (loss, recon, kl) to terms[3 i ..]. Stops after a step with a term that is not finite
  * (its Adam step taken: the caller goes back to saved weights). Returns the number of steps taken, or -1 / -2
  * as vae_fb. */
 int vae_fb_steps(const vae_net *net, const float *x, const int64_t *rows, long n_src, const float *eps, int B,
                  int n_steps, float *ws, const double *betas, double free_bits, int has_capacity,
                  const double *capacities, double *terms, const vae_adam *adam) {
     if (!adam || !rows) return -1;
+    for (long r = 0; r < (long)n_steps * B; r++) /* every row first: a bad one is refused before any step */
+        if (rows[r] < 0 || rows[r] >= n_src) return -2;
     for (int i = 0; i < n_steps; i++) {
         int rc = vae_fb(net, x, rows + (long)i * B, n_src, eps + (long)i * B * net->d, B, ws, betas[i], free_bits,
                         has_capacity, has_capacity ? capacities[i] : 0.0, terms + 3L * i, adam);
         if (rc != 0) return rc;
-        if (!isfinite(terms[3L * i])) return i + 1;
+        if (!isfinite(terms[3L * i]) || !isfinite(terms[3L * i + 1]) || !isfinite(terms[3L * i + 2])) return i + 1;
     }
     return n_steps;
 }
