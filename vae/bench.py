@@ -205,7 +205,12 @@ def run_ours(images, steps, batch_size, seed, device, log) -> tuple[float, float
         elapsed += time.perf_counter() - t0
         done += n
     sps = steps * batch_size / elapsed
-    log(f"ours (in-memory trainer, {trainer.step_path}, {device}): {sps:,.0f} samples/s over {steps} steps")
+    why = ""
+    if device.type == "cpu" and trainer.fused and trainer.step_path != "native fused step":
+        from . import native
+
+        why = f" (the C step is off: {native.unavailable_reason()})"
+    log(f"ours (in-memory trainer, {trainer.step_path}, {device}): {sps:,.0f} samples/s over {steps} steps{why}")
     return sps, elapsed / steps
 
 
