@@ -4,7 +4,7 @@ import dataclasses
 
 import streamlit as st
 
-from ui.core import check_range, get_dataset, presenting, tile
+from ui.core import check_range, get_dataset, nats2, presenting, tile
 from ui.tradeoff import (au_curves_figure, group_in_url, group_jobs, group_progress, heatmap_figure, kl_scale_figure,
                          run_images, state_line, stop_group, submit_group)
 from vae.jobs import ACTIVE
@@ -86,17 +86,18 @@ def results():
         rows = []
         for s in snaps:
             sm = run_summary(s.history) or {}
+            # text, two decimals as the panels below write them, "–" before a run's first epoch (a number column
+            # showed "None" there)
             rows.append({"run": _short_name(s.name),
                          "active units": f"{sm['active_units']}/{latent_dim}" if sm else s.state,
-                         "peak": sm["peak_active_units"] if sm else None,
-                         "R": sm["rate"] if sm else None, "D": sm["distortion"] if sm else None,
-                         "ELBO": sm["elbo"] if sm else None})
-        nats = dict(format="%.2f")  # as the panels below write them
+                         "peak": str(sm["peak_active_units"]) if sm else "–",
+                         **{k: nats2(sm[v]) if sm else "–"
+                            for k, v in (("R", "rate"), ("D", "distortion"), ("ELBO", "elbo"))}})
         st.dataframe(rows, hide_index=True, column_config={
-            "peak": st.column_config.NumberColumn(help="the most active units the run had at any epoch"),
-            "R": st.column_config.NumberColumn(help="rate, nats", **nats),
-            "D": st.column_config.NumberColumn(help="distortion, nats", **nats),
-            "ELBO": st.column_config.NumberColumn(help="−(R + D), nats", **nats)})
+            "peak": st.column_config.TextColumn(help="the most active units the run had at any epoch"),
+            "R": st.column_config.TextColumn(help="rate, nats"),
+            "D": st.column_config.TextColumn(help="distortion, nats"),
+            "ELBO": st.column_config.TextColumn(help="−(R + D), nats")})
         st.caption("ELBO = −(R + D): each model's true bound, its KL weighted by 1 whatever β trained it. A remedy "
                    "that keeps dimensions alive pays for their KL, so its ELBO can come out below the collapsed "
                    "model's: what the remedies buy is a code that carries information (active units, R), not "

@@ -264,6 +264,22 @@ def test_instability_of_a_bernoulli_run_against_the_model_that_ignores_z():
     assert detect_instability(hist([60, 60, 60], [60, 60, 60]), {**mc, "likelihood": "gaussian"}, tc) is None
 
 
+def test_instability_of_any_run_whose_encoder_diverged():
+    """A test KL of millions of nats (an encoder blown up by lr = 1 on a Gaussian decoder; its ELBO of -2e7 has no
+    scale to judge it by) is caught from the first epoch, for any likelihood; a non-finite ELBO too."""
+    def hist(elbo, kl):
+        h = new_history()
+        h["epoch"]["test_elbo"], h["epoch"]["test_kl"] = [elbo], [kl]
+        return h
+
+    mc = {"likelihood": "gaussian-learned", "input_dim": 64, "latent_dim": 8}
+    warning = detect_instability(hist(-2.1e7, 9.04e6), mc, {"lr": 1.0})
+    assert warning.startswith("Training has gone wrong: the test KL is 9.04e+06 nats") and "lr" not in warning
+    assert "learning rate (now 1)" in warning
+    assert detect_instability(hist(-250.0, 180.0), mc, {"lr": 1e-3}) is None  # a big, working KL
+    assert "test ELBO is inf" in detect_instability(hist(math.inf, 3.0), mc, {})
+
+
 @pytest.mark.parametrize("preset, changes", [("fast demo", {}), ("fast demo", {"beta": 0.0}),
                                              ("fast demo", {"beta_schedule": "capacity", "capacity_max": 60.0}),
                                              ("fast demo", {"likelihood": "gaussian", "sigma": 0.2})])

@@ -356,8 +356,11 @@ def check_range(label: str, value, lo, hi) -> None:
 
 
 def nats2(v: float) -> str:
-    """A KL-like estimate in nats with two decimals, never "-0.00": a Monte Carlo estimate of a quantity >= 0 that
-    comes out a hair below zero shows as 0.00 (one further below is shown as it is: the estimate's error)."""
+    """A value in nats with two decimals, never "-0.00": a Monte Carlo estimate of a quantity >= 0 that comes out a
+    hair below zero shows as 0.00 (one further below is shown as it is: the estimate's error). From a million on,
+    three significant digits ("-5.74e+24"): a diverged run's figures, which in full overflow a metric's box."""
+    if abs(v) >= 1e6 or v != v:
+        return f"{v:.3g}"
     return "0.00" if -0.005 < v < 0.005 else f"{v:.2f}"
 
 

@@ -465,7 +465,14 @@ def _on_delay():
 
 
 def _on_pick_run():
-    set_run(st.session_state.get("run_pick") or None)
+    picked = st.session_state.get("run_pick") or None
+    if picked and registry().get(picked) is None:
+        # a browser can send back an option's label rather than its value (a selectbox whose labels changed
+        # under it): the id is its last part; anything else is no run, and the URL keeps the run it had
+        picked = picked.rsplit(" · ", 1)[-1].strip()
+        if registry().get(picked) is None:
+            return
+    set_run(picked)
 
 
 def _on_forget():
@@ -484,7 +491,9 @@ def run_picker(job: Job | None, where=st):
     """The runs on this server (newest first); picking one reattaches to it (and puts it in the URL)."""
     jobs = list(reversed(registry().jobs()))
     ids = [""] + [j.id for j in jobs]
-    names = {j.id: f"{j.name} · {j.state} · {j.id}" for j in jobs}
+    # labels that do not change while a run goes on (its state is in the badge and the run list): a selectbox whose
+    # labels change under it can send back a stale label instead of the run's id
+    names = {j.id: f"{j.name} · {j.id}" for j in jobs}
     st.session_state["run_pick"] = job.id if job is not None else ""
     where.selectbox("Run", ids, key="run_pick", on_change=_on_pick_run,
                     format_func=lambda i: names.get(i, "— new run —"),
@@ -679,7 +688,9 @@ def _live_status(job_id: str, polling: bool, drawn: tuple | None = None):
                     "Queued: the curves appear once the run starts.")
         return
     status = detect_collapse(h, train_config=snap.train_config, model_config=snap.model_config)
-    if status.collapsed:  # one line: the remedies in a popover (listed in full, they pushed the curves off screen)
+    # a run that has gone wrong has not collapsed (its KL may be anything): the charts' warning says what happened
+    broken = detect_instability({"epoch": h.get("epoch", {})}, snap.model_config, snap.train_config)
+    if status.collapsed and broken is None:  # one line, the remedies in a popover (they pushed the curves down)
         what, _, why = status.reason.partition("; ")  # the facts on the banner, what they mean in the popover
         banner, tips = st.columns([5, 1], vertical_alignment="center")
         banner.error(f"**KL collapse detected.** {what}.", icon=":material/warning:")
@@ -769,10 +780,10 @@ def _status(snap):
                      "Paused, stopped or finished: the last epoch's rate of training steps alone (no pauses, no "
                      "test evaluation)")
     m[1].metric("ETA", format_duration(snap.eta_s) if snap.state == RUNNING else "–")
-    m[2].metric("test ELBO (nats)", f"{h['test_elbo'][-1]:.2f}" if h["test_elbo"] else "–",
+    m[2].metric("test ELBO (nats)", core.nats2(h["test_elbo"][-1]) if h["test_elbo"] else "–",
                 help="Negative for a Bernoulli decoder (a probability). A Gaussian decoder's log p(x|z) is a "
                      "density, which can exceed 1, so its ELBO can be positive")
-    m[3].metric("test KL (nats)", f"{h['test_kl'][-1]:.2f}" if h["test_kl"] else "–")
+    m[3].metric("test KL (nats)", core.nats2(h["test_kl"][-1]) if h["test_kl"] else "–")
     m[4].metric("active units", f"{h['active_units'][-1]}/{len(h['test_kl_per_dim'][-1])}"
                 if h["active_units"] else "–")
 

@@ -189,6 +189,9 @@ def trivial_loss(model_config: dict, train_config: dict) -> float | None:
     return loss + beta * model_config.get("latent_dim", 0) * float(train_config.get("free_bits", 0.0))
 
 
+KL_ABSURD_NATS = 1e4  # a test KL above this (nats per example) is a diverged encoder, for any data set here
+
+
 def detect_instability(history: dict, model_config: dict | None = None,
                        train_config: dict | None = None) -> str | None:
     """A one-line warning when a run went unstable without a NaN (which the trainer's guard catches), else None:
@@ -196,9 +199,10 @@ def detect_instability(history: dict, model_config: dict | None = None,
         when β is) more than SPIKE_MIN_NATS and more than SPIKE_RATIO - 1 times |median| above the median of the
         SPIKE_BLOCK steps before its block. Compared with the steps just before, so a run that jumps and stays up
         is caught at the jump, and scale-free enough for a Gaussian decoder, whose -ELBO can be near 0 or negative;
+      - a test ELBO that is not finite, or a test KL above KL_ABSURD_NATS (any likelihood, from the first epoch);
       - for a Bernoulli decoder, after 3 epochs: the test reconstruction NLL above D ln 2 (a decoder can always give
         every pixel probability 1/2, whatever β), or the training objective above that of the model that ignores z
-        (trivial_loss), each by more than 10 %; or a test ELBO that is not finite."""
+        (trivial_loss), each by more than 10 %."""
     tc, mc = train_config or {}, model_config or {}
     lr = tc.get("lr")
     tip = f"try a lower learning rate (now {lr:g}) or gradient clipping" if lr else \
@@ -225,11 +229,16 @@ def detect_instability(history: dict, model_config: dict | None = None,
                 return (f"Unstable training: −ELBO jumped to {neg[i]:.3g} nats at step {int(sh['step'][i])}, "
                         f"from a median of {med[b]:.3g} over the {SPIKE_BLOCK} steps before; {tip}.")
     e = history.get("epoch", {})
-    if mc.get("likelihood") == "bernoulli" and mc.get("input_dim") and len(e.get("test_elbo", [])) >= 3:
-        coin = mc["input_dim"] * math.log(2.0)
-        elbo, recon = e["test_elbo"][-1], (e.get("test_recon") or [None])[-1]
+    if e.get("test_elbo"):  # any likelihood
+        elbo, kl = e["test_elbo"][-1], (e.get("test_kl") or [0.0])[-1]
         if not math.isfinite(elbo):
             return f"Training has gone wrong: the test ELBO is {elbo}; {tip}."
+        if kl > KL_ABSURD_NATS:
+            return (f"Training has gone wrong: the test KL is {kl:.3g} nats, where a working model's is tens to a "
+                    f"few hundred; {tip}.")
+    if mc.get("likelihood") == "bernoulli" and mc.get("input_dim") and len(e.get("test_elbo", [])) >= 3:
+        coin = mc["input_dim"] * math.log(2.0)
+        recon = (e.get("test_recon") or [None])[-1]
         if recon is not None and recon > TRIVIAL_MARGIN * coin:
             return (f"Training has gone wrong: the test reconstruction NLL {recon:.1f} nats is above {coin:.1f}, "
                     f"that of a decoder giving every pixel probability 1/2; {tip}.")
