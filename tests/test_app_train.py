@@ -191,6 +191,10 @@ def test_failure_queue_and_unknown_run_are_shown(registry):
     at.query_params["run"] = queued.id
     at.run()
     assert any("place 1 in the queue" in i.value for i in at.info)
+    # the places are held by paused runs: the message names them, and says how to free a place
+    holding = next(i.value for i in at.info if "place 1 in the queue" in i.value)
+    assert [h.state for h in holders] == [PAUSED] * len(holders)
+    assert all(f"“{h.name}” (paused)" in holding for h in holders) and "until it is stopped" in holding
     for h in holders:
         h.stop()
 

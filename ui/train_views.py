@@ -756,8 +756,13 @@ def _status(snap):
     badge, bar = st.columns([1, 2.2], vertical_alignment="bottom") if snap.total_steps else (st, None)
     badge.badge(f"{snap.name} · {snap.state}", color=color, icon=icon)
     if snap.state == QUEUED:
+        holding = [j for j in registry().jobs() if j.state in (RUNNING, PAUSED)]
+        who = ", ".join(f"“{j.name}” ({j.state})" for j in holding)
+        paused = any(j.state == PAUSED for j in holding)
         st.info(f"Queued: place {snap.queue_position} in the queue. The server runs at most "
-                f"{registry().max_concurrent} jobs at once; this one starts when another ends (it is never dropped).")
+                f"{registry().max_concurrent} jobs at once; this one starts when another ends (it is never dropped)."
+                + (f" Holding a place now: {who}." if who else "")
+                + (" A paused run keeps its place until it is stopped (pick it under Run)." if paused else ""))
     if snap.state == FAILED:
         step = snap.extra.get("failed_step")
         st.error(f"**The run failed**{f' at step {step}' if step is not None else ''}: {snap.error}  \n"
