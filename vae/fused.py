@@ -118,7 +118,7 @@ class FusedStep:
                      adam: AdamStep) -> list[list[float]] | None:
         """len(betas) training steps (forward, backward and Adam's step) in one call into the C library: step i
         takes the batch x[rows[i batch:(i + 1) batch]], beta betas[i] and capacity capacities[i]. Returns each
-        step's [loss, recon, kl], ending with the first whose loss is not finite if one is; or None where the C
+        step's [loss, recon, kl], ending with the first with a term that is not finite if one is; or None where the C
         library cannot take these steps (the caller takes them one by one then). The reparameterisation's draws
         come from generator in the order single steps would draw them."""
         nat, k = self._native, len(betas)
@@ -334,11 +334,9 @@ class _Native:
                 net.gW[i], net.gb[i] = ptrs[n + 2 * i], ptrs[n + 2 * i + 1]
             self._ptrs = ptrs
 
-    @torch.no_grad()
-    def run(self, x, beta, free_bits, capacity, generator, adam_state=None, rows=None) -> list[float]:
-        """One step in C (bind() first)."""
+    def _prepare(self, x: torch.Tensor, B: int):
+        """The library, with a workspace (and a draw buffer) for batches of B of x."""
         lib = native.library()
-        B, d = (x.shape[0] if rows is None else rows.shape[0]), self.net.d
         if x.shape[1] != self.net.D:
             raise ValueError(f"a batch of {x.shape[1]} values an example; the model takes {self.net.D}")
         if B < 1:
@@ -346,30 +344,34 @@ class _Native:
         if self._ws is None or B > self._ws_batch:
             self._ws = torch.empty(lib.vae_workspace_floats(self.net_ref, B), dtype=torch.float32)
             self._ws_batch = B
-            self._eps = torch.empty(B, d, dtype=torch.float32)
-        eps = torch.randn((B, d), generator=generator, out=self._eps[:B])  # VAE.reparameterize's draw
+            self._eps = torch.empty(B, self.net.d, dtype=torch.float32)
         self.net.threads = torch.get_num_threads()
-        rc = lib.vae_fb(self.net_ref, x.data_ptr(), None if rows is None else rows.data_ptr(), x.shape[0],
-                        eps.data_ptr(), B, self._ws.data_ptr(), beta, free_bits, capacity is not None,
-                        0.0 if capacity is None else capacity, self.terms_out,
-                        None if adam_state is None else ctypes.addressof(adam_state))
+        return lib
+
+    @staticmethod
+    def _check(rc: int, x: torch.Tensor) -> int:
         if rc == -2:
             raise IndexError(f"a row index out of range for {x.shape[0]} examples")
-        if rc != 0:
+        if rc < 0:
             raise RuntimeError("the native fused step refused this model")
-        return self.terms_out[:]
+        return rc
 
+    @torch.no_grad()
+    def run(self, x, beta, free_bits, capacity, generator, adam_state=None, rows=None) -> list[float]:
+        """One step in C (bind() first)."""
+        B = x.shape[0] if rows is None else rows.shape[0]
+        lib = self._prepare(x, B)
+        eps = torch.randn((B, self.net.d), generator=generator, out=self._eps[:B])  # VAE.reparameterize's draw
+        self._check(lib.vae_fb(self.net_ref, x.data_ptr(), None if rows is None else rows.data_ptr(), x.shape[0],
+                               eps.data_ptr(), B, self._ws.data_ptr(), beta, free_bits, capacity is not None,
+                               0.0 if capacity is None else capacity, self.terms_out,
+                               None if adam_state is None else ctypes.addressof(adam_state)), x)
+        return self.terms_out[:]
 
     @torch.no_grad()
     def run_steps(self, x, rows, B, betas, free_bits, capacities, generator, adam_state) -> list[list[float]]:
         """len(betas) steps in C (bind() first)."""
-        lib, d, k = native.library(), self.net.d, len(betas)
-        if x.shape[1] != self.net.D:
-            raise ValueError(f"a batch of {x.shape[1]} values an example; the model takes {self.net.D}")
-        if self._ws is None or B > self._ws_batch:
-            self._ws = torch.empty(lib.vae_workspace_floats(self.net_ref, B), dtype=torch.float32)
-            self._ws_batch = B
-            self._eps = torch.empty(B, d, dtype=torch.float32)
+        lib, d, k = self._prepare(x, B), self.net.d, len(betas)
         if self._eps_steps is None or self._eps_steps.numel() < k * B * d:
             self._eps_steps = torch.empty(k * B * d, dtype=torch.float32)
         eps = self._eps_steps[:k * B * d].view(k * B, d)
@@ -378,17 +380,12 @@ class _Native:
         else:
             for i in range(k):
                 torch.randn((B, d), generator=generator, out=eps[i * B:(i + 1) * B])
-        self.net.threads = torch.get_num_threads()
         dbl = ctypes.c_double * k
         terms = (ctypes.c_double * (3 * k))()
         caps = dbl(*capacities) if capacities is not None else None
-        n = lib.vae_fb_steps(self.net_ref, x.data_ptr(), rows.data_ptr(), x.shape[0], eps.data_ptr(), B, k,
-                             self._ws.data_ptr(), dbl(*betas), free_bits, capacities is not None, caps, terms,
-                             ctypes.addressof(adam_state))
-        if n == -2:
-            raise IndexError(f"a row index out of range for {x.shape[0]} examples")
-        if n < 0:
-            raise RuntimeError("the native fused step refused this model")
+        n = self._check(lib.vae_fb_steps(self.net_ref, x.data_ptr(), rows.data_ptr(), x.shape[0], eps.data_ptr(), B,
+                                         k, self._ws.data_ptr(), dbl(*betas), free_bits, capacities is not None,
+                                         caps, terms, ctypes.addressof(adam_state)), x)
         t = terms[:3 * n]
         return [t[3 * i:3 * i + 3] for i in range(n)]
 

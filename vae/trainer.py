@@ -88,8 +88,9 @@ class Trainer:
         """fused: the MLP's step with the backward pass written out (vae.fused; the same loss and gradients, in
         fewer operations) where the model allows; False always takes autograd. native: that step in C where
         vae.native's library is built (float32 on the CPU; see vae.native), else in torch. A Trainer sets the CPU
-        to flush denormals to zero (vae.device.flush_denormals: Adam's state of a weight whose gradient is always 0 would
-        slow every step down for good), on this thread and on torch's thread pool if that has not started yet."""
+        to flush denormals to zero (vae.device.flush_denormals: Adam's state of a weight whose gradient is always 0
+        would slow every step down for good), on this thread and on torch's thread pool if that has not started
+        yet."""
         cfg = self.config = train_config or TrainConfig()
         self.device = resolve_device(cfg.device)
         flush_denormals()  # Adam's state decays into denormals on constant pixels: see vae.device.flush_denormals
@@ -180,10 +181,8 @@ class Trainer:
         if self.done:
             raise RuntimeError(f"training is finished ({self.epoch} epochs); raise epochs to go on")
         t0 = time.perf_counter()
-        cfg, n = self.config, self.x_train.shape[0]
-        if self._perm is None:
-            self._perm = torch.randperm(n, generator=self.generator, device=self.device)
-            self._pos = 0
+        cfg = self.config
+        self._start_epoch()
         idx = self._perm[self._pos:self._pos + cfg.batch_size]
         b = idx.shape[0]
         beta = self.schedule.beta(self.step_count)
@@ -221,11 +220,8 @@ class Trainer:
             return []
         if self.done:
             raise RuntimeError(f"training is finished ({self.epoch} epochs); raise epochs to go on")
-        cfg, size = self.config, self.x_train.shape[0]
-        B = cfg.batch_size
-        if self._perm is None:
-            self._perm = torch.randperm(size, generator=self.generator, device=self.device)
-            self._pos = 0
+        cfg, size, B = self.config, self.x_train.shape[0], self.config.batch_size
+        self._start_epoch()
         recs = []
         chunks = self._fused is not None and cfg.grad_clip <= 0 and self._fused.can_chunk(self.x_train)
         while n > 0 and not self.done and not (recs and recs[-1]["epoch_end"]):
@@ -262,6 +258,12 @@ class Trainer:
                 self._diverged(vals)
             recs.append(self._record(vals, B, beta))
         return recs
+
+    def _start_epoch(self):
+        """The epoch's order of the training examples, drawn at its first step."""
+        if self._perm is None:
+            self._perm = torch.randperm(self.x_train.shape[0], generator=self.generator, device=self.device)
+            self._pos = 0
 
     def _diverged(self, vals):
         """A step gave a loss (or gradient norm) that is not finite: back to the last epoch end's weights, and

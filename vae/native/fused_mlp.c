@@ -285,7 +285,7 @@ long vae_workspace_floats(const vae_net *net, int B) {
         if (net->out[l] > widest) widest = net->out[l];
     }
     n += 3L * B * net->d;                  /* logvar (clamped), std, z */
-    n += 2L * net->d;                       /* each dimension's KL weight in the loss */
+    n += net->d;                            /* each dimension's KL weight in the loss */
     n += (long)B * net->D;                  /* the batch, gathered */
     n += (long)VAE_MAX_THREADS * widest;    /* per-thread column sums */
     return n;
@@ -313,7 +313,7 @@ int vae_fb(const vae_net *net, const float *x, const int64_t *rows, long n_src, 
     float *logvar = p; p += (long)B * d;
     float *sd = p; p += (long)B * d;
     float *z = p; p += (long)B * d;
-    float *kl_w = p; p += 2 * d;
+    float *kl_w = p; p += d;
     float *xbuf = p; p += (long)B * D;
     float *part = p;
     const float inv_b = 1.0f / (float)B;
