@@ -1,11 +1,13 @@
-/* The MLP VAE's forward and backward pass in one call: vae/fused.py's FusedStep, in C, for float32 on the CPU.
+/* The MLP VAE's training step in C, for float32 on the CPU: vae/fused.py's FusedStep (forward and backward) and
+ * Adam's step in one call (vae_fb), or a chunk of such steps (vae_fb_steps, for Trainer.steps).
  *
- * Same computation and the same gradients as FusedStep.forward_backward (and so as autograd on
- * vae.losses.elbo_terms); tests/test_native.py checks every term and gradient against both. What C adds: the
- * elementwise work is done in a few passes that each finish a layer (bias, ReLU, its mask in the backward pass and
- * the bias gradient's column sums at once) instead of a dozen separate torch operations, and one call from Python
- * replaces about sixty. The GEMMs are torch's own: the BLAS sgemm_ that libtorch exports, found at run time and
- * handed to vae_set_sgemm, so they run exactly as torch.mm runs them.
+ * Same computation and the same gradients as FusedStep's torch code (and so as autograd on vae.losses.elbo_terms),
+ * and torch.optim.Adam's update; tests/test_native.py checks them. What C adds: the elementwise work is done in a
+ * few passes that each finish a layer (bias, ReLU, its mask in the backward pass and the bias gradient's column sums
+ * at once) instead of a dozen separate torch operations; Adam runs layer by layer while the gradients are in cache;
+ * one call from Python replaces about sixty, and a chunk's steps have no Python between them. The GEMMs are
+ * torch's own: the BLAS sgemm_ that libtorch exports, found at run time and handed to vae_set_sgemm, so they run
+ * exactly as torch.mm runs them.
  *
  * Layout: every matrix is row-major float32, contiguous. Layer l maps in[l] -> out[l] with W[l] (out x in) and
  * b[l] (out). Layers 0 .. n_enc-1 are the encoder's hidden layers (ReLU), layer n_enc gives (mu, raw logvar)
