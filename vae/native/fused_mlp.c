@@ -21,9 +21,6 @@
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "vae.native assumes a little-endian machine (see gemm)"
 #endif
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #define VAE_MAX_LAYERS 34
 #define VAE_MAX_THREADS 8
