@@ -7,8 +7,9 @@ import streamlit as st
 from ui.core import clamped, current, need_model, presenting, selection_data, tile, to_images, upscale
 from ui.latent import (class_names, dim_info, encoded_split, follow_live_run, points_figure, sensitivity,
                        sensitivity_figure, traversal_points_figure)
-from vae.latent_ops import (MAX_SLIDERS, SLIDER_LIMIT, compose_latent, decode_one, decode_points, interpolate,
-                            interpolate_at, prior_samples, slider_layout, start_point, traversal_grid, traversal_values)
+from vae.latent_ops import (MAX_SLIDERS, SLIDER_LIMIT, compose_latent, decode_one, decode_point, decode_points,
+                            encode_point, interpolate, interpolate_at, prior_samples, slider_layout, start_point,
+                            traversal_grid, traversal_values)
 
 START_LABELS = {"zero": "zero (the prior's mean)", "prior": "a random prior sample", "image": "a test image's code"}
 IMAGE_PX = 448  # the decoded image's size on screen: integer nearest-neighbour upscaling, crisp pixels
@@ -57,9 +58,12 @@ base = start_point(start, d, seed, codes.mu[img_idx] if start == "image" else No
 signature = (sel.ref, d, start, seed, img_idx)
 reset = s1.button("Reset the sliders to this start", key="dec_reset")
 if st.session_state.get("dec_signature") != signature or reset:
+    # the sliders go to the start; on a page's first run, to the point in the URL (?z=, a reload or a shared link)
+    # when it has one for this model's d dimensions
+    shared = None if reset or "dec_signature" in st.session_state else decode_point(st.query_params.get("z"), d)
     st.session_state["dec_signature"] = signature
     for k in range(d):
-        st.session_state[f"dec_z_{k}"] = float(base[k])
+        st.session_state[f"dec_z_{k}"] = float((base if shared is None else shared)[k])
 
 n_sliders = MAX_SLIDERS
 if d > MAX_SLIDERS:
@@ -94,6 +98,12 @@ def decoder_panel():
                        + ", ".join(f"z{k + 1}" for k in sorted(layout.held)))
     values = [st.session_state[f"dec_z_{dim}"] for dim in layout.shown]
     z = compose_latent(base, layout.shown, values)
+    point = encode_point(z, base)  # in the URL once moved from the start: a reload or a link shows this image
+    if point != st.query_params.get("z", ""):
+        if point:
+            st.query_params["z"] = point
+        else:
+            del st.query_params["z"]
     x = decode_one(model, z)
     with right:
         if is_points:

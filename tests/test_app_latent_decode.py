@@ -201,6 +201,31 @@ def test_decode_slider_changes_image_and_orders_by_kl(z16_stats):
     assert any(abs(at.slider(key=f"dec_z_{k}").value) > 0 for k in range(16))
 
 
+def test_the_sliders_point_is_in_the_url_and_a_link_opens_with_it(z16_stats):
+    from apptest_support import new_app_test
+
+    at = open_page("pages/decode.py", model=Z16)
+    assert "z" not in at.query_params  # at its start: no point in the URL
+    top = int(dims_by_kl(z16_stats.kl)[0])
+    at.slider(key=f"dec_z_{top}").set_value(2.5).run()
+    want = ["0"] * 16
+    want[top] = "2.5"
+    assert at.query_params["z"] in (",".join(want), [",".join(want)])
+    image = decoded_url(at)
+    at.button(key="dec_reset").click().run()  # back to the start: the point leaves the URL
+    assert "z" not in at.query_params and at.slider(key=f"dec_z_{top}").value == 0.0
+    # a link (or a reload) with that point: the sliders open there; a point for another d is ignored
+    for text, value in ((",".join(want), 2.5), ("1,2,3", 0.0), ("nonsense", 0.0)):
+        at = new_app_test()
+        at.query_params["model"] = Z16
+        at.query_params["z"] = text
+        at.run()
+        at.switch_page("pages/decode.py").run()
+        no_exception(at)
+        assert at.slider(key=f"dec_z_{top}").value == value, text
+        assert (decoded_url(at) == image) == (value == 2.5)  # the very image the link was made from
+
+
 def test_traversal_grid_shape(media, z16_stats):
     at = open_page("pages/decode.py", model=Z16)
     at.slider(key="dec_trav_rows").set_value(3).run()

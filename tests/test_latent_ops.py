@@ -190,3 +190,19 @@ def test_rows_round_trip_through_compact_url_text():
     assert encode_rows([]) == "" and decode_rows("", 10) == []
     assert decode_rows("5,8-12,99", 10) == [5, 8, 9]  # rows past the split's end are dropped
     assert all(decode_rows(bad, 10) == [] for bad in ("x", "3,,a", "9-2", "1-99999999"))  # a bad link: no rows
+
+
+def test_a_latent_point_in_a_url_round_trips():
+    import numpy as np
+
+    from vae.latent_ops import SLIDER_LIMIT, decode_point, encode_point
+
+    base = np.zeros(5)
+    assert encode_point(base + 0.001, base) == ""  # the start (to two decimals): nothing to carry
+    text = encode_point([0.5, -1.2, 0.0, -0.5, 2.25], base)
+    assert text == "0.5,-1.2,0,-0.5,2.25"
+    np.testing.assert_allclose(decode_point(text, 5), [0.5, -1.2, 0.0, -0.5, 2.25])
+    assert encode_point([-0.001, 1.0], [1.0, 1.0]) == "0,1"  # no "-0"
+    np.testing.assert_allclose(decode_point("9,-9", 2), [SLIDER_LIMIT, -SLIDER_LIMIT])  # brought into range
+    for bad in ("1,2", "a,b,c", "1,nan,2", "1,inf,2", "", None):
+        assert decode_point(bad, 3) is None, bad

@@ -243,6 +243,31 @@ def decode_rows(text: str, n: int) -> list[int]:
     return sorted(rows)
 
 
+def encode_point(z, base) -> str:
+    """A latent point for a URL, two decimals a coordinate ("0.5,-1.2,0"), or "" where it is base (to two
+    decimals): a page's link then carries it only once it has been moved from its start."""
+    z, base = np.asarray(z, dtype=float).ravel(), np.asarray(base, dtype=float).ravel()
+    if z.shape == base.shape and np.all(np.round(z, 2) == np.round(base, 2)):
+        return ""
+    def short(v: float) -> str:  # 0.50 -> "0.5", -1.00 -> "-1", -0.001 -> "0"
+        t = f"{v:.2f}".rstrip("0").rstrip(".")
+        return "0" if t in ("-0", "") else t
+
+    return ",".join(short(v) for v in z)
+
+
+def decode_point(text, d: int) -> np.ndarray | None:
+    """The inverse of encode_point for a d-dimensional latent, each coordinate brought into [-SLIDER_LIMIT,
+    SLIDER_LIMIT]; None for anything else (another model's point, not numbers, not finite)."""
+    try:
+        z = np.array([float(v) for v in str(text or "").split(",")], dtype=float)
+    except ValueError:
+        return None
+    if z.shape != (d,) or not np.all(np.isfinite(z)):
+        return None
+    return np.clip(z, -SLIDER_LIMIT, SLIDER_LIMIT)
+
+
 # ---- prior samples ----------------------------------------------------------------------------------------------
 def prior_latents(n: int, d: int, temperature: float = 1.0, seed: int = 0) -> np.ndarray:
     """n draws z ~ N(0, T^2 I), seeded: (n, d)."""
