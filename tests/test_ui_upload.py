@@ -80,3 +80,15 @@ def test_the_upload_note_shows_once_in_the_sidebar_outside_its_expander():
     assert not [i for e in at.sidebar.expander for i in e.info]  # not inside the (closed) upload expander
     at.run()
     assert not [i.value for i in at.sidebar.info if "kept as" in i.value]  # said once
+
+
+def test_the_model_picker_lists_what_the_user_made_first_newest_at_the_top(user_dir):
+    import os
+
+    older, _ = ui.core.accept_upload("older.pt", _bytes(2))
+    newer, _ = ui.core.accept_upload("newer.pt", _bytes(4, seed=1))
+    os.utime(older, (1_000_000, 1_000_000))  # saved long before the other
+    labels = list(ui.core.model_options().values())
+    kinds = [label.split(":")[0] for label in labels]  # live runs of other tests may be there too: first
+    assert kinds == sorted(kinds, key=["run", "saved", "shipped"].index) and "shipped" in kinds
+    assert [label for label in labels if label.startswith("saved: ")] == ["saved: newer", "saved: older"]

@@ -106,20 +106,28 @@ def checkpoints_in(folder: Path):
 
 
 def model_options() -> dict[str, str]:
-    """ref -> label for every model the picker offers: shipped, saved, uploaded and live runs."""
+    """ref -> label for every model the picker offers, what the user made first (the newest at the top): live
+    runs, then saved and uploaded checkpoints, then the shipped ones."""
     opts: dict[str, str] = {}
+    for job in reversed(get_registry().jobs()):
+        if job.has_weights:  # live runs, and runs restored from an autosave after a server restart
+            # the label goes into the URL (bind="query-params"), so it must not change while the run goes on
+            opts[f"run:{job.id}"] = f"run: {job.name} ({job.id})" if job.name != job.id else f"run: {job.id}"
+    saved = [s for s in checkpoints_in(USER_DIR) if s.error is None]
+    for s in sorted(saved, key=lambda s: _mtime(s.path), reverse=True):
+        opts[file_ref(Path(s.path))] = f"saved: {s.name}"
     for folder in SHIPPED_DIRS:
         for s in checkpoints_in(folder):
             if s.error is None:
                 opts[file_ref(Path(s.path))] = f"shipped: {Path(s.path).relative_to(CHECKPOINTS).with_suffix('')}"
-    for s in checkpoints_in(USER_DIR):
-        if s.error is None:
-            opts[file_ref(Path(s.path))] = f"saved: {s.name}"
-    for job in get_registry().jobs():
-        if job.has_weights:  # live runs, and runs restored from an autosave after a server restart
-            # the label goes into the URL (bind="query-params"), so it must not change while the run goes on
-            opts[f"run:{job.id}"] = f"run: {job.name} ({job.id})" if job.name != job.id else f"run: {job.id}"
     return opts
+
+
+def _mtime(path) -> float:
+    try:
+        return Path(path).stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def load_selection(ref: str, device: str) -> Selection:
