@@ -97,8 +97,7 @@ class FusedStep:
         optimizer's step in the same call where the C library can (vae.native; Adam applied layer by layer while
         the gradients are in cache); when it cannot, the caller still has to."""
         nat = self._native
-        if nat is not None and nat.covers(x) and (rows is None or (rows.dtype == torch.int64 and rows.is_contiguous()
-                                                                     and rows.device.type == "cpu")):
+        if nat is not None and nat.covers(x) and (rows is None or _Native.rows_ok(rows)):
             nat.bind()
             state = adam.native_state(nat.params) if adam is not None else None
             vals = nat.run(x, beta, free_bits, capacity, generator, state, rows)
@@ -122,8 +121,7 @@ class FusedStep:
         library cannot take these steps (the caller takes them one by one then). The reparameterisation's draws
         come from generator in the order single steps would draw them."""
         nat, k = self._native, len(betas)
-        if (nat is None or k < 1 or not nat.covers(x) or rows.dtype != torch.int64 or not rows.is_contiguous()
-                or rows.device.type != "cpu" or rows.shape[0] != k * batch):
+        if nat is None or k < 1 or not nat.covers(x) or not _Native.rows_ok(rows) or rows.shape[0] != k * batch:
             return None
         nat.bind()
         state = adam.native_state(nat.params)
@@ -308,6 +306,11 @@ class _Native:
 
     def ready(self) -> bool:
         return native.library() is not None
+
+    @staticmethod
+    def rows_ok(rows: torch.Tensor) -> bool:
+        """Row indices the C step can read: int64, contiguous, on the CPU."""
+        return rows.dtype == torch.int64 and rows.is_contiguous() and rows.device.type == "cpu"
 
     def covers(self, x: torch.Tensor) -> bool:
         ref = self.step.ref

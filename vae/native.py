@@ -33,6 +33,8 @@ BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-std=c99"]
 ARCH_FLAGS = ["-march=native"] + (["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else [])
 FLAG_SETS = [ARCH_FLAGS + ["-fopenmp"], ARCH_FLAGS, ["-fopenmp"], []]
 
+WRONG_BLAS = "the BLAS sgemm_ gave a wrong product"
+
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -105,7 +107,7 @@ def _open(path: str, sgemm: int) -> tuple[ctypes.CDLL | None, str]:
     lib.vae_set_sgemm(ctypes.c_void_p(sgemm))
     lib.vae_gemm_selftest.restype = ctypes.c_double
     if lib.vae_gemm_selftest() != 0.0:
-        return None, "the BLAS sgemm_ gave a wrong product"
+        return None, WRONG_BLAS
     lib.vae_has_openmp.restype = ctypes.c_int
     lib.vae_workspace_floats.argtypes = [ctypes.POINTER(Net), ctypes.c_int]
     lib.vae_workspace_floats.restype = ctypes.c_long
@@ -158,14 +160,12 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     cc = _compiler()
     if cc is None:
         return None, "no C compiler (cc, gcc or clang) on PATH"
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        return None, f"the C compiler did not run ({e})"
-    # built for this CPU (-march=native): the key names it, and the host (a home shared by machines)
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), repr(BASE_FLAGS), repr(FLAG_SETS), cc,
-                                    version.split("\n")[0], _cpu_flags(), platform.machine(), platform.node(),
-                                    torch.__version__]).encode())
+    # the compiler named by where it really is and when it was installed (no `cc --version` run at every process
+    # start); built for this CPU (-march=native): the key names it, and the host (a home shared by machines)
+    real = os.path.realpath(cc)
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), repr(BASE_FLAGS), repr(FLAG_SETS), real,
+                                    str(os.stat(real).st_mtime_ns), _cpu_flags(), platform.machine(),
+                                    platform.node(), torch.__version__]).encode())
     name = f"fused_mlp-{key.hexdigest()[:16]}.so"
     path = _cache_dir() / name
     if not path.exists():
@@ -178,7 +178,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         lib, err = _open(str(path), sgemm)
         if lib is not None:
             return lib, None
-        if err == "the BLAS sgemm_ gave a wrong product":
+        if err == WRONG_BLAS:  # building again would not change that
             return None, err
     lib, err = _build(cc, path, sgemm)  # not built yet, or a cached file that does not load (damaged, foreign)
     if lib is None:

@@ -138,7 +138,7 @@ class Trainer:
         "autograd step"."""
         if self._fused is None:
             return "autograd step"
-        if self._fused.native and self.x_train.dtype == torch.float32 and self.device.type == "cpu":
+        if self._fused.can_chunk(self.x_train):  # the C library is there and takes this data
             return "native fused step"
         return "fused step"
 
