@@ -61,6 +61,9 @@ if st.session_state.get("dec_signature") != signature or reset:
     # the sliders go to the start; on a page's first run, to the point in the URL (?z=, a reload or a shared link)
     # when it has one for this model's d dimensions
     shared = None if reset or "dec_signature" in st.session_state else decode_point(st.query_params.get("z"), d)
+    if shared is None and not reset and "dec_signature" not in st.session_state and st.query_params.get("z"):
+        st.caption(f"?z={st.query_params['z'][:40]} is not a point of this model's {d} latent dimensions (numbers, "
+                   "comma-separated): the sliders start from the start point instead")
     st.session_state["dec_signature"] = signature
     for k in range(d):
         st.session_state[f"dec_z_{k}"] = float((base if shared is None else shared)[k])

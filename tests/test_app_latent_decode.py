@@ -224,6 +224,8 @@ def test_the_sliders_point_is_in_the_url_and_a_link_opens_with_it(z16_stats):
         no_exception(at)
         assert at.slider(key=f"dec_z_{top}").value == value, text
         assert (decoded_url(at) == image) == (value == 2.5)  # the very image the link was made from
+        assert any("is not a point of this model's 16 latent dimensions" in c.value for c in at.caption) \
+            == (value != 2.5)  # a link it cannot use says so
 
 
 def test_traversal_grid_shape(media, z16_stats):
