@@ -259,3 +259,48 @@ def test_shipped_beta_sweep(shipped_results):
     r = kl_decomposition(mu, logvar, generator=torch.Generator().manual_seed(0))
     assert r["mutual_info"] <= r["mutual_info_max"] + 1e-6
     assert r["marginal_kl"] > 0
+
+
+def _ck_file(tmp_path, name="m", model=None, **changes):
+    from conftest import tiny_model
+
+    ck = make_checkpoint(model or tiny_model(), dataset="digits")
+    ck.update(changes)
+    path = tmp_path / f"{name}.pt"
+    torch.save(ck, path)
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(metrics={"test_elbo": "oops"}), "invalid metrics"),
+    (dict(metrics=[1, 2]), "invalid metrics"),
+    (dict(metrics={"test_kl_per_dim": [0.1, "x"]}), "invalid metrics"),
+    (dict(train_config=[1, 2]), r"invalid train_config \(a list, not a dict\)"),
+    (dict(train_config={"epochs": "many"}), "invalid train_config"),
+    (dict(history={"epoch": 5}), "invalid history"),
+    (dict(history={"epoch": {"test_elbo": 3.0}}), "invalid history"),
+    (dict(history={"events": "x"}), "invalid history"),
+    (dict(dataset="cifar"), r"dataset 'cifar' is not one VAE Explorer has \(digits, "),
+    (dict(dataset=3), "dataset 3 is not one"),
+])
+def test_metadata_the_pages_read_is_checked(tmp_path, changes, message):
+    """A file made elsewhere with wrong metadata is refused with a one-line reason naming it (it crashed pages)."""
+    path = _ck_file(tmp_path, **changes)
+    with pytest.raises(CheckpointError, match=message) as info:
+        read_checkpoint(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_dataset_must_fit_the_model_and_is_worked_out_when_missing(tmp_path):
+    from vae import ModelConfig
+    from vae.trainer import build_model
+
+    big = build_model(ModelConfig(input_dim=784, image_shape=(28, 28), hidden=(8,), latent_dim=2), 0)
+    with pytest.raises(CheckpointError, match="the model takes 28x28 inputs but says dataset 'digits', whose are 8x8"):
+        read_checkpoint(_ck_file(tmp_path, "a", big))
+    assert read_checkpoint(_ck_file(tmp_path, "b", big, dataset=None))["dataset"] == "mnist"
+    odd = build_model(ModelConfig(input_dim=25, image_shape=(5, 5), hidden=(8,), latent_dim=2), 0)
+    with pytest.raises(CheckpointError, match="the model takes 5x5 inputs, which no dataset here has"):
+        read_checkpoint(_ck_file(tmp_path, "c", odd, dataset=None))
+    ck = read_checkpoint(_ck_file(tmp_path, "d", metrics=None, history=None))  # absent metadata: empty, not None
+    assert ck["metrics"] == {} and ck["history"] == {} and ck["dataset"] == "digits"

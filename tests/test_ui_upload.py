@@ -59,7 +59,16 @@ def test_browser_style_file_names_become_valid_names(user_dir, filename, name):
     assert path == user_dir / f"{name}.pt"
 
 
-@pytest.mark.parametrize("data", [b"", b"not a checkpoint", _bytes(2)[:100]], ids=["empty", "text", "truncated"])
+def _mismatched() -> bytes:
+    """A readable checkpoint whose 28x28 model says it is of the 8x8 digits: it passed, then crashed the pages."""
+    cfg = ModelConfig(input_dim=784, image_shape=(28, 28), hidden=(16,), latent_dim=2)
+    buf = io.BytesIO()
+    torch.save(make_checkpoint(build_model(cfg, 0), dataset="digits"), buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("data", [b"", b"not a checkpoint", _bytes(2)[:100], _mismatched()],
+                         ids=["empty", "text", "truncated", "model-not-of-its-dataset"])
 def test_a_bad_upload_says_so_and_writes_nothing(user_dir, data):
     ui.core.accept_upload("keep.pt", _bytes(2))
     kept = (user_dir / "keep.pt").read_bytes()

@@ -503,7 +503,7 @@ def _upload_box():
     up = st.file_uploader("A .pt file saved by VAE Explorer", type=["pt"], key="upload")
     if up is None:
         return
-    token = (up.name, up.size)
+    token = up.file_id  # each upload has its own (a retrained file can have the same name and size)
     if st.session_state.get("_upload_done") == token:
         return
     try:

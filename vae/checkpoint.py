@@ -98,7 +98,60 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     for key in ("model_config", "state_dict"):
         if not isinstance(ckpt.get(key), dict):
             raise CheckpointError(f"{name}: the checkpoint has no {key}")
+    _check_metadata(ckpt, name)
     return ckpt
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_metadata(ckpt: dict, name: str) -> None:
+    """What the pages read besides the weights, checked once here so that a file made elsewhere cannot break them:
+    the dataset (known, and of the model's image size; worked out from the image size when missing), the
+    train_config (a TrainConfig's fields), the metrics (numbers, or lists of them) and the history (per-step and
+    per-epoch lists, events). The dataset found is written into ckpt["dataset"]."""
+    from .data import DATASETS
+
+    try:
+        shape = tuple(ModelConfig.from_dict(ckpt["model_config"]).image_shape)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{name}: invalid model_config ({exc})") from None
+    ds = ckpt.get("dataset")
+    fits = [k for k, v in DATASETS.items() if tuple(v.image_shape) == shape]
+    if ds is None:
+        if not fits:
+            raise CheckpointError(f"{name}: the model takes {'x'.join(map(str, shape))} inputs, which no dataset "
+                                  f"here has ({', '.join(DATASETS)}); it cannot be shown")
+        ckpt["dataset"] = fits[0]
+    elif not isinstance(ds, str) or ds not in DATASETS:
+        raise CheckpointError(f"{name}: dataset {ds!r} is not one VAE Explorer has ({', '.join(DATASETS)})")
+    elif tuple(DATASETS[ds].image_shape) != shape:
+        raise CheckpointError(f"{name}: the model takes {'x'.join(map(str, shape))} inputs but says dataset {ds!r}, "
+                              f"whose are {'x'.join(map(str, DATASETS[ds].image_shape))}")
+    tc = ckpt.get("train_config")
+    if tc is not None:
+        try:
+            if not isinstance(tc, dict):
+                raise TypeError(f"a {type(tc).__name__}, not a dict")
+            TrainConfig.from_dict(tc)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{name}: invalid train_config ({str(exc)[:120]})") from None
+    metrics = ckpt.get("metrics")
+    if metrics is None:
+        ckpt["metrics"] = {}
+    elif not isinstance(metrics, dict) or not all(
+            v is None or _is_number(v) or (isinstance(v, list) and all(_is_number(x) for x in v))
+            for v in metrics.values()):
+        raise CheckpointError(f"{name}: invalid metrics (they must be numbers, or lists of numbers)")
+    hist = ckpt.get("history")
+    if hist is None:
+        ckpt["history"] = {}
+    elif not (isinstance(hist, dict)
+              and all(isinstance(hist.get(k, {}), dict) and all(isinstance(v, list) for v in hist.get(k, {}).values())
+                      for k in ("step", "epoch"))
+              and isinstance(hist.get("events", []), list)):
+        raise CheckpointError(f"{name}: invalid history (per-step and per-epoch lists, and a list of events)")
 
 
 def model_from_checkpoint(ckpt: dict, name: str = "checkpoint") -> VAE:
