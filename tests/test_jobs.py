@@ -158,8 +158,8 @@ def test_nan_ends_the_job_as_failed_with_the_last_good_weights(registries):
         good = {k: v.clone() for k, v in job.latest_weights()[1].items()}  # each step ends an epoch: good
     job.join(60)
     snap = job.snapshot()
-    assert snap.state == FAILED and snap.extra["failed_step"] == snap.step
-    assert f"step {snap.step}" in snap.error and "lr" in snap.error
+    assert snap.state == FAILED and snap.extra["failed_step"] == snap.step + 1  # the step that failed: not counted
+    assert f"step {snap.step + 1} " in snap.error and "lr" in snap.error
     _, weights, _ = job.latest_weights()
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert all(torch.equal(weights[k], good[k]) for k in good)  # the end of the last good epoch, restored
@@ -247,6 +247,42 @@ def test_restored_ended_jobs_keep_their_state_and_a_stopped_interrupted_one_stay
     assert third.get(half.id).state == STOPPED
     third.remove(done.id)
     assert not (tmp_path / f"{done.id}.pt").exists()
+
+
+def test_a_queued_run_survives_a_restart_and_a_stopped_queued_one_does_not(registries, tmp_path):
+    """A queued run has no autosave (no trainer yet): a small pending file brings it back, never dropped."""
+    reg = registries(autosave_dir=tmp_path, max_concurrent=1)
+    holder = reg.submit(tc(), mc(), name="holder", start_paused=True)
+    waiting = reg.submit(tc(epochs=1), mc(hidden=(16,)), name="waiting")
+    gone = reg.submit(tc(epochs=1), mc(), name="gone")
+    wait_until(lambda: holder.trainer is not None, what="the holder to start")
+    assert (waiting.state, gone.state) == (QUEUED, QUEUED)
+    gone.stop()  # stopped before it started: not offered again
+    restarted = registries(autosave_dir=tmp_path, max_concurrent=1)  # the first server died with them in place
+    back = restarted.get(waiting.id)
+    assert back is not None and back.name == "waiting" and back.state == INTERRUPTED
+    assert back.snapshot().extra["not_started"] and back.model_config.hidden == (16,)
+    assert restarted.get(gone.id) is None
+    back.resume()  # starts it from its first step
+    back.join(120)
+    assert back.state == FINISHED and back.snapshot().epoch == 1
+    assert not (tmp_path / f"{waiting.id}.pending.json").exists()  # it has its autosave now
+    assert restarted.get(holder.id).state == INTERRUPTED  # paused before its first epoch: back too
+    third = registries(autosave_dir=tmp_path, max_concurrent=1)
+    assert third.get(waiting.id).state == FINISHED  # its autosave, not the pending file, is what comes back
+
+
+def test_no_queued_run_starts_while_the_server_exits(registries):
+    reg = registries(max_concurrent=1)
+    holder = reg.submit(tc(), mc(), start_paused=True)
+    queued = reg.submit(tc(epochs=1), mc())
+    wait_until(lambda: holder.trainer is not None, what="the holder to start")
+    reg._exiting = True  # as _at_exit sets it: the holder's end must not start the queued run
+    holder.stop()
+    holder.join(60)
+    time.sleep(0.3)
+    assert queued.state == QUEUED and queued._thread is None
+    reg._exiting = False
 
 
 def test_autosaves_of_short_epochs_are_spaced_but_the_end_is_always_saved(registries, tmp_path):

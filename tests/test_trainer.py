@@ -251,3 +251,23 @@ def test_denormals_are_flushed_on_every_thread_before_training(how):
         pytest.skip("this CPU has no flush-to-zero mode")  # not an x86 CPU with SSE3
     assert n == 0, out
     assert nonzero("none")[1] == 1 << 20  # the reference: denormals, every one
+
+
+def _chunks_until_diverged(t):
+    with pytest.raises(TrainingDiverged) as info:
+        for _ in range(1000):
+            t.steps(8)
+    return info.value
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["step", "steps"])
+def test_divergence_names_the_step_that_failed(make_trainer, chunked):
+    """The message's step is the one whose loss was not finite; the steps before it are recorded, finite."""
+    t = make_trainer({"hidden": (32, 16)}, lr=3e-3)
+    for _ in range(5):
+        t.step()
+    t.update(lr=1e12, beta=100.0)
+    err = _step_until_diverged(t) if chunked is False else _chunks_until_diverged(t)
+    losses = t.history["step"]["loss"]
+    assert err.step == t.step_count + 1 == len(losses) + 1 and all(math.isfinite(v) for v in losses)
+    assert f"at step {err.step} " in str(err)

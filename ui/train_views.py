@@ -771,7 +771,9 @@ def _status(snap):
             with st.expander("Details (traceback)"):
                 st.code(snap.extra["traceback"], language=None)
     if snap.state == INTERRUPTED:
-        st.info("This run was interrupted by a server restart; its last autosave (end of an epoch) is loaded. "
+        st.info("This run was interrupted by a server restart before it started (it was queued, or in its first "
+                "epoch): **Resume** starts it." if snap.extra.get("not_started") else
+                "This run was interrupted by a server restart; its last autosave (end of an epoch) is loaded. "
                 "Resume goes on from there.")
     for k in ("autosave_error", "restore_error"):
         if snap.extra.get(k):

@@ -27,6 +27,7 @@ import atexit
 import collections
 import copy
 import itertools
+import json
 import multiprocessing.util  # noqa: F401  (its exit hook must be registered before ours: see _at_exit)
 import os
 import secrets
@@ -293,6 +294,7 @@ class Job:
         with self._cond:
             self._stop = True
             was_interrupted = self.state == INTERRUPTED
+            was_queued = self.state == QUEUED
             if self.state in (QUEUED, INTERRUPTED):
                 self.state = STOPPED
                 self._t_ended = time.time()
@@ -300,6 +302,8 @@ class Job:
             self._cond.notify_all()
         if was_interrupted:  # record the new state, so the next server start does not offer it as resumable
             self.registry._autosave(self, final=True)
+        if was_queued:  # stopped before it started: the next server start must not offer it
+            self.registry._drop_pending(self)
         self.registry._schedule()
 
     def set_delay(self, seconds: float):
@@ -667,8 +671,36 @@ class JobRegistry:
         with self._lock:
             self._jobs[job.id] = job
             self._queue.append(job)
+        self._write_pending(job)
         self._schedule()
         return job
+
+    # A run has no autosave until its first epoch ends (a queued one none at all): until then a small file of its
+    # settings stands for it, so that a server restart brings it back (interrupted, not yet started) and never drops
+    # it. It goes once the run has ended, is stopped or is forgotten; at a restart, also once its autosave exists.
+    def _pending_path(self, job_id: str) -> Path | None:
+        return self.autosave_dir / f"{job_id}.pending.json" if self.autosave_dir is not None else None
+
+    def _write_pending(self, job: "Job"):
+        path = self._pending_path(job.id)
+        if path is None:
+            return
+        meta = {"id": job.id, "name": job.name, "group": job.group, "created": job.created,
+                "train_config": job.train_config.to_dict(),
+                "model_config": job.model_config.to_dict() if job.model_config is not None else None}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(meta))
+            os.replace(tmp, path)
+        except (OSError, TypeError, ValueError) as exc:
+            with job._lock:
+                job.extra["autosave_error"] = f"autosave failed: {exc}"
+
+    def _drop_pending(self, job: "Job"):
+        path = self._pending_path(job.id)
+        if path is not None:
+            path.unlink(missing_ok=True)
 
     def get(self, job_id: str | None) -> Job | None:
         with self._lock:
@@ -697,6 +729,7 @@ class JobRegistry:
             self._writer.discard(path)
             self._writer.flush()
             path.unlink(missing_ok=True)
+            self._drop_pending(job)
 
     def queue_position(self, job: Job) -> int | None:
         with self._lock:
@@ -750,6 +783,8 @@ class JobRegistry:
 
     def _schedule(self):
         with self._lock:
+            if self._exiting:  # the server is stopping: queued runs stay queued (their pending files bring them back)
+                return
             self._queue = [j for j in self._queue if j.state == QUEUED and not j._stop]
             busy = sum(1 for j in self._jobs.values() if j._occupies_slot)
             while self._queue and busy < self.max_concurrent:
@@ -783,6 +818,8 @@ class JobRegistry:
             return
         job._ensure_trainer()
         if job.trainer is None:
+            if final:  # ended before it had a trainer (stopped, or failed at its start): nothing to resume
+                self._drop_pending(job)
             return
         with job._lock:
             t = job.trainer
@@ -813,6 +850,9 @@ class JobRegistry:
             save_checkpoint(path, ck)
         except OSError as exc:
             failed(exc)
+            return
+        if final:
+            self._drop_pending(job)
 
     def _restore(self):
         """Bring back jobs autosaved by an earlier server process: active ones as INTERRUPTED (resumable). Their
@@ -837,6 +877,22 @@ class JobRegistry:
                 job.delay_s = 0.0
             state = meta.get("state")
             job.state = state if state in (FINISHED, STOPPED, FAILED) else INTERRUPTED
+            self._jobs[job.id] = job
+        for p in sorted(self.autosave_dir.glob("*.pending.json")):
+            job_id = p.name.removesuffix(".pending.json")
+            if job_id in self._jobs:  # its autosave is there: that is the run
+                p.unlink(missing_ok=True)
+                continue
+            try:
+                meta = json.loads(p.read_text())
+                tc = TrainConfig.from_dict(meta["train_config"])
+                mc = ModelConfig.from_dict(meta["model_config"]) if meta.get("model_config") else None
+                job = Job(self, tc, mc, name=str(meta.get("name", "")), job_id=job_id, group=meta.get("group"))
+                job.created = float(meta.get("created", p.stat().st_mtime))
+            except (OSError, KeyError, TypeError, ValueError, AttributeError):
+                continue
+            job.state = INTERRUPTED  # Resume starts it from its first step
+            job.extra["not_started"] = True
             self._jobs[job.id] = job
 
 

@@ -271,8 +271,9 @@ class Trainer:
         cfg = self.config
         self._restore_last_good()
         what = "gradient norm" if all(math.isfinite(v) for v in vals[:3]) else "loss"
-        raise TrainingDiverged(self.step_count, (
-            f"the {what} became {vals[0] if what == 'loss' else vals[3]} at step {self.step_count} "
+        step = self.step_count + 1  # the step that went wrong (not counted: step_count is the steps completed)
+        raise TrainingDiverged(step, (
+            f"the {what} became {vals[0] if what == 'loss' else vals[3]} at step {step} "
             f"(epoch {self.epoch + 1}); the weights from the end of epoch {self.epoch} are kept. "
             f"Try a lower lr (now {cfg.lr:g}), gradient clipping, or a smaller beta"))
 
