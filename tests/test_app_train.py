@@ -137,6 +137,27 @@ def test_reset_step_start_stop_drive_the_run_on_screen(registry):
     assert not at.exception and at.button(key="btn_stop").disabled
 
 
+def test_start_after_a_reset_queued_by_a_full_cap_starts_that_run_not_a_second_one(registry):
+    """Reset while other runs fill the cap prepares a queued (paused) run: Start must go on with it, not submit a
+    second run and leave the prepared one to take the next free place."""
+    cfg = TrainConfig(dataset="digits", epochs=5000, max_examples=256, device="cpu")
+    holders = [registry.submit(cfg, model_config_for("digits", hidden=(16,)), start_paused=True)
+               for _ in range(registry.max_concurrent)]
+    at = small_run(open_page(PAGE), epochs=2)
+    at.button(key="btn_reset").click().run()
+    prepared = registry.get(at.query_params["run"])
+    assert prepared.state == QUEUED
+    at.button(key="btn_start").click().run()
+    assert registry.get(at.query_params["run"]) is prepared and not prepared.pause_requested
+    assert len(registry.jobs()) == len(holders) + 1  # no second run
+    later = registry.submit(cfg, model_config_for("digits", hidden=(16,)))  # queued: its settings may change
+    assert later.state == QUEUED and later.update(beta=2.0) == "beta: 1.0 -> 2.0" and later.train_config.beta == 2
+    holders[0].stop()
+    assert prepared.join(120) and prepared.state == FINISHED
+    for j in (*holders, later):
+        j.stop()
+
+
 def test_pause_drawn_before_another_tab_paused_does_not_resume(registry):
     """The button does what it said when drawn: tab A shows "Pause", tab B pauses the run, A's click keeps it
     paused (it used to toggle the run's real state and resume it)."""

@@ -101,3 +101,22 @@ def test_the_model_picker_lists_what_the_user_made_first_newest_at_the_top(user_
     kinds = [label.split(":")[0] for label in labels]  # live runs of other tests may be there too: first
     assert kinds == sorted(kinds, key=["run", "saved", "shipped"].index) and "shipped" in kinds
     assert [label for label in labels if label.startswith("saved: ")] == ["saved: newer", "saved: older"]
+
+
+def test_a_file_replaced_with_its_old_modification_time_kept_is_reloaded(user_dir):
+    """The model cache's key is the file's stamp (times in ns, size, inode): `cp -p` over a checkpoint keeps the
+    old modification time, and the old weights were served."""
+    import os
+
+    path, _ = ui.core.accept_upload("swap.pt", _bytes(2))
+    first = ui.core.load_selection(ui.core.file_ref(path), "cpu")
+    assert ui.core.load_selection(ui.core.file_ref(path), "cpu").model is first.model  # unchanged: the cached one
+    st_ = path.stat()
+    tmp = path.with_name("new.tmp")
+    tmp.write_bytes(_bytes(2, seed=5))
+    os.replace(tmp, path)  # a new file (new inode) ...
+    os.utime(path, ns=(st_.st_atime_ns, st_.st_mtime_ns))  # ... with the old time
+    second = ui.core.load_selection(ui.core.file_ref(path), "cpu")
+    assert first.error is None and second.error is None and first.key != second.key
+    w1, w2 = first.model.state_dict(), second.model.state_dict()
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)

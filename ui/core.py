@@ -39,9 +39,17 @@ def get_registry() -> JobRegistry:
 
 
 # ---- models ------------------------------------------------------------------------------------------------------
+def file_stamp(path) -> tuple:
+    """What says a file changed, for cache keys: its modification and status-change times in ns, size and inode (a
+    file copied over with its old modification time kept, as `cp -p` and `rsync -a` do, has a new change time)."""
+    st_ = Path(path).stat()
+    return (st_.st_mtime_ns, st_.st_ctime_ns, st_.st_size, st_.st_ino)
+
+
 @st.cache_resource(max_entries=32, show_spinner=False)
-def _load_file_model(path: str, mtime: float, device: str):
-    """Keyed by path + modification time + device: a changed file is reloaded, never served stale."""
+def _load_file_model(path: str, stamp: tuple, device: str):
+    """Keyed by path + modification stamp (file_stamp) + device: a changed file is reloaded, never served
+    stale."""
     ckpt = read_checkpoint(path)
     model = model_from_checkpoint(ckpt, path).to(device).eval()
     info = {k: v for k, v in ckpt.items() if k != "state_dict"}
@@ -149,9 +157,9 @@ def load_selection(ref: str, device: str) -> Selection:
         path = safe_checkpoint_path(ref)
         if not path.is_file():
             raise ValueError(f"checkpoint {path.name} no longer exists; pick another model")
-        mtime = path.stat().st_mtime
-        model, info = _load_file_model(str(path), mtime, device)
-        return Selection(ref, path.stem, model, info, f"{path}:{mtime}:{device}", device)
+        stamp = file_stamp(path)
+        model, info = _load_file_model(str(path), stamp, device)
+        return Selection(ref, path.stem, model, info, f"{path}:{':'.join(map(str, stamp))}:{device}", device)
     except (ValueError, CheckpointError) as exc:
         return Selection(ref, ref, error=str(exc), device=device)
 

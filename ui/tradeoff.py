@@ -11,8 +11,8 @@ import plotly.graph_objects as go
 import streamlit as st
 import torch
 
-from ui.core import (SHIPPED_DIRS, USER_DIR, file_ref, get_dataset, get_registry, presenting, safe_checkpoint_path,
-                     style_fig)
+from ui.core import (SHIPPED_DIRS, USER_DIR, file_ref, file_stamp, get_dataset, get_registry, presenting,
+                     safe_checkpoint_path, style_fig)
 from ui.train_figures import INFERNO, log_kl
 from vae.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
 from vae.config import ModelConfig
@@ -39,8 +39,8 @@ def _point_dict(model, train_config: dict | None, dataset: str, split: bool) -> 
 
 
 @st.cache_data(max_entries=256, show_spinner="computing rate and distortion ...")
-def rd_for_file(path: str, mtime: float, split: bool = False) -> dict:
-    """(R, D) and the rest of vae.tradeoff.RDPoint for a checkpoint file, keyed by path + modification time, with
+def rd_for_file(path: str, stamp: tuple, split: bool = False) -> dict:
+    """(R, D) and the rest of vae.tradeoff.RDPoint for a checkpoint file, keyed by path + file_stamp, with
     the file's dataset and train_config under "meta"; {"error": ...} for a file that cannot be used. split: also
     the I(x;z) / KL(q(z) || p(z)) split (slower: only for the models being inspected)."""
     try:
@@ -79,7 +79,7 @@ def details_rd(p: "PlanePoint", sel) -> dict:
     if p.ref.startswith("file:"):
         path = safe_checkpoint_path(p.ref)
         if path.is_file():
-            return rd_for_file(str(path), path.stat().st_mtime, True)
+            return rd_for_file(str(path), file_stamp(path), True)
     if p.ref.startswith("run:") and not p.live:
         job = get_registry().get(p.ref[4:])
         if job is not None:
@@ -106,7 +106,7 @@ class PlanePoint:
 def _file_points(folder: Path, source: str) -> tuple[list[PlanePoint], list[str]]:
     pts, errors = [], []
     for path in sorted(folder.glob("*.pt")) if folder.is_dir() else []:
-        rd = rd_for_file(str(path), path.stat().st_mtime)
+        rd = rd_for_file(str(path), file_stamp(path))
         if "error" in rd:
             errors.append(rd["error"])
             continue

@@ -362,7 +362,9 @@ def show_messages():
 
 def _is_fresh(job: Job | None) -> bool:
     """A run Reset prepared in this session that has not been resumed yet (only stepped, if at all)."""
-    return job is not None and job.state == PAUSED and st.session_state.get("_reset_job") == job.id
+    # queued (paused) when the cap was full at Reset: still the prepared run, not one to start a second run beside
+    return (job is not None and st.session_state.get("_reset_job") == job.id
+            and (job.state == PAUSED or (job.state == QUEUED and job.pause_requested)))
 
 
 def _submit(start_paused: bool) -> Job | None:
@@ -561,7 +563,9 @@ def live_settings(job: Job):
             except ValueError as exc:
                 st.error(f"Not applied: {exc}")
             else:
-                _msg("success", f"Applied at step {job.snapshot().step}: {text}" if text else "Nothing changed")
+                step = job.snapshot().step
+                _msg("success", (f"Applied at step {step}: {text}" if step else f"Changed before the first step: "
+                                 f"{text}") if text else "Nothing changed")
                 st.rerun()
 
 
@@ -582,6 +586,9 @@ def _metrics_csv(job_id: str) -> str:
 
 def _on_save(job_id: str):
     job = registry().get(job_id)
+    if job is None:  # forgotten meanwhile (from another tab)
+        _msg("error", f"Not saved: run {job_id!r} is no longer on this server")
+        return
     name = st.session_state.get("save_name", "")
     version = job.snapshot(steps=False).weights_version
     saved = st.session_state.setdefault("_saved_as", {})  # run id -> (name, weights version) saved in this session
@@ -888,7 +895,7 @@ def _history_of(ref: str) -> dict | None:
 
     try:
         p = safe_checkpoint_path(ref)
-        _, info = _load_file_model(str(p), p.stat().st_mtime, "cpu")
+        _, info = _load_file_model(str(p), core.file_stamp(p), "cpu")
     except (ValueError, OSError):
         return None
     return info.get("history") or None

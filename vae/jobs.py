@@ -323,8 +323,8 @@ class Job:
         """Change lr / beta / schedule settings mid-run; recorded as an event on the curves. ValueError if bad."""
         with self._lock:
             if self.trainer is None:  # not started yet: any setting may change
-                self.train_config = TrainConfig.from_dict({**self.train_config.to_dict(), **changes})
-                return ""
+                self.train_config, text = describe_changes(self.train_config, changes)
+                return text
             bad = sorted(set(changes) - set(LIVE_SETTINGS))
             if bad:
                 raise ValueError(f"{', '.join(bad)} cannot change once a run has started: only "
