@@ -158,6 +158,28 @@ def test_start_after_a_reset_queued_by_a_full_cap_starts_that_run_not_a_second_o
         j.stop()
 
 
+def test_a_run_another_session_started_stops_at_a_second_click_and_reset_leaves_it_running(registry):
+    """A student on the lecturer's shared link: Stop asks again, Reset moves only the student's own view."""
+    cfg = TrainConfig(dataset="digits", epochs=5000, max_examples=256, device="cpu")
+    lecture = registry.submit(cfg, model_config_for("digits", hidden=(16,)), name="lecture")
+    at = open_page(PAGE)
+    at.query_params["run"] = lecture.id
+    at.run()
+    at.button(key="btn_stop").click().run()
+    assert not lecture._stop and any("press **Stop** again" in w.value for w in at.warning)
+    at.button(key="btn_reset").click().run()  # a fresh run of the student's own; the lecture goes on
+    mine = registry.get(at.query_params["run"])
+    assert mine is not lecture and not lecture._stop and lecture.state == RUNNING
+    assert any("goes on" in i.value for i in at.info)
+    at.query_params["run"] = lecture.id
+    at.run()
+    at.button(key="btn_stop").click().run()
+    assert not lecture._stop  # asked again: the earlier question lapsed with the Reset
+    at.button(key="btn_stop").click().run()
+    assert lecture.join(60) and lecture.state == STOPPED
+    mine.stop()
+
+
 def test_pause_drawn_before_another_tab_paused_does_not_resume(registry):
     """The button does what it said when drawn: tab A shows "Pause", tab B pauses the run, A's click keeps it
     paused (it used to toggle the run's real state and resume it)."""

@@ -380,8 +380,14 @@ def _submit(start_paused: bool) -> Job | None:
         return None
     job = registry().submit(tc, mc, name=name, start_paused=start_paused)
     job.set_delay(st.session_state.get("train_delay", 0.0))
+    st.session_state.setdefault("_own_runs", set()).add(job.id)
     set_run(job.id)
     return job
+
+
+def _own(job: Job) -> bool:
+    """Whether this browser session started the run (a shared link or the run list can show anyone's)."""
+    return job.id in st.session_state.get("_own_runs", set())
 
 
 def _discard_fresh(job: Job):
@@ -397,6 +403,7 @@ def _discard_fresh(job: Job):
 
 
 def _on_start():
+    st.session_state.pop("_confirm_stop", None)  # a Stop asked for again lapses at any other action
     job = current_job()
     if _is_fresh(job):
         try:
@@ -416,6 +423,7 @@ def _on_start():
 def _on_pause_resume(want_pause: bool):
     """Does what the button said when it was clicked: another tab may have paused or resumed the run since this one
     was drawn, and a click on "Pause" must never resume it (nor "Resume" pause it)."""
+    st.session_state.pop("_confirm_stop", None)
     job = current_job()
     if job is None:
         return
@@ -432,6 +440,7 @@ STEP_WAIT_S = 1.0  # Step waits this long at most for its batch, so that the pag
 def _on_step():
     """One batch, then paused. Waits (briefly) until the step is done: the page then draws it at once, where the
     charts would otherwise show it only at their next poll, seconds later, or not at all after a Reset."""
+    st.session_state.pop("_confirm_stop", None)  # a Stop asked for again lapses at any other action
     job = current_job()
     if job is not None and (job.state in ACTIVE or job.state == INTERRUPTED):
         before = job.snapshot(steps=False).step
@@ -442,19 +451,33 @@ def _on_step():
 
 
 def _on_stop():
+    """Stops the run on screen. One that another session started (a student on the lecturer's shared link, or this
+    tab before a reload) stops at a second click only."""
     job = current_job()
-    if job is not None:
-        job.stop()
+    if job is None:
+        return
+    if not _own(job) and st.session_state.get("_confirm_stop") != job.id:
+        st.session_state["_confirm_stop"] = job.id
+        _msg("warning", f"“{job.name}” was started in another browser session (or in this tab before a reload): "
+                        "press **Stop** again to stop it for everyone watching it.")
+        return
+    st.session_state.pop("_confirm_stop", None)
+    job.stop()
 
 
 def _on_reset():
-    """Back to epoch 0: stop the run on screen (it stays in the list) and prepare a fresh, paused run with the
-    options on the left; Start (or Step) then runs it."""
+    """Back to epoch 0: stop the run on screen (it stays in the list; one another session started goes on) and
+    prepare a fresh, paused run with the options on the left; Start (or Step) then runs it."""
+    st.session_state.pop("_confirm_stop", None)  # a Stop asked for again lapses at any other action
     job = current_job()
     if _is_fresh(job):
         _discard_fresh(job)
     elif job is not None and job.state in ACTIVE:
-        job.stop()
+        if _own(job):
+            job.stop()
+        else:  # someone else's run goes on: only this session's view moves to the new one
+            _msg("info", f"“{job.name}” was started in another browser session and goes on: pick it under **Run** "
+                         "to watch it again.")
     fresh = _submit(start_paused=True)
     if fresh is not None:
         st.session_state["_reset_job"] = fresh.id
@@ -467,6 +490,7 @@ def _on_delay():
 
 
 def _on_pick_run():
+    st.session_state.pop("_confirm_stop", None)  # a Stop asked for again lapses at any other action
     picked = st.session_state.get("run_pick") or None
     if picked and registry().get(picked) is None:
         # a browser can send back an option's label rather than its value (a selectbox whose labels changed
