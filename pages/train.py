@@ -54,7 +54,7 @@ def runs_box(where=st):
 if fresh:
     config_box()
 if state in (*ACTIVE, INTERRUPTED):  # from the first page drawn after Start, before the job's trainer exists
-    with expander("Change while running: β, schedule, free bits, lr", "exp_live", icon=":material/tune:"):
+    with expander("Change while running: β, schedule, free bits, lr, clipping", "exp_live", icon=":material/tune:"):
         tv.live_settings(job)
 if job is None:
     runs_box()

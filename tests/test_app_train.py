@@ -470,6 +470,31 @@ def test_a_change_while_running_out_of_range_is_refused(registry):
     job.stop()
 
 
+def test_a_switch_to_the_cyclical_schedule_while_running_takes_its_cycles_and_ratio_from_the_form(registry):
+    at = small_run(open_page(PAGE), epochs=5000)
+    at.button(key="btn_reset").click().run()
+    job = registry.get(at.query_params["run"])
+    wait_until(lambda: job.trainer is not None, what="the fresh run")
+    at.button(key="btn_step").click().run()  # started: a change now is a live one
+    at.run()
+
+    def box(prefix):
+        return next(w for w in at.number_input if w.key.startswith(prefix))
+
+    next(w for w in at.selectbox if w.key.startswith("live_sched_")).set_value("cyclical")
+    box("live_cycles_").set_value(3)
+    box("live_ratio_").set_value(0.25)
+    box("live_clip_").set_value(5.0)
+    next(b for b in at.button if "Apply to the running job" in str(b.label)).click().run()
+    assert not at.exception and any("Applied at step 1" in s.value for s in at.success)
+    cfg = job.train_config
+    assert (cfg.beta_schedule, cfg.cycles, cfg.cycle_ratio, cfg.grad_clip) == ("cyclical", 3, 0.25, 5.0)
+    box("live_cycles_").set_value(0)
+    next(b for b in at.button if "Apply to the running job" in str(b.label)).click().run()
+    assert any("Not applied: Cycles M = 0 is out of range" in e.value for e in at.error) and job.train_config.cycles == 3
+    job.stop()
+
+
 @pytest.mark.parametrize("flag, on", [("1", True), ("yes", True), ("true", True), ("0", False), ("off", False)])
 def test_present_in_the_url_takes_the_usual_spellings(flag, on):
     at = new_app_test()

@@ -467,7 +467,7 @@ def _on_stop():
 
 def _on_reset():
     """Back to epoch 0: stop the run on screen (it stays in the list; one another session started goes on) and
-    prepare a fresh, paused run with the options on the left; Start (or Step) then runs it."""
+    prepare a fresh, paused run with the options in Configuration; Start (or Step) then runs it."""
     st.session_state.pop("_confirm_stop", None)  # a Stop asked for again lapses at any other action
     job = current_job()
     if _is_fresh(job):
@@ -561,7 +561,8 @@ def controls(job: Job | None, state: str | None = None):
 
 
 def live_settings(job: Job):
-    """β, its schedule, free bits and lr of the running job; the change is marked on the curves."""
+    """β, its schedule (and the cyclical one's M and R), free bits, lr and gradient clipping of the running job; the
+    change is marked on the curves."""
     cfg = job.train_config
     n = len((job.trainer.history if job.trainer else {}).get("events", []))
     k = f"{job.id}_{n}"  # new widgets (with the new values) after each applied change
@@ -578,12 +579,19 @@ def live_settings(job: Job):
                              key=f"live_lr_{k}")
         cmax = c3.number_input("C_max (nats)", value=float(cfg.capacity_max), step=1.0, format="%.1f",
                                key=f"live_cmax_{k}")
+        # the cyclical schedule's own two (a switch to it used values not on screen), and gradient clipping
+        cycles = c1.number_input("Cycles M (cyclical)", value=int(cfg.cycles), step=1, key=f"live_cycles_{k}")
+        ratio = c2.number_input("Rising fraction R (cyclical)", value=float(cfg.cycle_ratio), step=0.05,
+                                format="%.2f", key=f"live_ratio_{k}")
+        clip = c3.number_input("Grad clip (0 = off)", value=float(cfg.grad_clip), step=1.0, format="%.1f",
+                               key=f"live_clip_{k}")
         if st.form_submit_button("Apply to the running job", icon=":material/tune:"):
             try:
                 check_limits({"β": beta, "Warm-up / C ramp (epochs)": warm, "Free bits λ": fb, "Learning rate": lr,
-                              "C_max (nats)": cmax})
+                              "C_max (nats)": cmax, "Cycles M": cycles, "Rising fraction R": ratio,
+                              "Grad clip": clip})
                 text = job.update(beta=beta, beta_schedule=sched, warmup_epochs=warm, free_bits=fb, lr=lr,
-                                  capacity_max=cmax)
+                                  capacity_max=cmax, cycles=int(cycles), cycle_ratio=ratio, grad_clip=clip)
             except ValueError as exc:
                 st.error(f"Not applied: {exc}")
             else:
@@ -797,7 +805,8 @@ def _status(snap):
     if snap.state == FAILED:
         step = snap.extra.get("failed_step")
         st.error(f"**The run failed**{f' at step {step}' if step is not None else ''}: {snap.error}  \n"
-                 "The last good weights are kept: save or download them on the left.", icon=":material/error:")
+                 "The last good weights are kept: save or download them under **Save and download**.",
+                 icon=":material/error:")
         if snap.extra.get("traceback"):
             with st.expander("Details (traceback)"):
                 st.code(snap.extra["traceback"], language=None)
@@ -929,7 +938,7 @@ def runs_table():
     """All runs on the server, for reattaching; the one on screen can be forgotten once it has ended."""
     rows = []
     for j in reversed(registry().jobs()):
-        s = j.snapshot()
+        s = j.snapshot(steps=False)  # the per-epoch history is all the table needs
         e = s.history["epoch"]
         # what tells runs apart first (a half-width panel shows the first few columns without scrolling)
         rows.append({"name": s.name, "state": s.state, "test ELBO": e["test_elbo"][-1] if e["test_elbo"] else None,
@@ -943,4 +952,4 @@ def runs_table():
     st.dataframe(rows, hide_index=True, width="stretch",
                  column_config={"test ELBO": st.column_config.NumberColumn(format="%.2f")})
     st.caption(f"Autosaved every epoch to {core.AUTOSAVE_DIR.name}/: after a server restart, runs come back "
-               "(active ones as “interrupted”, resumable). Pick a run above to reattach.")
+               "(active and queued ones as “interrupted”, resumable). Pick a run above to reattach.")
