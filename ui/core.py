@@ -514,9 +514,14 @@ def _upload_box():
     token = up.file_id  # each upload has its own (a retrained file can have the same name and size)
     if st.session_state.get("_upload_done") == token:
         return
+    failed = st.session_state.get("_upload_failed")
+    if failed and failed[0] == token:  # said again while it stays in the box, not checked again at every rerun
+        st.error(failed[1])
+        return
     try:
         path, note = accept_upload(up.name, up.getvalue())
     except (CheckpointError, ValueError) as exc:
+        st.session_state["_upload_failed"] = (token, str(exc))
         st.error(str(exc))
         return
     st.session_state["_upload_done"] = token
