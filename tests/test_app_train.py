@@ -115,17 +115,21 @@ def test_a_short_run_from_the_page_produces_metrics_and_saves(registry, tmp_path
 
 def test_reset_step_start_stop_drive_the_run_on_screen(registry):
     at = small_run(open_page(PAGE), epochs=5000)  # long enough to be still running at every check, then stopped
-    at.button(key="btn_reset").click().run()
-    job = registry.get(at.query_params["run"])
-    wait_until(lambda: job.trainer is not None, what="the fresh run")
-    assert job.state == PAUSED and job.snapshot().step == 0
-    at.run()
-    assert any("Paused before its first step" in i.value for i in at.info)
+    at.button(key="btn_start").click().run()
+    first = registry.get(at.query_params["run"])
+    at.button(key="btn_reset").click().run()  # back to epoch 0: the run stops, no new one holds a place yet
+    assert first.join(60) and first.state == STOPPED
+    assert "run" not in at.query_params and registry.jobs() == [first]
+    assert any("Back to epoch 0" in i.value for i in at.info)
     assert expanded(at)["Configuration"]  # Start will run these options: they stay in view
-    at.button(key="btn_step").click().run()
+    at.button(key="btn_step").click().run()  # the first batch of a new run, then paused
+    job = registry.get(at.query_params["run"])
+    assert job is not first
     wait_until(lambda: job.snapshot().step == 1, what="one step")
     assert job.state == PAUSED
-    at.button(key="btn_start").click().run()  # Start resumes the run Reset prepared (same options)
+    at.button(key="btn_step").click().run()
+    wait_until(lambda: job.snapshot().step == 2, what="a second step")
+    at.button(key="btn_start").click().run()  # Start goes on with the run Step made (same options)
     assert registry.get(at.query_params["run"]) is job and job.state == RUNNING
     at.button(key="btn_pause").click().run()
     assert job.state == PAUSED and at.button(key="btn_pause").label == "Resume"
@@ -137,16 +141,20 @@ def test_reset_step_start_stop_drive_the_run_on_screen(registry):
     assert not at.exception and at.button(key="btn_stop").disabled
 
 
-def test_start_after_a_reset_queued_by_a_full_cap_starts_that_run_not_a_second_one(registry):
-    """Reset while other runs fill the cap prepares a queued (paused) run: Start must go on with it, not submit a
+def test_start_after_a_step_queued_by_a_full_cap_starts_that_run_not_a_second_one(registry):
+    """Step while other runs fill the cap makes a queued (paused) run: Start must go on with it, not submit a
     second run and leave the prepared one to take the next free place."""
     cfg = TrainConfig(dataset="digits", epochs=5000, max_examples=256, device="cpu")
     holders = [registry.submit(cfg, model_config_for("digits", hidden=(16,)), start_paused=True)
                for _ in range(registry.max_concurrent)]
     at = small_run(open_page(PAGE), epochs=2)
-    at.button(key="btn_reset").click().run()
+    at.button(key="btn_step").click().run()  # a stepped run: queued (paused) while the cap is full
     prepared = registry.get(at.query_params["run"])
-    assert prepared.state == QUEUED
+    assert prepared.state == QUEUED and prepared.pause_requested
+    at.button(key="btn_reset").click().run()  # Reset on it holds no place: nothing waits for one
+    assert "run" not in at.query_params and prepared.state == STOPPED
+    at.button(key="btn_step").click().run()
+    prepared = registry.get(at.query_params["run"])
     at.button(key="btn_start").click().run()
     assert registry.get(at.query_params["run"]) is prepared and not prepared.pause_requested
     assert len(registry.jobs()) == len(holders) + 1  # no second run
@@ -167,9 +175,8 @@ def test_a_run_another_session_started_stops_at_a_second_click_and_reset_leaves_
     at.run()
     at.button(key="btn_stop").click().run()
     assert not lecture._stop and any("press **Stop** again" in w.value for w in at.warning)
-    at.button(key="btn_reset").click().run()  # a fresh run of the student's own; the lecture goes on
-    mine = registry.get(at.query_params["run"])
-    assert mine is not lecture and not lecture._stop and lecture.state == RUNNING
+    at.button(key="btn_reset").click().run()  # the student's own fresh options; the lecture goes on
+    assert "run" not in at.query_params and not lecture._stop and lecture.state == RUNNING
     assert any("goes on" in i.value for i in at.info)
     at.query_params["run"] = lecture.id
     at.run()
@@ -177,7 +184,6 @@ def test_a_run_another_session_started_stops_at_a_second_click_and_reset_leaves_
     assert not lecture._stop  # asked again: the earlier question lapsed with the Reset
     at.button(key="btn_stop").click().run()
     assert lecture.join(60) and lecture.state == STOPPED
-    mine.stop()
 
 
 def test_pause_drawn_before_another_tab_paused_does_not_resume(registry):
@@ -457,7 +463,7 @@ def test_an_out_of_range_number_is_named_at_once_and_start_refuses_it(registry, 
 
 def test_a_change_while_running_out_of_range_is_refused(registry):
     at = small_run(open_page(PAGE), epochs=5000)
-    at.button(key="btn_reset").click().run()  # a paused run, on screen
+    at.button(key="btn_step").click().run()  # a paused run, on screen
     job = registry.get(at.query_params["run"])
     wait_until(lambda: job.trainer is not None, what="the fresh run")
     at.run()
@@ -472,10 +478,9 @@ def test_a_change_while_running_out_of_range_is_refused(registry):
 
 def test_a_switch_to_the_cyclical_schedule_while_running_takes_its_cycles_and_ratio_from_the_form(registry):
     at = small_run(open_page(PAGE), epochs=5000)
-    at.button(key="btn_reset").click().run()
-    job = registry.get(at.query_params["run"])
-    wait_until(lambda: job.trainer is not None, what="the fresh run")
     at.button(key="btn_step").click().run()  # started: a change now is a live one
+    job = registry.get(at.query_params["run"])
+    wait_until(lambda: job.snapshot().step == 1, what="the first step")
     at.run()
 
     def box(prefix):

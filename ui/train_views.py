@@ -361,7 +361,8 @@ def show_messages():
 
 
 def _is_fresh(job: Job | None) -> bool:
-    """A run Reset prepared in this session that has not been resumed yet (only stepped, if at all)."""
+    """A run Step made in this session with no run on screen (after Reset) that has not been resumed yet: Start goes
+    on with it while the options are the same."""
     # queued (paused) when the cap was full at Reset: still the prepared run, not one to start a second run beside
     return (job is not None and st.session_state.get("_reset_job") == job.id
             and (job.state == PAUSED or (job.state == QUEUED and job.pause_requested)))
@@ -391,7 +392,7 @@ def _own(job: Job) -> bool:
 
 
 def _discard_fresh(job: Job):
-    """Stop a run Reset prepared; forget it too if it never took a step (it would only clutter the list)."""
+    """Stop a run Step prepared; forget it too if it never took a step (it would only clutter the list)."""
     st.session_state.pop("_reset_job", None)
     never_ran = job.trainer is None or job.trainer.step_count == 0
     job.stop()
@@ -414,7 +415,7 @@ def _on_start():
             return
         if job.train_config.to_dict() == tc.to_dict() and job.model_config.to_dict() == mc.to_dict():
             st.session_state.pop("_reset_job", None)
-            job.resume()  # Reset prepared exactly this run: go
+            job.resume()  # Step prepared exactly this run: go on with it
             return
         _discard_fresh(job)
     _submit(start_paused=False)
@@ -442,7 +443,12 @@ def _on_step():
     charts would otherwise show it only at their next poll, seconds later, or not at all after a Reset."""
     st.session_state.pop("_confirm_stop", None)  # a Stop asked for again lapses at any other action
     job = current_job()
-    if job is not None and (job.state in ACTIVE or job.state == INTERRUPTED):
+    if job is None:  # after Reset (or on a fresh page): a new run with the options, paused after its first batch
+        job = _submit(start_paused=True)
+        if job is None:
+            return
+        st.session_state["_reset_job"] = job.id  # Start goes on with it while the options stay the same
+    if job.state in ACTIVE or job.state == INTERRUPTED:
         before = job.snapshot(steps=False).step
         job.step_once()
         deadline = time.monotonic() + STEP_WAIT_S
@@ -466,8 +472,9 @@ def _on_stop():
 
 
 def _on_reset():
-    """Back to epoch 0: stop the run on screen (it stays in the list; one another session started goes on) and
-    prepare a fresh, paused run with the options in Configuration; Start (or Step) then runs it."""
+    """Back to epoch 0: stop the run on screen (it stays in the list; one another session started goes on) and show
+    the options for a fresh run; Start runs it, Step takes its first batch. No run is made until then: a prepared
+    run held one of the server's places while it waited (two students' Resets blocked every other run)."""
     st.session_state.pop("_confirm_stop", None)  # a Stop asked for again lapses at any other action
     job = current_job()
     if _is_fresh(job):
@@ -475,12 +482,13 @@ def _on_reset():
     elif job is not None and job.state in ACTIVE:
         if _own(job):
             job.stop()
-        else:  # someone else's run goes on: only this session's view moves to the new one
+        else:  # someone else's run goes on: only this session's view leaves it
             _msg("info", f"“{job.name}” was started in another browser session and goes on: pick it under **Run** "
                          "to watch it again.")
-    fresh = _submit(start_paused=True)
-    if fresh is not None:
-        st.session_state["_reset_job"] = fresh.id
+    set_run(None)
+    if not st.session_state.get("_train_msg"):
+        _msg("info", "Back to epoch 0: **Start** runs a fresh run with these options, **Step** takes its first "
+                     "batch and pauses.")
 
 
 def _on_delay():
@@ -552,12 +560,13 @@ def controls(job: Job | None, state: str | None = None):
                    icon=":material/play_circle:" if paused else ":material/pause:", on_click=_on_pause_resume,
                    args=(not paused,), disabled=not live, width="stretch")
     cols[2].button("Step", key="btn_step", icon=":material/skip_next:", on_click=_on_step, width="stretch",
-                   disabled=not live, help="Run one batch, then stay paused")
+                   disabled=not live and job is not None,
+                   help="Run one batch, then stay paused (with no run on screen: the first batch of a new run)")
     cols[3].button("Stop", key="btn_stop", icon=":material/stop:", on_click=_on_stop, width="stretch",
                    disabled=not live, help="End this run (its weights stay savable)")
     cols[4].button("Reset", key="btn_reset", icon=":material/restart_alt:", on_click=_on_reset, width="stretch",
-                   help="Back to epoch 0: a fresh run with the options in Configuration, paused before its first "
-                        "step")
+                   help="Back to epoch 0: stop this run and show the options for a fresh one (Start runs it, Step "
+                        "takes one batch)")
 
 
 def live_settings(job: Job):
