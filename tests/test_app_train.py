@@ -608,6 +608,19 @@ def test_c_max_follows_the_dataset_until_the_user_sets_it(registry):
     assert at.number_input(key="cfg_capacity_max").value == 12.0  # typed: kept
 
 
+def test_the_likelihood_follows_the_dataset_until_the_user_picks_one(registry):
+    """fast demo sets Bernoulli (the digits' likelihood): the moons' 2-D points get theirs, a learned Gaussian."""
+    at = open_page(PAGE)
+    assert at.selectbox(key="cfg_likelihood").value == "bernoulli"
+    at.selectbox(key="cfg_dataset").set_value("moons").run()
+    assert at.selectbox(key="cfg_likelihood").value == "gaussian-learned"
+    at.selectbox(key="cfg_dataset").set_value("digits").run()
+    assert at.selectbox(key="cfg_likelihood").value == "bernoulli"
+    at.selectbox(key="cfg_likelihood").set_value("gaussian").run()
+    at.selectbox(key="cfg_dataset").set_value("mnist").run()
+    assert at.selectbox(key="cfg_likelihood").value == "gaussian" and not at.exception  # picked: kept
+
+
 def test_an_edited_preset_says_so_and_can_be_applied_again(registry):
     at = open_page(PAGE)
     assert any("It sets slow motion to 0.01 s" in c.value for c in at.caption)  # fast demo's description

@@ -143,11 +143,14 @@ def init_options():
 
 
 def _on_dataset():
-    """C_max follows the data set while it holds the previous one's suggestion (a value the user typed stays)."""
+    """C_max and the likelihood follow the data set while they hold the previous one's suggestion (a value the
+    user picked stays): a preset's Bernoulli likelihood kept for the moons' points collapsed every run at β = 1."""
     s = st.session_state
     new, old = s.get("cfg_dataset"), s.get("_cfg_dataset_was", "digits")
     if s.get("cfg_capacity_max") == float(CAPACITY_HINT.get(old, 25)):
         s["cfg_capacity_max"] = float(CAPACITY_HINT.get(new, 25))
+    if old in DATASETS and new in DATASETS and s.get("cfg_likelihood") == DATASETS[old].default_likelihood:
+        s["cfg_likelihood"] = DATASETS[new].default_likelihood
     s["_cfg_dataset_was"] = new
 
 
@@ -379,6 +382,10 @@ def _submit(start_paused: bool) -> Job | None:
     if err:
         _msg("error", f"Not started: {err}")
         return None
+    if not (st.session_state.get("cfg_name") or "").strip():  # an automatic name: one no run on the server has
+        taken, base, i = {j.name for j in registry().jobs()}, name, 2
+        while name in taken:
+            name, i = f"{base}-run{i}", i + 1
     job = registry().submit(tc, mc, name=name, start_paused=start_paused)
     job.set_delay(st.session_state.get("train_delay", 0.0))
     st.session_state.setdefault("_own_runs", set()).add(job.id)
@@ -950,15 +957,16 @@ def runs_table():
         s = j.snapshot(steps=False)  # the per-epoch history is all the table needs
         e = s.history["epoch"]
         # what tells runs apart first (a half-width panel shows the first few columns without scrolling)
-        rows.append({"name": s.name, "state": s.state, "test ELBO": e["test_elbo"][-1] if e["test_elbo"] else None,
-                     "active units": e["active_units"][-1] if e["active_units"] else None,
+        # text, "—" before a run's first epoch (a number column showed "None")
+        rows.append({"name": s.name, "state": s.state,
+                     "test ELBO": core.nats2(e["test_elbo"][-1]) if e["test_elbo"] else "—",
+                     "active units": str(e["active_units"][-1]) if e["active_units"] else "—",
                      "epoch": f"{s.epoch}/{s.epochs}", "queue": f"#{s.queue_position}" if s.queue_position else "—",
                      "β": s.train_config["beta"], "schedule": s.train_config["beta_schedule"],
                      "free bits": s.train_config["free_bits"], "id": s.id})
     if not rows:
         st.caption("No runs yet.")
         return
-    st.dataframe(rows, hide_index=True, width="stretch",
-                 column_config={"test ELBO": st.column_config.NumberColumn(format="%.2f")})
+    st.dataframe(rows, hide_index=True, width="stretch")
     st.caption(f"Autosaved every epoch to {core.AUTOSAVE_DIR.name}/: after a server restart, runs come back "
                "(active and queued ones as “interrupted”, resumable). Pick a run above to reattach.")
