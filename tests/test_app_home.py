@@ -48,3 +48,13 @@ def test_home_follows_the_model_picker_and_presentation_mode():
     assert not present_css()
     at.toggle(key="present").set_value(True).run()
     assert not at.exception and present_css()  # ui.core's PRESENT_CSS: larger type, the full width
+
+
+def test_a_note_on_the_url_survives_present_being_spelled_1():
+    """?present=1 is rewritten to true with a rerun: the note about a bad ?model= must still show."""
+    at = new_app_test()
+    at.query_params["model"] = "nope"
+    at.query_params["present"] = "1"
+    at.run()
+    assert not at.exception and at.toggle(key="present").value is True
+    assert any("model 'nope' is not available" in w.value for w in at.sidebar.warning)

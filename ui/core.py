@@ -463,6 +463,11 @@ def warm_imports() -> bool:
 
 def sidebar() -> Selection:
     """Draw the model, device and presentation controls (bound to the URL) and return the selected model."""
+    # first, before anything is drawn or decided: the rerun would lose the notes about the rest of the URL
+    flag = str(st.query_params.get("present", "")).strip().lower()
+    if flag in PRESENT_ON or flag in PRESENT_OFF:  # ?present=1 / yes / on: the binding reads only true/false
+        st.query_params["present"] = "true" if flag in PRESENT_ON else "false"
+        st.rerun()
     opts = model_options()
     if DEFAULT_MODEL in opts:  # the widget's default (first option) must be the app's default: bind drops it from
         opts = {DEFAULT_MODEL: opts[DEFAULT_MODEL], **opts}  # the URL, and a link without model= opens it
@@ -485,10 +490,6 @@ def sidebar() -> Selection:
             st.session_state["device"] = "auto"
         dev = st.selectbox("Device", devices, key="device", bind="query-params",
                            help="auto picks cuda, then mps, then cpu; only devices this machine has are listed")
-        flag = str(st.query_params.get("present", "")).strip().lower()
-        if flag in PRESENT_ON or flag in PRESENT_OFF:  # ?present=1 / yes / on: the binding reads only true/false
-            st.query_params["present"] = "true" if flag in PRESENT_ON else "false"
-            st.rerun()
         st.toggle("Presentation mode", key="present", bind="query-params",
                   help="Larger type and less chrome for a projector; add ?present=true to a link")
         if flag and flag not in (*PRESENT_ON, *PRESENT_OFF, "true", "false"):
