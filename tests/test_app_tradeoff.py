@@ -249,3 +249,21 @@ def test_model_a_follows_the_sidebar_model_when_it_is_on_the_plane():
     at.selectbox(key="rd_a").set_value(SWEEP[5]).run()  # chosen on the page: kept while the sidebar stays
     at.run()
     assert at.selectbox(key="rd_a").value == SWEEP[5]
+
+
+def test_the_frontier_is_of_the_standard_decoders_and_an_autoregressive_one_is_named():
+    """An autoregressive decoder reaches a lower D for its R: on the standard VAEs' frontier it made the text about
+    model A false (the line no longer touched A)."""
+    from ui.tradeoff import PlanePoint, plane_figure
+
+    def pt(label, r, d, decoder="standard"):
+        return PlanePoint(f"run:{label}", label, "run", "digits", 1.0, "β=1",
+                          {"rate": r, "distortion": d, "elbo": -(r + d)}, decoder=decoder)
+
+    pts = [pt("a", 1.0, 30.0), pt("b", 3.0, 22.0), pt("c", 8.0, 20.0), pt("ar", 0.01, 19.0, "autoregressive")]
+    fig = plane_figure(pts, show_paths=False)
+    front = next(t for t in fig.data if str(t.name).startswith("frontier"))
+    assert 0.01 not in front.x and set(front.x) <= {1.0, 3.0, 8.0} and "standard decoder" in front.name
+    assert pts[3].objective == "β=1 · autoregressive decoder" and pts[0].objective == "β=1"
+    labels = [a.text for a in fig.layout.annotations if str(a.text).startswith("ELBO")]
+    assert labels and not any(t == "ELBO -0" for t in labels)

@@ -50,7 +50,8 @@ def rd_for_file(path: str, stamp: tuple, split: bool = False) -> dict:
         return {"error": str(exc)}
     dataset = ckpt.get("dataset") or "digits"
     out = _point_dict(model, ckpt.get("train_config"), dataset, split)
-    out["meta"] = {"dataset": dataset, "train_config": ckpt.get("train_config") or {}}
+    out["meta"] = {"dataset": dataset, "train_config": ckpt.get("train_config") or {},
+                   "decoder": model.config.decoder}
     return out
 
 
@@ -101,6 +102,11 @@ class PlanePoint:
     state: str = ""
     group: str | None = None
     path: dict = field(default_factory=dict)  # vae.tradeoff.trajectory of a run
+    decoder: str = "standard"  # "autoregressive": another model family, kept off the standard VAEs' frontier
+
+    def __post_init__(self):
+        if self.decoder != "standard" and self.decoder not in self.objective:
+            self.objective += f" · {self.decoder} decoder"
 
 
 def _file_points(folder: Path, source: str) -> tuple[list[PlanePoint], list[str]]:
@@ -114,7 +120,7 @@ def _file_points(folder: Path, source: str) -> tuple[list[PlanePoint], list[str]
         tc = meta["train_config"]
         src = "shipped sweep" if source == "shipped" and folder.name == "sweep" else source
         pts.append(PlanePoint(file_ref(path), path.stem, src, meta["dataset"], tc.get("beta"),
-                              describe_objective(tc), rd))
+                              describe_objective(tc), rd, decoder=meta.get("decoder", "standard")))
     return pts, errors
 
 
@@ -136,7 +142,7 @@ def collect_points(include_runs: bool = True) -> tuple[list[PlanePoint], list[st
             path = trajectory(snap.history)
             base = dict(ref=f"run:{snap.id}", label=snap.name, source="run", dataset=tc.get("dataset", "digits"),
                         beta=tc.get("beta"), objective=describe_objective(tc), state=snap.state, group=snap.group,
-                        path=path)
+                        path=path, decoder=(snap.model_config or {}).get("decoder", "standard"))
             if snap.state in ACTIVE:
                 if path["epoch"]:  # a point at its last finished epoch (test split, one z sample)
                     k = len(path["epoch"]) - 1
@@ -259,7 +265,7 @@ def plane_figure(points: list[PlanePoint], highlight: dict[str, str] | None = No
     paths of runs, and for beta_for the line of slope -β through its point. box: the axes (plane_extent's, zoomed
     past the far models where the caller wants that); by default they hold every point and path."""
     highlight = highlight or {}
-    xy = [(p.rd["rate"], p.rd["distortion"]) for p in points]  # the models themselves: the frontier's
+    xy = [(p.rd["rate"], p.rd["distortion"]) for p in points]  # the models themselves
     if box is None:
         box = plane_extent(points, show_paths)[0]
     fig = go.Figure()
@@ -267,14 +273,18 @@ def plane_figure(points: list[PlanePoint], highlight: dict[str, str] | None = No
         fig.add_trace(go.Scatter(x=[r0, r1], y=[d0, d1], mode="lines", line=dict(color="#bbb", width=1, dash="dot"),
                                  hoverinfo="skip", showlegend=False))
         near_right = r0 > box[0] + 0.8 * (box[1] - box[0])  # a label starting there was cut at the plane's edge
-        fig.add_annotation(x=r0, y=d0, text=f"ELBO {elbo:g}", showarrow=False,
+        fig.add_annotation(x=r0, y=d0, text=f"ELBO {elbo + 0.0:g}", showarrow=False,
                            xanchor="right" if near_right else "left", yanchor="top",
                            font=dict(color="#888", size=16 if presenting() else 12), textangle=0)
-    hull = frontier(xy)
+    # the frontier of the standard decoders: an autoregressive decoder is another model family (its D for a given R
+    # is lower), which would pull the line away from the β-VAEs it explains
+    std = [xy[i] for i, p in enumerate(points) if p.decoder == "standard"]
+    hull = frontier(std)
     if len(hull) >= 2:
-        fig.add_trace(go.Scatter(x=[xy[i][0] for i in hull], y=[xy[i][1] for i in hull], mode="lines",
-                                 line=dict(color="#444", width=2), name="frontier (these models)",
-                                 hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=[std[i][0] for i in hull], y=[std[i][1] for i in hull], mode="lines",
+                                 line=dict(color="#444", width=2), hoverinfo="skip",
+                                 name="frontier (these models)" if len(std) == len(xy) else
+                                 "frontier (these models, standard decoder)"))
     if beta_for is not None and beta_for.beta:
         seg = beta_line((beta_for.rd["rate"], beta_for.rd["distortion"]), beta_for.beta, box)
         if seg is not None:
