@@ -288,6 +288,10 @@ def dims_figure(info: DimInfo, height: int = 360, with_variance: bool = True) ->
         fig.add_hline(y=info.stats.threshold, line_dash="dash", line_color="crimson", row=2, col=1,
                       annotation_text=f"active threshold {info.stats.threshold}", annotation_position="top left")
         fig.update_yaxes(type="log", dtick=1, row=2, col=1)  # ticks at powers of ten only
+    # no SI prefixes on the ticks: "150μ" read as the mean μ here, not micro-nats
+    fig.update_yaxes(exponentformat="power", row=1, col=1)
+    if rows == 2:
+        fig.update_yaxes(exponentformat="power", row=2, col=1)
     fig.update_layout(showlegend=False, bargap=0.25)
     return style_fig(fig, height * rows // (2 if rows == 2 else 1) + (120 if rows == 2 else 0))
 
