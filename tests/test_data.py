@@ -148,3 +148,20 @@ def test_digits_read_without_scikit_learn_equal_load_digits(monkeypatch):
     data_fallback, target_fallback = data.digits_arrays()
     np.testing.assert_array_equal(data_fallback, ref.data)
     np.testing.assert_array_equal(target_fallback, ref.target)
+
+
+def test_a_failed_download_says_why_in_one_line_without_half_a_url(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    def offline(root, train=True, download=False):
+        if download:  # torchvision's own words when every mirror fails
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://ossci-datasets.s3."
+                               "amazonaws.com/mnist/, got:\n<urlopen error [Errno -3] Temporary failure>")
+        raise RuntimeError("Dataset not found. You can use download=True to download it")
+
+    monkeypatch.setattr(datasets, "MNIST", offline)
+    with pytest.raises(DatasetUnavailable) as info:
+        load_dataset("mnist", "train", root=tmp_path, download=True)
+    msg = str(info.value)
+    assert "the download failed (RuntimeError: Error downloading train-images-idx3-ubyte.gz)" in msg
+    assert "http" not in msg and "\n" not in msg and "'digits' works offline" in msg

@@ -134,7 +134,11 @@ def _load_torchvision(name, split, root: Path, download: bool):
         try:
             ds = cls(str(root), train=(split == "train"), download=True)
         except Exception as exc:  # offline: URLError, socket errors, HTTP errors ...
-            reason = f"the download failed ({type(exc).__name__}: {str(exc)[:80]})"
+            # the error's own words up to their first URL ("Error downloading x.gz: Tried https://..." was cut
+            # mid-address): the files, and where to put them, are said next
+            words = str(exc).split("\n")[0].split(" Tried ")[0].split(" http")[0].rstrip(" :")[:100]
+            reason = f"the download failed ({type(exc).__name__}: {words})" if words else \
+                f"the download failed ({type(exc).__name__})"
     if ds is None:
         raise DatasetUnavailable(
             f"dataset '{name}' is not available: {reason}. Put the four files {', '.join(_IDX_FILES)} "
