@@ -22,9 +22,9 @@ state = job.state if job is not None else None
 
 tv.controls(job, state)
 tv.show_messages()
-# Configuration first while there is no run or Reset has prepared one (Start then uses these options); once a run is
-# on screen, its live view comes right under the controls (on a 1280x800 projector the charts were below the fold)
-# and the panels for the next run, saving and the run list go under it. What to act on now stays on top: the
+# Configuration first while there is no run or Step has just prepared one (Start then uses these options); once a
+# run is on screen, its live view comes right under the controls (on a 1280x800 projector the charts were below the
+# fold) and the panels for the next run, saving and the run list go under it. What to act on now stays on top: the
 # settings of a running job, the Save panel of one that has ended.
 # (a prepared run once stepped is being watched: its live view goes on top as for any run)
 fresh = job is None or (tv._is_fresh(job) and job.snapshot(steps=False).step == 0)

@@ -272,6 +272,36 @@ def test_a_queued_run_survives_a_restart_and_a_stopped_queued_one_does_not(regis
     assert third.get(waiting.id).state == FINISHED  # its autosave, not the pending file, is what comes back
 
 
+def test_settings_changed_before_a_run_starts_survive_a_restart(registries, tmp_path):
+    reg = registries(autosave_dir=tmp_path, max_concurrent=1)
+    holder = reg.submit(tc(), mc(), start_paused=True)
+    waiting = reg.submit(tc(epochs=1), mc())
+    wait_until(lambda: holder.trainer is not None, what="the holder to start")
+    assert waiting.update(beta=3.0, grad_clip=5.0) == "beta: 1.0 -> 3.0, grad_clip: 0.0 -> 5.0"
+    waiting.set_delay(0.25)
+    with pytest.raises(ValueError, match="bogus: not a training option"):
+        waiting.update(bogus=1)
+    back = registries(autosave_dir=tmp_path, max_concurrent=1).get(waiting.id)
+    assert (back.train_config.beta, back.train_config.grad_clip, back.delay_s) == (3.0, 5.0, 0.25)
+
+
+def test_a_resumed_run_stopped_while_it_waits_in_the_queue_is_not_offered_again(registries, tmp_path):
+    reg = registries(autosave_dir=tmp_path, autosave_interval_s=0)
+    job = reg.submit(tc(epochs=4), mc(), start_paused=True)
+    wait_until(lambda: job.trainer is not None, what="the trainer")
+    job.step_once(2)
+    wait_until(lambda: job.snapshot().epoch == 1, what="1 epoch")
+    reg.flush()
+    second = registries(autosave_dir=tmp_path, max_concurrent=1)
+    holder = second.submit(tc(), mc(), start_paused=True)  # the only place, taken
+    wait_until(lambda: holder.trainer is not None, what="the holder to start")
+    back = second.get(job.id)
+    back.resume()  # interrupted -> queued behind the holder
+    assert back.state == QUEUED
+    back.stop()
+    assert registries(autosave_dir=tmp_path).get(job.id).state == STOPPED
+
+
 def test_no_queued_run_starts_while_the_server_exits(registries):
     reg = registries(max_concurrent=1)
     holder = reg.submit(tc(), mc(), start_paused=True)

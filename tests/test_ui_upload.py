@@ -112,10 +112,11 @@ def test_a_file_replaced_with_its_old_modification_time_kept_is_reloaded(user_di
     first = ui.core.load_selection(ui.core.file_ref(path), "cpu")
     assert ui.core.load_selection(ui.core.file_ref(path), "cpu").model is first.model  # unchanged: the cached one
     st_ = path.stat()
-    tmp = path.with_name("new.tmp")
-    tmp.write_bytes(_bytes(2, seed=5))
-    os.replace(tmp, path)  # a new file (new inode) ...
-    os.utime(path, ns=(st_.st_atime_ns, st_.st_mtime_ns))  # ... with the old time
+    data = _bytes(2, seed=5)
+    assert len(data) == st_.st_size  # the same size: only the change time tells the files apart
+    path.write_bytes(data)  # in place, as cp -p writes: the same inode ...
+    os.utime(path, ns=(st_.st_atime_ns, st_.st_mtime_ns))  # ... and the old modification time
+    assert path.stat().st_ino == st_.st_ino and path.stat().st_mtime_ns == st_.st_mtime_ns
     second = ui.core.load_selection(ui.core.file_ref(path), "cpu")
     assert first.error is None and second.error is None and first.key != second.key
     w1, w2 = first.model.state_dict(), second.model.state_dict()

@@ -109,7 +109,7 @@ def checkpoints_in(folder: Path):
     """list_checkpoints(folder), re-read only when a .pt file there is added, removed or changed: reading every
     file's metadata costs ~0.1 s per file, and the sidebar needs the list on every rerun of every page."""
     files = sorted(folder.glob("*.pt")) if folder.is_dir() else []
-    signature = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files if p.is_file())
+    signature = tuple((p.name, *file_stamp(p)) for p in files if p.is_file())
     return _list_checkpoints_cached(str(folder), signature)
 
 

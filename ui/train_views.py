@@ -251,8 +251,8 @@ def config_panel(locked: bool):
         else:
             c2.caption(PRESETS[name]["description"])
     if locked:
-        st.caption("These options shape the *next* run (Start or Reset); use **Change while running** for the "
-                   "current one.")
+        st.caption("These options shape the *next* run (Start, or Step after Reset); use **Change while running** "
+                   "for the current one.")
     data_col, beta_col, opt_col = st.columns(3, gap="medium")
     with data_col:
         st.markdown("**Data and model**")
@@ -366,7 +366,7 @@ def show_messages():
 def _is_fresh(job: Job | None) -> bool:
     """A run Step made in this session with no run on screen (after Reset) that has not been resumed yet: Start goes
     on with it while the options are the same."""
-    # queued (paused) when the cap was full at Reset: still the prepared run, not one to start a second run beside
+    # queued (paused) when the cap was full at Step: still the prepared run, not one to start a second run beside
     return (job is not None and st.session_state.get("_reset_job") == job.id
             and (job.state == PAUSED or (job.state == QUEUED and job.pause_requested)))
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import collections
 import copy
+import dataclasses
 import itertools
 import json
 import multiprocessing.util  # noqa: F401  (its exit hook must be registered before ours: see _at_exit)
@@ -300,10 +301,8 @@ class Job:
                 self._t_ended = time.time()
             self._command("stop")
             self._cond.notify_all()
-        if was_interrupted:  # record the new state, so the next server start does not offer it as resumable
-            self.registry._autosave(self, final=True)
-        if was_queued:  # stopped before it started: the next server start must not offer it
-            self.registry._drop_pending(self)
+        if was_interrupted or was_queued:  # record the new state, so the next server start does not offer it
+            self.registry._autosave(self, final=True)  # (with no trainer yet: its pending file goes)
         self.registry._schedule()
 
     def set_delay(self, seconds: float):
@@ -318,12 +317,17 @@ class Job:
             self._rate.clear()
             self._command("delay", seconds)
             self._cond.notify_all()
+            self.registry._write_pending(self, refresh=True)  # a run yet to start keeps it across a restart
 
     def update(self, **changes) -> str:
         """Change lr / beta / schedule settings mid-run; recorded as an event on the curves. ValueError if bad."""
         with self._lock:
             if self.trainer is None:  # not started yet: any setting may change
+                unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(TrainConfig)})
+                if unknown:
+                    raise ValueError(f"{', '.join(unknown)}: not a training option")
                 self.train_config, text = describe_changes(self.train_config, changes)
+                self.registry._write_pending(self, refresh=True)  # kept across a restart too
                 return text
             bad = sorted(set(changes) - set(LIVE_SETTINGS))
             if bad:
@@ -668,10 +672,10 @@ class JobRegistry:
     def submit(self, train_config: TrainConfig, model_config: ModelConfig | None = None, name: str = "",
                group: str | None = None, start_paused: bool = False) -> Job:
         job = Job(self, train_config, model_config, name=name, group=group, start_paused=start_paused)
+        self._write_pending(job)  # before it can start (and end, which removes the file)
         with self._lock:
             self._jobs[job.id] = job
             self._queue.append(job)
-        self._write_pending(job)
         self._schedule()
         return job
 
@@ -681,26 +685,30 @@ class JobRegistry:
     def _pending_path(self, job_id: str) -> Path | None:
         return self.autosave_dir / f"{job_id}.pending.json" if self.autosave_dir is not None else None
 
-    def _write_pending(self, job: "Job"):
+    def _write_pending(self, job: "Job", refresh: bool = False):
+        """refresh: only rewrite a file that is there (settings changed before the run's first autosave)."""
         path = self._pending_path(job.id)
         if path is None:
             return
-        meta = {"id": job.id, "name": job.name, "group": job.group, "created": job.created,
-                "train_config": job.train_config.to_dict(),
-                "model_config": job.model_config.to_dict() if job.model_config is not None else None}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(meta))
-            os.replace(tmp, path)
-        except (OSError, TypeError, ValueError) as exc:
-            with job._lock:
+        with job._lock:  # never between a stop's removal and its state: a removed file stays removed
+            if refresh and not path.exists():
+                return
+            meta = {"id": job.id, "name": job.name, "group": job.group, "created": job.created,
+                    "train_config": job.train_config.to_dict(), "delay_s": job.delay_s,
+                    "model_config": job.model_config.to_dict() if job.model_config is not None else None}
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.tmp")
+                tmp.write_text(json.dumps(meta))
+                os.replace(tmp, path)
+            except (OSError, TypeError, ValueError) as exc:
                 job.extra["autosave_error"] = f"autosave failed: {exc}"
 
     def _drop_pending(self, job: "Job"):
         path = self._pending_path(job.id)
         if path is not None:
-            path.unlink(missing_ok=True)
+            with job._lock:
+                path.unlink(missing_ok=True)
 
     def get(self, job_id: str | None) -> Job | None:
         with self._lock:
@@ -889,6 +897,7 @@ class JobRegistry:
                 mc = ModelConfig.from_dict(meta["model_config"]) if meta.get("model_config") else None
                 job = Job(self, tc, mc, name=str(meta.get("name", "")), job_id=job_id, group=meta.get("group"))
                 job.created = float(meta.get("created", p.stat().st_mtime))
+                job.delay_s = min(max(float(meta.get("delay_s", 0.0)), 0.0), 10.0)
             except (OSError, KeyError, TypeError, ValueError, AttributeError):
                 continue
             job.state = INTERRUPTED  # Resume starts it from its first step
