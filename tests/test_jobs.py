@@ -41,6 +41,13 @@ def wait_until(pred, timeout=120.0, what="condition"):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def paused_run(reg, what="the run", **train):
+    """A run submitted paused, once its trainer is there (it holds a place, as a lecturer's paused run does)."""
+    job = reg.submit(tc(**train), mc(), start_paused=True)
+    wait_until(lambda: job.trainer is not None, what=what)
+    return job
+
+
 @pytest.fixture
 def registries():
     made = []
@@ -252,10 +259,9 @@ def test_restored_ended_jobs_keep_their_state_and_a_stopped_interrupted_one_stay
 def test_a_queued_run_survives_a_restart_and_a_stopped_queued_one_does_not(registries, tmp_path):
     """A queued run has no autosave (no trainer yet): a small pending file brings it back, never dropped."""
     reg = registries(autosave_dir=tmp_path, max_concurrent=1)
-    holder = reg.submit(tc(), mc(), name="holder", start_paused=True)
+    holder = paused_run(reg, "the holder to start")
     waiting = reg.submit(tc(epochs=1), mc(hidden=(16,)), name="waiting")
     gone = reg.submit(tc(epochs=1), mc(), name="gone")
-    wait_until(lambda: holder.trainer is not None, what="the holder to start")
     assert (waiting.state, gone.state) == (QUEUED, QUEUED)
     gone.stop()  # stopped before it started: not offered again
     restarted = registries(autosave_dir=tmp_path, max_concurrent=1)  # the first server died with them in place
@@ -274,9 +280,8 @@ def test_a_queued_run_survives_a_restart_and_a_stopped_queued_one_does_not(regis
 
 def test_settings_changed_before_a_run_starts_survive_a_restart(registries, tmp_path):
     reg = registries(autosave_dir=tmp_path, max_concurrent=1)
-    holder = reg.submit(tc(), mc(), start_paused=True)
+    paused_run(reg, "the holder to start")
     waiting = reg.submit(tc(epochs=1), mc())
-    wait_until(lambda: holder.trainer is not None, what="the holder to start")
     assert waiting.update(beta=3.0, grad_clip=5.0) == "beta: 1.0 -> 3.0, grad_clip: 0.0 -> 5.0"
     waiting.set_delay(0.25)
     with pytest.raises(ValueError, match="bogus: not a training option"):
@@ -287,14 +292,12 @@ def test_settings_changed_before_a_run_starts_survive_a_restart(registries, tmp_
 
 def test_a_resumed_run_stopped_while_it_waits_in_the_queue_is_not_offered_again(registries, tmp_path):
     reg = registries(autosave_dir=tmp_path, autosave_interval_s=0)
-    job = reg.submit(tc(epochs=4), mc(), start_paused=True)
-    wait_until(lambda: job.trainer is not None, what="the trainer")
+    job = paused_run(reg, epochs=4)
     job.step_once(2)
     wait_until(lambda: job.snapshot().epoch == 1, what="1 epoch")
     reg.flush()
     second = registries(autosave_dir=tmp_path, max_concurrent=1)
-    holder = second.submit(tc(), mc(), start_paused=True)  # the only place, taken
-    wait_until(lambda: holder.trainer is not None, what="the holder to start")
+    paused_run(second, "the holder to start")  # the only place, taken
     back = second.get(job.id)
     back.resume()  # interrupted -> queued behind the holder
     assert back.state == QUEUED
@@ -304,9 +307,8 @@ def test_a_resumed_run_stopped_while_it_waits_in_the_queue_is_not_offered_again(
 
 def test_no_queued_run_starts_while_the_server_exits(registries):
     reg = registries(max_concurrent=1)
-    holder = reg.submit(tc(), mc(), start_paused=True)
+    holder = paused_run(reg, "the holder to start")
     queued = reg.submit(tc(epochs=1), mc())
-    wait_until(lambda: holder.trainer is not None, what="the holder to start")
     reg._exiting = True  # as _at_exit sets it: the holder's end must not start the queued run
     holder.stop()
     holder.join(60)
