@@ -5,7 +5,7 @@ import math
 import numpy as np
 import streamlit as st
 
-from ui.anatomy_figures import decomposition_fig, history_fig, iwae_fig, posterior_fig
+from ui.anatomy_figures import decomposition_fig, headline_decimals, history_fig, iwae_fig, posterior_fig
 from ui.core import current, need_model, presenting, selection_data, tile
 from vae import anatomy as an
 from vae.latent_ops import intra_op_threads
@@ -52,10 +52,10 @@ def metric(label: str, value: float, se: float | None = None):
         st.metric(label, f"{value:.2f}")
 
 
-def fmt(value, se=None) -> str:
+def fmt(value, se=None, decimals: int = 2) -> str:
     if se is None or not math.isfinite(se):
-        return f"{value:.2f}"
-    return f"{value:.2f} ± {se:.2f}"
+        return f"{value:.{decimals}f}"
+    return f"{value:.{decimals}f} ± {se:.{decimals}f}"
 
 
 sel = current()
@@ -152,8 +152,9 @@ with left:
                  caption="decoded encoder mean E[x | z = μ_φ(x)]", width="stretch")
     else:
         st.write(f"x = {np.round(x[0].numpy(), 3).tolist()}" if len(idx) == 1 else f"{len(idx)} points")
-    st.markdown(f"**ELBO** {fmt(a.elbo, a.elbo_se)} · **log p(x)** {fmt(a.log_px, a.log_px_se)} · "
-                f"**gap** {fmt(a.gap, a.gap_se)} nats")
+    d = headline_decimals(a.elbo, a.log_px, a.gap)  # the three add up as shown: ELBO + gap = log p(x)
+    st.markdown(f"**ELBO** {fmt(a.elbo, a.elbo_se, d)} · **log p(x)** {fmt(a.log_px, a.log_px_se, d)} · "
+                f"**gap** {fmt(a.gap, a.gap_se, d)} nats")
 with right:
     st.plotly_chart(decomposition_fig(a), width="stretch", key="elbo_bar")
 

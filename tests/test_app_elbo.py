@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from apptest_support import open_page
@@ -113,3 +114,19 @@ def test_unavailable_dataset_gives_one_line_message(tmp_path, monkeypatch):
     assert not at.exception
     assert len(at.error) == 1 and "Test data unavailable: dataset 'mnist' is not available" in at.error[0].value
     assert _charts(at) == 0
+
+
+def test_the_headline_numbers_add_up_as_shown():
+    """ELBO + gap = log p(x) on screen: more decimals where two would show -27.30 + 0.02 = -27.29."""
+    from ui.anatomy_figures import headline_decimals
+
+    elbo, log_px = -27.3049, -27.2886
+    d = headline_decimals(elbo, log_px, log_px - elbo)
+    assert d == 3 and round(round(elbo, d) + round(log_px - elbo, d), d) == round(log_px, d)
+    assert headline_decimals(-27.30, -27.10, 0.20) == 2  # already adds up: two decimals, as everywhere
+    rng = np.random.default_rng(0)
+    for elbo, gap in zip(rng.uniform(-300, 0, 200), rng.uniform(0, 5, 200)):
+        d = headline_decimals(elbo, elbo + gap, gap)
+        assert 2 <= d <= 4
+        if d < 4:
+            assert round(round(elbo, d) + round(gap, d), d) == round(elbo + gap, d)

@@ -22,6 +22,15 @@ def _pm(value: float, se: float | None = None, sep: str = " ") -> str:
     return f"{_n(value)}{sep}± {se:.2f}"
 
 
+def headline_decimals(elbo: float, log_px: float, gap: float, most: int = 4) -> int:
+    """The fewest decimals, from 2, at which the rounded ELBO + the rounded gap is the rounded log p(x), so that the
+    three numbers shown side by side add up on screen (-27.30 + 0.02 read as -27.29 at two decimals)."""
+    for d in range(2, most + 1):
+        if round(round(elbo, d) + round(gap, d), d) == round(log_px, d):
+            return d
+    return most
+
+
 def decomposition_fig(a: Anatomy, height: int = 440):
     """Stacked (waterfall) bars: E_q[log p(x|z)] - KL = ELBO, then ELBO + gap = log p(x); the right panel zooms onto
     the last step, where the gap sits on top of the ELBO."""
