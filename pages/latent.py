@@ -77,7 +77,11 @@ data_id = (codes.dataset, codes.split, len(codes.mu))
 store = st.session_state.get("latent_selection")
 if not store or store.get("data") != data_id:
     # a link's selection (?sel=3,17-20) on a first visit; another split or model starts empty
-    rows = decode_rows(st.query_params.get("sel", ""), len(codes.mu)) if not store else []
+    asked = st.query_params.get("sel", "") if not store else ""
+    rows = decode_rows(asked, len(codes.mu)) if asked else []
+    if asked and not rows:  # a link's selection this data has none of: said, as for ?z= on Decode
+        st.caption(f"?sel={asked[:30]} selects none of the {len(codes.mu)} points shown (give rows as in "
+                   f"?sel=3,17-20, from 0 to {len(codes.mu) - 1}): nothing is selected")
     store = st.session_state["latent_selection"] = {"data": data_id, "rows": rows, "event": []}
 update_selection(store, selected_rows(st.session_state.get("latent_scatter")))
 

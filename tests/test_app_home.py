@@ -59,3 +59,13 @@ def test_a_note_on_the_url_survives_present_being_spelled_1():
     at.run()
     assert not at.exception and at.toggle(key="present").value is True
     assert any("model 'nope' is not available" in w.value for w in at.sidebar.warning)
+
+
+def test_a_device_this_machine_lacks_in_the_url_is_said_and_auto_used():
+    at = new_app_test()
+    at.query_params["device"] = "zzz"
+    at.run()
+    assert not at.exception and at.selectbox(key="device").value == "auto"
+    assert any("device 'zzz' is not on this machine" in c.value for c in at.sidebar.caption)
+    at.run()  # said once: the URL now holds the device used
+    assert not any("is not on this machine" in c.value for c in at.sidebar.caption)

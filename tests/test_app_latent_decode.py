@@ -159,6 +159,20 @@ def test_a_link_with_a_selection_opens_with_it():
     assert any("4 selected" in m.value for m in at.markdown)
 
 
+@pytest.mark.parametrize("sel", ["abc", "99999", "20-3"])
+def test_a_link_whose_selection_has_no_point_here_says_so(sel):
+    from apptest_support import new_app_test
+
+    at = new_app_test()
+    at.query_params["model"] = Z2
+    at.query_params["sel"] = sel
+    at.run()
+    at.switch_page("pages/latent.py").run()
+    no_exception(at)
+    assert at.session_state["latent_selection"]["rows"] == []
+    assert any(f"?sel={sel} selects none of the" in c.value for c in at.caption)
+
+
 def test_moons_data_space_beside_latent_space():
     at = open_page("pages/latent.py", model=MOONS)
     no_exception(at)

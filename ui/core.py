@@ -487,6 +487,10 @@ def sidebar() -> Selection:
                                                      "training runs (their latest weights)")
         devices = ["auto", *available_devices()]
         if st.session_state.get("device") not in devices:
+            asked = st.session_state.get("device") or st.query_params.get("device")
+            if asked and asked not in devices:  # ?device=cuda on a machine without one: said, not dropped silently
+                st.caption(f"device {str(asked)[:20]!r} is not on this machine (it has {', '.join(devices[1:])}): "
+                           "using auto")
             st.session_state["device"] = "auto"
         dev = st.selectbox("Device", devices, key="device", bind="query-params",
                            help="auto picks cuda, then mps, then cpu; only devices this machine has are listed")
