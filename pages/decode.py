@@ -156,19 +156,22 @@ else:
                  width="stretch" if presenting() else "content")  # the row as wide as the page on a projector
 
 # ---- interpolation ------------------------------------------------------------------------------------------------
-st.subheader("Interpolation between two test images")
+thing = "point" if is_points else "image"  # the moons' examples are 2-D points, not images
+st.subheader(f"Interpolation between two test {thing}s")
 if codes is None:
-    st.warning(f"Interpolating between test images needs the dataset. {data_err}")
+    st.warning(f"Interpolating between test {thing}s needs the dataset. {data_err}")
 else:
     def first_with(label, fallback):
         hits = np.flatnonzero(codes.y == label)
         return int(hits[0]) if len(hits) else fallback
 
     i1, i2, i3, i4 = st.columns([1, 1, 1.2, 1.4])
-    a = clamped("From test image #", int(i1.number_input("From test image #", value=first_with(4, 0), step=1,
-                                                         key="dec_interp_a", bind="query-params")), 0, n_test - 1, i1)
-    b = clamped("to test image #", int(i2.number_input("to test image #", value=first_with(9, min(1, n_test - 1)),
-                                                       step=1, key="dec_interp_b", bind="query-params")),
+    a = clamped(f"From test {thing} #", int(i1.number_input(f"From test {thing} #", value=first_with(4, 0), step=1,
+                                                            key="dec_interp_a", bind="query-params")),
+                0, n_test - 1, i1)
+    b = clamped(f"to test {thing} #", int(i2.number_input(f"to test {thing} #",
+                                                          value=first_with(9, min(1, n_test - 1)), step=1,
+                                                          key="dec_interp_b", bind="query-params")),
                 0, n_test - 1, i2)
     method = i3.radio("Path", ["linear", "spherical"], horizontal=True, key="dec_interp_method", bind="query-params",
                       help="linear: a straight line between the codes; spherical (slerp): along the great circle, "

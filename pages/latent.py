@@ -109,8 +109,9 @@ with left:
                      f"({100 * evr[0]:.0f}% + {100 * evr[1]:.0f}%).")
     if proj.note:
         notes.append(proj.note + ".")
-    notes.append(f"{len(proj.index)} {codes.split} examples. Lasso or box-select points (or click one) to see "
-                 "their images; double-click empties the chart's selection.")
+    notes.append(f"{len(proj.index)} {codes.split} examples. Lasso or box-select points (or click one) to "
+                 + ("ring them in the data space" if is_points else "see their images")
+                 + "; double-click empties the chart's selection.")
     st.caption(" ".join(notes))
 if update_selection(store, selected_rows(event)):  # a selection this run's chart made: redraw with rings
     st.rerun()
