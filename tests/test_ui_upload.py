@@ -121,3 +121,12 @@ def test_a_file_replaced_with_its_old_modification_time_kept_is_reloaded(user_di
     assert first.error is None and second.error is None and first.key != second.key
     w1, w2 = first.model.state_dict(), second.model.state_dict()
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_a_renamed_upload_says_what_it_is_kept_as(user_dir):
+    path, note = ui.core.accept_upload("name with spaces & ünï.pt", _bytes(2))
+    assert path.name == "name-with-spaces-n.pt"
+    assert note == ("'name with spaces & ünï.pt' is kept as 'name-with-spaces-n': a checkpoint name takes ASCII "
+                    "letters, digits, '.', '_' and '-'")
+    _, same = ui.core.accept_upload("plain.pt", _bytes(2))
+    assert same is None  # kept under its own name: nothing to say

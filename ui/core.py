@@ -225,10 +225,10 @@ def validate_name(name: str) -> str:
         name = name[:-3]
     if len(name) > MAX_NAME:  # told, not cut: a text box's max_chars drops a longer paste without a word
         raise ValueError(f"the name {name[:24] + '…'!r} is {len(name)} characters long: at most {MAX_NAME} are "
-                         "allowed (letters, digits, '.', '_' or '-')")
+                         "allowed (ASCII letters, digits, '.', '_' or '-')")
     if not NAME_RE.match(name) or ".." in name:
-        raise ValueError(f"name {name!r} is not allowed: use 1-{MAX_NAME} letters, digits, '.', '_' or '-', "
-                         "starting with a letter or digit")
+        raise ValueError(f"name {name!r} is not allowed: use 1-{MAX_NAME} ASCII letters (a-z, A-Z), digits, '.', "
+                         "'_' or '-', starting with a letter or digit")
     return name
 
 
@@ -297,6 +297,10 @@ def accept_upload(filename: str, data: bytes) -> tuple[Path, str | None]:
         tmp.unlink(missing_ok=True)
     note = (f"a different checkpoint named {name!r} was already saved; this one is kept as {kept!r}"
             if kept != name else None)
+    given = Path(filename or "").name
+    if note is None and given.removesuffix(".pt").removesuffix(".PT") != kept:  # "name with spaces & ü.pt"
+        note = (f"{given[:40]!r} is kept as {kept!r}: a checkpoint name takes ASCII letters, digits, '.', '_' "
+                "and '-'")
     return USER_DIR / f"{kept}.pt", note
 
 
