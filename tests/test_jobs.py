@@ -404,3 +404,19 @@ def test_workers_run_at_lower_priority_and_share_the_cores(registries, tmp_path,
     a.join(30)
     if nice_a is not None:
         assert nice_a >= min(19, os.nice(0) + 5)  # at least that much lower (the worker server may be lower still)
+
+def test_the_snapshot_says_which_rate_it_shows(registries):
+    """The live rate while it runs (slow-motion pauses included); once it has ended, the last epoch's steps alone."""
+    reg = registries()
+    job = reg.submit(tc(epochs=2), mc())
+    wait_until(lambda: job.snapshot().step > 2 or not job.snapshot().active, what="a few steps")
+    job.join(120)
+    snap = job.snapshot(steps=False)
+    assert snap.state == FINISHED and not snap.live_rate
+    assert snap.samples_per_s == snap.history["epoch"]["samples_per_s"][-1]
+    slow = reg.submit(tc(epochs=50), mc())
+    slow.set_delay(0.02)  # a lecture's pace: the live rate counts the pauses
+    wait_until(lambda: slow.snapshot(steps=False).step >= 8, what="8 slow steps")
+    live = slow.snapshot(steps=False)
+    assert live.state == RUNNING and live.live_rate and live.samples_per_s < 64 / 0.02
+    slow.stop()

@@ -838,7 +838,9 @@ def _status(snap):
         bar.progress(snap.progress, text=f"epoch {snap.epoch}/{snap.epochs} · step {snap.step}/{snap.total_steps}")
     h = snap.history["epoch"]
     m = st.columns(5)
-    m[0].metric("samples/s", f"{snap.samples_per_s:,.0f}" if snap.samples_per_s else "–",
+    # two rates: the label says which (246 in slow motion, then 31,094 after Stop, read as the same figure)
+    m[0].metric("samples/s" if snap.live_rate or not snap.samples_per_s else "samples/s (steps alone)",
+                f"{snap.samples_per_s:,.0f}" if snap.samples_per_s else "–",
                 help="While it runs: the live rate over the last steps (wall clock, slow-motion pauses included). "
                      "Paused, stopped or finished: the last epoch's rate of training steps alone (no pauses, no "
                      "test evaluation)")

@@ -81,6 +81,7 @@ class JobSnapshot:
     created: float
     group: str | None = None
     extra: dict = field(default_factory=dict)
+    live_rate: bool = False  # samples_per_s is the live rate (wall clock), not the last epoch's steps alone
 
     @property
     def active(self) -> bool:
@@ -365,11 +366,11 @@ class Job:
             total = t.total_steps if t else 0
             spe = t.steps_per_epoch if t else 0
             sps = hist["epoch"]["samples_per_s"][-1] if hist["epoch"].get("samples_per_s") else None
-            eta = None
+            eta, live_rate = None, False
             if t is not None and self.state in (RUNNING, PAUSED):
                 steps_per_s = self._steps_per_s()
                 if steps_per_s:
-                    sps = steps_per_s * t.config.batch_size
+                    sps, live_rate = steps_per_s * t.config.batch_size, True
                     eta = (total - step) / steps_per_s if self.state == RUNNING else None
                 elif sps and self.state == RUNNING:
                     eta = (total - step) * t.config.batch_size / sps
@@ -383,7 +384,7 @@ class Job:
                 model_config=(t.model.config.to_dict() if t else
                               (self.model_config.to_dict() if self.model_config else None)),
                 weights_version=self._weights_version, created=self.created, group=self.group,
-                extra=extra)
+                extra=extra, live_rate=live_rate)
 
     def _steps_per_s(self) -> float | None:
         if len(self._rate) < 2:
