@@ -94,21 +94,28 @@ with st.expander("Estimator settings"):
     n_draws = N_DRAWS if e3.checkbox(f"IWAE curve: also the mean of {N_DRAWS} independent draws", value=True,
                                      key="elbo_draws", bind="query-params") else 0
 
-try:
-    k, s = an.check_k(raw_k), an.check_samples(raw_s)
-    seed = an.as_int("seed", raw_seed)
-    if mode == "one":
-        index = an.check_index(raw_index, n_test)
-        idx = [index]
-        noun = "test example" if cfg.image_shape == (2,) else "test image"
-        images, what = ("one", index), f"{noun} #{index}"
-    else:
-        count = an.check_count(raw_count, n_test)
-        idx = list(range(count))
-        images, what = ("first", count), f"the first {count} test images (average)"
-except ValueError as exc:
-    st.error(str(exc))
+checked, problems = {}, []  # every box checked: one line that names each bad one (it named the first only)
+for name, check in (("k", lambda: an.check_k(raw_k)), ("s", lambda: an.check_samples(raw_s)),
+                    ("seed", lambda: an.as_int("seed", raw_seed)),
+                    ("items", lambda: an.check_index(raw_index, n_test) if mode == "one"
+                     else an.check_count(raw_count, n_test))):
+    try:
+        checked[name] = check()
+    except ValueError as exc:
+        problems.append(str(exc))
+if problems:
+    st.error(problems[0] + (f" Also: {' '.join(problems[1:])}" if len(problems) > 1 else ""))
     st.stop()
+k, s, seed = checked["k"], checked["s"], checked["seed"]
+if mode == "one":
+    index = checked["items"]
+    idx = [index]
+    noun = "test example" if cfg.image_shape == (2,) else "test image"
+    images, what = ("one", index), f"{noun} #{index}"
+else:
+    count = checked["items"]
+    idx = list(range(count))
+    images, what = ("first", count), f"the first {count} test images (average)"
 x = data.x[idx]
 
 with st.expander("Gallery: the first 24 test images (type an index above)", expanded=False):

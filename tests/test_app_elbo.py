@@ -92,6 +92,14 @@ def test_bad_inputs_give_one_line_messages():
         assert "\n" not in at.error[0].value
         at.number_input(key=key).set_value(good[key]).run()
         assert not at.exception and not at.error
+    at.number_input(key="elbo_idx").set_value(-1)  # two bad boxes at once: one line naming both
+    at.number_input(key="elbo_k").set_value(10_000_000).run()
+    assert len(at.error) == 1 and "\n" not in at.error[0].value
+    assert "K=10000000 is out of range" in at.error[0].value and " Also: " in at.error[0].value
+    assert "-1" in at.error[0].value.split(" Also: ")[1]
+    at.number_input(key="elbo_idx").set_value(0)
+    at.number_input(key="elbo_k").set_value(FAST["elbo_k"]).run()
+    assert not at.exception and not at.error
     at.radio(key="elbo_mode").set_value("first N images").run()
     at.number_input(key="elbo_n").set_value(0).run()
     assert len(at.error) == 1 and "number of images 0 is out of range: average over 1 to 359 images" in \
