@@ -104,7 +104,7 @@ for name, check in (("k", lambda: an.check_k(raw_k)), ("s", lambda: an.check_sam
     except ValueError as exc:
         problems.append(str(exc))
 if problems:
-    st.error(problems[0] + (f" Also: {' '.join(problems[1:])}" if len(problems) > 1 else ""))
+    st.error("; also ".join(problems))
     st.stop()
 k, s, seed = checked["k"], checked["s"], checked["seed"]
 if mode == "one":
