@@ -8,6 +8,7 @@ Python time (and so GIL time taken from the training thread). st.plotly_chart va
 from __future__ import annotations
 
 import numpy as np
+import plotly.colors
 
 from ui.core import PRESENT_AXIS_TITLE_PX, PRESENT_TICK_PX, presenting
 from vae.metrics import epoch_curves, kl_heatmap, step_curves
@@ -191,7 +192,8 @@ def collapse_figure(history: dict) -> dict:
 def compare_figure(runs: list[tuple[str, dict, bool]], x_max: float | None = None) -> dict:
     """Overlay of runs (label, history, is_current): test ELBO, test KL and active units per epoch. x_max: the
     epoch axes end there (longer histories run off the right edge; double-click shows them whole)."""
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    # 20 distinct colours (black is the run on screen's): with "select all", 8 repeated after the eighth run
+    palette = [c for c in plotly.colors.qualitative.Dark24 if c.upper() != "#222A2A"]
     data = []
     for i, (label, hist, current) in enumerate(runs):
         ec = epoch_curves(hist)
@@ -201,9 +203,14 @@ def compare_figure(runs: list[tuple[str, dict, bool]], x_max: float | None = Non
                              legendgroup=label, showlegend=c == 1, line=dict(color=color, width=3 if current else 1.8),
                              xaxis="x" if c == 1 else f"x{c}", yaxis="y" if c == 1 else f"y{c}"))
     doms = ([0, 0.3], [0.35, 0.65], [0.7, 1])
-    layout = _layout(400, uirevision="compare", legend=dict(orientation="h", x=0, y=-0.22),
+    # the legend under the plots, below the "epoch" titles, with room for its rows (a long one covered the titles)
+    rows = -(-len(runs) // 3)
+    extra = 24 * max(0, rows - 1) * (1.25 if presenting() else 1)
+    layout = _layout(400 + int(extra), uirevision="compare",
+                     legend=dict(orientation="h", x=0, y=0, yref="container", yanchor="bottom"),
                      annotations=[_title(t, (a + b) / 2, 1.0) for t, (a, b) in
                                   zip(("test ELBO (nats)", "test KL (nats)", "active units"), doms)])
+    layout["margin"] = {**layout["margin"], "b": int(70 + 24 * rows * (1.25 if presenting() else 1))}
     for c, dom in enumerate(doms, start=1):
         sfx = "" if c == 1 else str(c)
         layout[f"xaxis{sfx}"] = dict(domain=dom, anchor=f"y{sfx}", title=dict(text="epoch"),
