@@ -2,7 +2,7 @@
 images and figures, and the sidebar's controls that every page shares."""
 from __future__ import annotations
 
-from apptest_support import new_app_test
+from apptest_support import new_app_test, open_link
 
 
 def _text(at) -> str:
@@ -53,18 +53,13 @@ def test_home_follows_the_model_picker_and_presentation_mode():
 
 def test_a_note_on_the_url_survives_present_being_spelled_1():
     """?present=1 is rewritten to true with a rerun: the note about a bad ?model= must still show."""
-    at = new_app_test()
-    at.query_params["model"] = "nope"
-    at.query_params["present"] = "1"
-    at.run()
+    at = open_link("pages/home.py", model="nope", present="1")
     assert not at.exception and at.toggle(key="present").value is True
     assert any("model 'nope' is not available" in w.value for w in at.sidebar.warning)
 
 
 def test_a_device_this_machine_lacks_in_the_url_is_said_and_auto_used():
-    at = new_app_test()
-    at.query_params["device"] = "zzz"
-    at.run()
+    at = open_link("pages/home.py", device="zzz")
     assert not at.exception and at.selectbox(key="device").value == "auto"
     assert any("device 'zzz' is not on this machine" in c.value for c in at.sidebar.caption)
     at.run()  # said once: the URL now holds the device used

@@ -147,13 +147,9 @@ def test_latent_selection_is_kept_and_shows_images():
 
 
 def test_a_link_with_a_selection_opens_with_it():
-    from apptest_support import new_app_test
+    from apptest_support import open_link
 
-    at = new_app_test()
-    at.query_params["model"] = Z2
-    at.query_params["sel"] = "3,5-7,99999"  # the last row is past the split's end: dropped
-    at.run()
-    at.switch_page("pages/latent.py").run()
+    at = open_link("pages/latent.py", model=Z2, sel="3,5-7,99999")  # the last row is past the split's end: dropped
     no_exception(at)
     assert at.session_state["latent_selection"]["rows"] == [3, 5, 6, 7]
     assert any("4 selected" in m.value for m in at.markdown)
@@ -161,13 +157,9 @@ def test_a_link_with_a_selection_opens_with_it():
 
 @pytest.mark.parametrize("sel", ["abc", "99999", "20-3"])
 def test_a_link_whose_selection_has_no_point_here_says_so(sel):
-    from apptest_support import new_app_test
+    from apptest_support import open_link
 
-    at = new_app_test()
-    at.query_params["model"] = Z2
-    at.query_params["sel"] = sel
-    at.run()
-    at.switch_page("pages/latent.py").run()
+    at = open_link("pages/latent.py", model=Z2, sel=sel)
     no_exception(at)
     assert at.session_state["latent_selection"]["rows"] == []
     assert any(f"?sel={sel} selects none of the" in c.value for c in at.caption)
@@ -216,7 +208,7 @@ def test_decode_slider_changes_image_and_orders_by_kl(z16_stats):
 
 
 def test_the_sliders_point_is_in_the_url_and_a_link_opens_with_it(z16_stats):
-    from apptest_support import new_app_test
+    from apptest_support import open_link
 
     at = open_page("pages/decode.py", model=Z16)
     assert "z" not in at.query_params  # at its start: no point in the URL
@@ -230,11 +222,7 @@ def test_the_sliders_point_is_in_the_url_and_a_link_opens_with_it(z16_stats):
     assert "z" not in at.query_params and at.slider(key=f"dec_z_{top}").value == 0.0
     # a link (or a reload) with that point: the sliders open there; a point for another d is ignored
     for text, value in ((",".join(want), 2.5), ("1,2,3", 0.0), ("nonsense", 0.0)):
-        at = new_app_test()
-        at.query_params["model"] = Z16
-        at.query_params["z"] = text
-        at.run()
-        at.switch_page("pages/decode.py").run()
+        at = open_link("pages/decode.py", model=Z16, z=text)
         no_exception(at)
         assert at.slider(key=f"dec_z_{top}").value == value, text
         assert (decoded_url(at) == image) == (value == 2.5)  # the very image the link was made from
