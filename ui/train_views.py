@@ -367,7 +367,7 @@ def _is_fresh(job: Job | None) -> bool:
     """A run Step made in this session with no run on screen (after Reset) that has not been resumed yet: Start goes
     on with it while the options are the same."""
     # queued (paused) when the cap was full at Step: still the prepared run, not one to start a second run beside
-    return (job is not None and st.session_state.get("_reset_job") == job.id
+    return (job is not None and st.session_state.get("_prepared_run") == job.id
             and (job.state == PAUSED or (job.state == QUEUED and job.pause_requested)))
 
 
@@ -400,7 +400,7 @@ def _own(job: Job) -> bool:
 
 def _discard_fresh(job: Job):
     """Stop a run Step prepared; forget it too if it never took a step (it would only clutter the list)."""
-    st.session_state.pop("_reset_job", None)
+    st.session_state.pop("_prepared_run", None)
     never_ran = job.trainer is None or job.trainer.step_count == 0
     job.stop()
     if never_ran and job.join(5):
@@ -410,8 +410,17 @@ def _discard_fresh(job: Job):
             pass
 
 
+def _other_action(callback):
+    """A button's callback other than Stop: a Stop asked for again (_on_stop) lapses with it."""
+    @functools.wraps(callback)
+    def run(*args):
+        st.session_state.pop("_confirm_stop", None)
+        return callback(*args)
+    return run
+
+
+@_other_action
 def _on_start():
-    st.session_state.pop("_confirm_stop", None)  # a Stop asked for again lapses at any other action
     job = current_job()
     if _is_fresh(job):
         try:
@@ -421,17 +430,17 @@ def _on_start():
             st.session_state["_refused_now"] = str(exc)
             return
         if job.train_config.to_dict() == tc.to_dict() and job.model_config.to_dict() == mc.to_dict():
-            st.session_state.pop("_reset_job", None)
+            st.session_state.pop("_prepared_run", None)
             job.resume()  # Step prepared exactly this run: go on with it
             return
         _discard_fresh(job)
     _submit(start_paused=False)
 
 
+@_other_action
 def _on_pause_resume(want_pause: bool):
     """Does what the button said when it was clicked: another tab may have paused or resumed the run since this one
     was drawn, and a click on "Pause" must never resume it (nor "Resume" pause it)."""
-    st.session_state.pop("_confirm_stop", None)
     job = current_job()
     if job is None:
         return
@@ -445,16 +454,16 @@ def _on_pause_resume(want_pause: bool):
 STEP_WAIT_S = 1.0  # Step waits this long at most for its batch, so that the page drawn next shows it
 
 
+@_other_action
 def _on_step():
     """One batch, then paused. Waits (briefly) until the step is done: the page then draws it at once, where the
     charts would otherwise show it only at their next poll, seconds later, or not at all after a Reset."""
-    st.session_state.pop("_confirm_stop", None)  # a Stop asked for again lapses at any other action
     job = current_job()
     if job is None:  # after Reset (or on a fresh page): a new run with the options, paused after its first batch
         job = _submit(start_paused=True)
         if job is None:
             return
-        st.session_state["_reset_job"] = job.id  # Start goes on with it while the options stay the same
+        st.session_state["_prepared_run"] = job.id  # Start goes on with it while the options stay the same
     if job.state in ACTIVE or job.state == INTERRUPTED:
         before = job.snapshot(steps=False).step
         job.step_once()
@@ -478,11 +487,11 @@ def _on_stop():
     job.stop()
 
 
+@_other_action
 def _on_reset():
     """Back to epoch 0: stop the run on screen (it stays in the list; one another session started goes on) and show
     the options for a fresh run; Start runs it, Step takes its first batch. No run is made until then: a prepared
     run held one of the server's places while it waited (two students' Resets blocked every other run)."""
-    st.session_state.pop("_confirm_stop", None)  # a Stop asked for again lapses at any other action
     job = current_job()
     if _is_fresh(job):
         _discard_fresh(job)
@@ -504,8 +513,8 @@ def _on_delay():
         job.set_delay(st.session_state["train_delay"])
 
 
+@_other_action
 def _on_pick_run():
-    st.session_state.pop("_confirm_stop", None)  # a Stop asked for again lapses at any other action
     picked = st.session_state.get("run_pick") or None
     if picked and registry().get(picked) is None:
         # a browser can send back an option's label rather than its value (a selectbox whose labels changed
