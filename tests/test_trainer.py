@@ -271,3 +271,95 @@ def test_divergence_names_the_step_that_failed(make_trainer, chunked):
     losses = t.history["step"]["loss"]
     assert err.step == t.step_count + 1 == len(losses) + 1 and all(math.isfinite(v) for v in losses)
     assert f"at step {err.step} " in str(err)
+
+
+# ---- the test evaluation beside the steps (background_eval: the dashboard's training process) ------------------
+@pytest.fixture
+def one_thread():
+    """torch on one thread, as in a dashboard job (background evaluation is only used there)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _where_evaluated(monkeypatch, fail_at_call: int | None = None) -> list[str]:
+    """Record the thread each evaluation runs on (and make call number fail_at_call raise)."""
+    import threading
+
+    import vae.trainer as trainer_module
+
+    names, real = [], trainer_module.evaluate
+
+    def recording(*args, **kw):
+        names.append(threading.current_thread().name)
+        if fail_at_call is not None and len(names) == fail_at_call:
+            raise RuntimeError("evaluation broke")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(trainer_module, "evaluate", recording)
+    return names
+
+
+def _run_in_chunks(t, n=5):
+    while not t.done:
+        t.steps(n)
+        t.settle(wait=False)
+
+
+def test_background_evaluation_gives_the_same_records_weights_and_steps(make_trainer, one_thread, monkeypatch):
+    inline = make_trainer(epochs=4)
+    inline.fit()
+    where = _where_evaluated(monkeypatch)
+    t = make_trainer(epochs=4)
+    t.background_eval = True
+    _run_in_chunks(t)
+    t.close()
+    assert len(where) == 4 and all(name.startswith("vae-eval") for name in where)  # none on this thread
+    assert _epoch_history_without_timing(t) == _epoch_history_without_timing(inline)  # float for float
+    assert t.history["step"] == inline.history["step"]
+    wa, wb = t.model.state_dict(), inline.model.state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert t.model.training  # the evaluation ran on a copy: the model being trained never left train mode
+
+
+def test_background_records_arrive_in_order_and_every_reader_waits_for_them(make_trainer, one_thread):
+    t = make_trainer(epochs=3)
+    t.background_eval = True
+    t.steps(12)  # the first epoch, ending with its evaluation sent off
+    assert t.epoch == 1 and len(t.history["epoch"]["epoch"]) <= 1
+    assert t.last_epoch()["epoch"] == 1 and t.history["epoch"]["epoch"] == [1]  # last_epoch() waited for it
+    t.steps(12)
+    t.steps(12)
+    state = t.state_dict()  # waits too: a resumable state comes with its whole history
+    assert state["history"]["epoch"]["epoch"] == [1, 2, 3]
+    assert t.settle() == 0  # nothing left
+    assert t.final_metrics()["epochs"] == 3
+    t.close()
+    t.close()  # twice is harmless
+
+
+def test_a_failed_background_evaluation_is_raised_when_settling(make_trainer, one_thread, monkeypatch):
+    _where_evaluated(monkeypatch, fail_at_call=2)
+    t = make_trainer(epochs=3)
+    t.background_eval = True
+    t.steps(12)
+    t.steps(12)
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        t.settle()
+    assert t.history["epoch"]["epoch"] == [1]  # the epoch before it is kept
+    t.close()
+
+
+def test_with_more_than_one_thread_the_evaluation_stays_inline(make_trainer, monkeypatch):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        where = _where_evaluated(monkeypatch)
+        t = make_trainer(epochs=2)
+        t.background_eval = True
+        _run_in_chunks(t)
+        t.close()
+    finally:
+        torch.set_num_threads(before)
+    assert where == ["MainThread", "MainThread"] and t.history["epoch"]["epoch"] == [1, 2]

@@ -213,3 +213,24 @@ def test_a_command_sent_during_the_last_steps_is_handled_before_the_end():
     assert w.run() == "finished"
     w.close()
     assert pipe.late_sent and t.config.lr == 0.5 and pipe.commands == []
+
+
+def test_with_background_evaluation_each_resumable_state_comes_with_its_epochs():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a dashboard job runs: the test evaluations go to a thread of their own
+    try:
+        t = Trainer(tc(epochs=6, max_examples=160), mc(), background_eval=True)  # 5 steps per epoch
+        pipe = FakePipe()
+        w = _Worker(pipe, t, {"autosave_interval_s": 0.0})  # full speed, a resumable state at every epoch end
+        assert w.run() == "finished"
+        t.close()
+        w.close()
+    finally:
+        torch.set_num_threads(before)
+    syncs = [p for kind, p in pipe.sent if kind == "sync"]
+    sent = 0
+    for p in syncs:
+        sent += len(p["epochs"]["epoch"])
+        if "full" in p:  # the parent's history is whole at each autosave: the state's epochs have all come
+            assert sent == p["full"]["epoch"]
+    assert [e for p in syncs for e in p["epochs"]["epoch"]] == [1, 2, 3, 4, 5, 6]

@@ -9,11 +9,13 @@ from the seed, through generators owned by the trainer (never the global RNG, so
 """
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -81,16 +83,26 @@ def build_model(config: ModelConfig, seed: int) -> VAE:
         return VAE(config)
 
 
+MAX_PENDING_EVALS = 8  # background test evaluations queued before an epoch end waits for the oldest
+
+
 class Trainer:
     def __init__(self, train_config: TrainConfig | None = None, model_config: ModelConfig | None = None,
                  train_data: Dataset | None = None, test_data: Dataset | None = None, model: VAE | None = None,
-                 fused: bool = True, native: bool = True):
+                 fused: bool = True, native: bool = True, background_eval: bool = False):
         """fused: the MLP's step with the backward pass written out (vae.fused; the same loss and gradients, in
         fewer operations) where the model allows; False always takes autograd. native: that step in C where
         vae.native's library is built (float32 on the CPU; see vae.native), else in torch. A Trainer sets the CPU
         to flush denormals to zero (vae.device.flush_denormals: Adam's state of a weight whose gradient is always 0
         would slow every step down for good), on this thread and on torch's thread pool if that has not started
-        yet."""
+        yet.
+
+        background_eval: each epoch's test evaluation runs on a thread of its own, beside the next epoch's steps,
+        on a copy of the model holding the epoch end's weights (on the CPU, while torch runs on one thread;
+        otherwise it stays inline). The epoch
+        records are the same, but they reach the history later, in order: settle() puts in those that are ready
+        (or waits for all), and every method here that reads the history settles first. The dashboard's training
+        process uses it, so that a one-thread job spends its core on steps (vae.worker)."""
         cfg = self.config = train_config or TrainConfig()
         self.device = resolve_device(cfg.device)
         flush_denormals()  # Adam's state decays into denormals on constant pixels: see vae.device.flush_denormals
@@ -121,6 +133,9 @@ class Trainer:
         self._xb = None
         self._reset_epoch_sums()
         self._last_good = self._snapshot()
+        self.background_eval = background_eval and self.device.type == "cpu"
+        self._pending = collections.deque()  # (epoch record without its test figures, Future of them)
+        self._evaluator = self._eval_model = None  # made at the first background evaluation
 
     # ---- state ------------------------------------------------------------------------------------------------
     @property
@@ -302,18 +317,61 @@ class Trainer:
         s = self._sums
         self.epoch += 1
         self._perm = None
-        test = evaluate(self.model, self.x_test, seed=self.config.seed)
         rec = {"epoch": self.epoch, "step": self.step_count, "train_loss": s["loss"] / s["n"],
                "train_elbo": -(s["recon"] + s["kl"]) / s["n"], "train_recon": s["recon"] / s["n"],
-               "train_kl": s["kl"] / s["n"], "test_elbo": test["elbo"], "test_recon": test["recon"],
-               "test_kl": test["kl"], "test_kl_per_dim": test["kl_per_dim"], "active_units": test["active_units"],
-               "beta": beta, "samples_per_s": s["n"] / max(s["compute_s"], 1e-9),
+               "train_kl": s["kl"] / s["n"], "beta": beta, "samples_per_s": s["n"] / max(s["compute_s"], 1e-9),
                "time_s": s["compute_s"]}
-        for k in EPOCH_KEYS:
-            self.history["epoch"][k].append(rec[k])
         self._reset_epoch_sums()
         self._last_good = self._snapshot()
-        return rec
+        # beside the steps only when they run on one thread: two OpenMP teams on the same cores (the steps' and the
+        # evaluation's) wait on each other, and training went five times slower that way (docs/performance.md)
+        if not self.background_eval or torch.get_num_threads() > 1:
+            self.settle()  # the records stay in epoch order
+            self._add_epoch(rec, evaluate(self.model, self.x_test, seed=self.config.seed))
+            return
+        if self._evaluator is None:
+            self._evaluator = ThreadPoolExecutor(1, thread_name_prefix="vae-eval")
+            self._eval_model = copy.deepcopy(self.model).eval()
+        if len(self._pending) >= MAX_PENDING_EVALS:  # the evaluations fall behind: wait for the oldest
+            self._settle_one()
+        # the snapshot's weights: copies, which no later step writes into
+        self._pending.append((rec, self._evaluator.submit(self._evaluate_copy, self._last_good[0],
+                                                          self.config.seed)))
+
+    def _evaluate_copy(self, weights: dict, seed: int) -> dict:
+        """The evaluator thread: the test split through a copy of the model holding the given weights (on one
+        thread, as the steps: torch's thread count is process-wide)."""
+        self._eval_model.load_state_dict(weights)
+        return evaluate(self._eval_model, self.x_test, seed=seed)
+
+    def _add_epoch(self, rec: dict, test: dict):
+        rec.update(test_elbo=test["elbo"], test_recon=test["recon"], test_kl=test["kl"],
+                   test_kl_per_dim=test["kl_per_dim"], active_units=test["active_units"])
+        for k in EPOCH_KEYS:
+            self.history["epoch"][k].append(rec[k])
+
+    def _settle_one(self):
+        rec, fut = self._pending.popleft()
+        self._add_epoch(rec, fut.result())  # an exception in the evaluation is raised here
+
+    def settle(self, wait: bool = True) -> int:
+        """Put the background evaluations' epoch records into the history, in epoch order: all of them (waiting
+        for those still running), or with wait=False those ready before the first that is not. Returns how many.
+        Nothing to do without background_eval."""
+        n = 0
+        while self._pending and (wait or self._pending[0][1].done()):
+            self._settle_one()
+            n += 1
+        return n
+
+    def close(self):
+        """Settle, then end the evaluator thread (a background_eval trainer; the next epoch end makes another)."""
+        try:
+            self.settle()
+        finally:
+            if self._evaluator is not None:
+                self._evaluator.shutdown(wait=True)
+                self._evaluator = None
 
     def run_epoch(self, on_step=None, should_stop=None) -> dict | None:
         """Steps to the end of the current epoch. on_step(record) after each step; should_stop() -> True stops
@@ -340,6 +398,7 @@ class Trainer:
         return self.final_metrics()
 
     def last_epoch(self) -> dict | None:
+        self.settle()
         h = self.history["epoch"]
         if not h["epoch"]:
             return None
@@ -347,6 +406,7 @@ class Trainer:
 
     def final_metrics(self) -> dict:
         """Test-split figures of the current weights, in nats per example (the ELBO is negative)."""
+        self.settle()
         test = evaluate(self.model, self.x_test, seed=self.config.seed)
         sps = self.history["epoch"]["samples_per_s"]
         return {"test_elbo": test["elbo"], "test_recon": test["recon"], "test_kl": test["kl"],
@@ -359,6 +419,7 @@ class Trainer:
         """Everything needed to resume exactly at an epoch boundary: weights, Adam state, counters, RNG, history
         (history=False leaves it out, for a caller that has it already). Plain tensors and containers only, so it
         loads with weights_only=True."""
+        self.settle()
         # copies, not views: training goes on (in place, maybe in another thread) while the state is saved
         state = {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
                  "optimizer": _copy_optimizer_state(self.optimizer.state_dict()), "step_count": self.step_count,
@@ -369,6 +430,7 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        self.settle()  # an evaluation still running is of the weights being replaced: its record goes too
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count, self.epoch = int(state["step_count"]), int(state["epoch"])
@@ -382,5 +444,6 @@ class Trainer:
         """Everything a checkpoint file holds (see vae.checkpoint.save_checkpoint)."""
         from .checkpoint import make_checkpoint
 
+        self.settle()
         return make_checkpoint(self.model, train_config=self.config, history=self.history,
                                metrics=self.final_metrics(), dataset=self.config.dataset)

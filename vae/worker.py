@@ -120,6 +120,9 @@ class _Worker:
 
     def sync(self, full: bool = False, kind: str = "sync", **extra):
         t, h = self.trainer, self.trainer.history
+        # the epochs whose test evaluation (on the evaluator thread) is done; all of them unless at full speed:
+        # a full state (the autosave) comes with its history, and a paused or slow view waits for nothing
+        t.settle(wait=full or kind != "sync" or self.paused or self.delay > 0 or bool(self.steps_requested))
         s, e, v = self.sent["step"], self.sent["epoch"], self.sent["events"]
         payload = {"steps": {k: x[s:] for k, x in h["step"].items()},
                    "epochs": {k: x[e:] for k, x in h["epoch"].items()},
@@ -200,8 +203,10 @@ def worker_main(conn, train_config: dict, model_config: dict | None, state: dict
     torch.set_num_threads(int(opts.get("threads", 1)))
     trainer = worker = None
     try:
+        # each epoch's test evaluation beside the next epoch's steps, on the core the job leaves to the pages (a
+        # one-thread job otherwise spends a fifth of its time on them: docs/performance.md)
         trainer = Trainer(TrainConfig.from_dict(train_config),
-                          ModelConfig.from_dict(model_config) if model_config else None)
+                          ModelConfig.from_dict(model_config) if model_config else None, background_eval=True)
         if state is not None:
             trainer.load_state_dict(unpack(state))
         worker = _Worker(conn, trainer, opts)
@@ -215,6 +220,12 @@ def worker_main(conn, train_config: dict, model_config: dict | None, state: dict
                "traceback": traceback.format_exc(limit=6)}
     try:
         if worker is not None:
+            try:
+                trainer.close()  # the last evaluations into the history, and the evaluator thread ended
+            except Exception as exc:  # an evaluation that failed after the steps had ended
+                if end["state"] != "failed":
+                    end = {"state": "failed", "error": f"{type(exc).__name__}: {exc}",
+                           "traceback": traceback.format_exc(limit=6)}
             worker.wall["t1"] = time.time()
             worker.sync(full=True, kind="end", end=end)
             worker.close()
