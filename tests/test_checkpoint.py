@@ -304,3 +304,43 @@ def test_dataset_must_fit_the_model_and_is_worked_out_when_missing(tmp_path):
         read_checkpoint(_ck_file(tmp_path, "c", odd, dataset=None))
     ck = read_checkpoint(_ck_file(tmp_path, "d", metrics=None, history=None))  # absent metadata: empty, not None
     assert ck["metrics"] == {} and ck["history"] == {} and ck["dataset"] == "digits"
+
+
+# ---- format 2: the per-step lists stored as tensors --------------------------------------------------------------
+def test_per_step_lists_are_stored_as_tensors_and_read_back_as_the_same_lists(tmp_path):
+    from conftest import tiny_model
+
+    history = {"step": {"step": [1, 2, 3], "loss": [0.5, 0.25, 1e-300], "mixed": [1, 2.5], "empty": [],
+                        "huge": [1, 2 ** 70]},
+               "epoch": {"epoch": [1], "test_kl_per_dim": [[0.1, 0.2]]}, "events": [{"step": 2, "text": "lr"}]}
+    ck = make_checkpoint(tiny_model(), history=history)
+    ck["job"] = {"trainer_state": {"history": history, "step_count": 3}}  # an autosave: the same history twice
+    path = save_checkpoint(tmp_path / "a.pt", ck)
+    assert ck["history"] is history and type(history["step"]["loss"]) is list  # the caller's dict is untouched
+    raw = torch.load(path, weights_only=True)
+    assert raw["format_version"] == FORMAT_VERSION == 2
+    steps = raw["history"]["step"]
+    assert steps["step"].dtype == torch.int64 and steps["loss"].dtype == torch.float64
+    assert [type(steps[k]) for k in ("mixed", "empty", "huge")] == [list] * 3  # not one kind of number: as is
+    assert raw["job"]["trainer_state"]["history"] is raw["history"]  # stored once
+    back = read_checkpoint(path)
+    assert back["history"] == history and back["job"]["trainer_state"]["history"] == history
+    assert [type(x) for x in back["history"]["step"]["step"]] == [int] * 3
+    assert back["history"]["step"]["loss"][2] == 1e-300  # float64: exact
+
+
+def test_a_format_1_file_with_lists_is_still_read(tmp_path, trained_checkpoint):
+    trainer, _ = trained_checkpoint
+    ck = trainer.checkpoint()
+    ck["format_version"] = 1
+    torch.save(ck, tmp_path / "old.pt")  # lists, as format 1 wrote them
+    assert read_checkpoint(tmp_path / "old.pt")["history"] == trainer.history
+
+
+def test_a_history_tensor_that_is_not_a_list_of_numbers_is_refused(tmp_path, trained_checkpoint):
+    trainer, _ = trained_checkpoint
+    ck = trainer.checkpoint()
+    ck["history"]["step"]["loss"] = torch.zeros(2, 2)
+    torch.save(ck, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="invalid history"):
+        read_checkpoint(tmp_path / "bad.pt")

@@ -420,3 +420,25 @@ def test_the_snapshot_says_which_rate_it_shows(registries):
     live = slow.snapshot(steps=False)
     assert live.state == RUNNING and live.live_rate and live.samples_per_s < 64 / 0.02
     slow.stop()
+
+
+def test_the_autosave_writer_rests_after_a_save_but_a_flush_does_not_wait(tmp_path, monkeypatch):
+    import vae.jobs as jobs_module
+
+    written = []
+
+    def slow_save(path, ckpt):
+        time.sleep(0.02)
+        written.append(ckpt["n"])
+
+    monkeypatch.setattr(jobs_module, "save_checkpoint", slow_save)
+    w = jobs_module._AutosaveWriter()
+    w.REST_FACTOR = 200.0  # at least 4 s of rest after a 0.02 s save
+    w.put(tmp_path / "a.pt", {"n": 1}, None)
+    wait_until(lambda: written == [1], 30, "the first save")
+    w.put(tmp_path / "a.pt", {"n": 2}, None)
+    w.put(tmp_path / "a.pt", {"n": 3}, None)  # replaces 2: only the newest is kept
+    time.sleep(0.5)
+    assert written == [1]  # resting
+    w.flush()
+    assert written == [1, 3]

