@@ -442,3 +442,28 @@ def test_the_autosave_writer_rests_after_a_save_but_a_flush_does_not_wait(tmp_pa
     assert written == [1]  # resting
     w.flush()
     assert written == [1, 3]
+
+
+def test_the_autosave_writer_takes_the_file_waiting_longest_first(tmp_path, monkeypatch):
+    import threading
+
+    import vae.jobs as jobs_module
+
+    written, gate = [], threading.Event()
+
+    def save(path, ckpt):
+        if ckpt["n"] == "x":
+            assert gate.wait(30)  # busy with x while the others come in
+        written.append(ckpt["n"])
+
+    monkeypatch.setattr(jobs_module, "save_checkpoint", save)
+    w = jobs_module._AutosaveWriter()
+    w.REST_FACTOR = 0.0
+    w.put(tmp_path / "x.pt", {"n": "x"}, None)
+    wait_until(lambda: w._busy, 30, "the writer busy with x")
+    w.put(tmp_path / "a.pt", {"n": "a1"}, None)
+    w.put(tmp_path / "b.pt", {"n": "b"}, None)
+    w.put(tmp_path / "a.pt", {"n": "a2"}, None)  # a's newer state keeps a's place in the line
+    gate.set()
+    w.flush()
+    assert written == ["x", "a2", "b"]  # with the newest first, a job saved as often as b could wait for ever

@@ -343,11 +343,39 @@ def test_a_failed_background_evaluation_is_raised_when_settling(make_trainer, on
     _where_evaluated(monkeypatch, fail_at_call=2)
     t = make_trainer(epochs=3)
     t.background_eval = True
-    t.steps(12)
-    t.steps(12)
+    for _ in range(3):
+        t.steps(12)
     with pytest.raises(RuntimeError, match="evaluation broke"):
         t.settle()
     assert t.history["epoch"]["epoch"] == [1]  # the epoch before it is kept
+    assert t.settle() == 0 and t.history["epoch"]["epoch"] == [1]  # the third is dropped: no history with a gap
+    t.close()
+
+
+def test_settle_upto_waits_only_for_the_epochs_asked_for(make_trainer, one_thread, monkeypatch):
+    import threading
+
+    import vae.trainer as trainer_module
+
+    release, real = threading.Event(), trainer_module.evaluate
+
+    def second_waits(*args, **kw):  # the second epoch's evaluation waits until released
+        if threading.current_thread().name.startswith("vae-eval") and second_waits.calls == 1:
+            assert release.wait(30)
+        second_waits.calls += 1
+        return real(*args, **kw)
+
+    second_waits.calls = 0
+    monkeypatch.setattr(trainer_module, "evaluate", second_waits)
+    t = make_trainer(epochs=2)
+    t.background_eval = True
+    t.steps(12)
+    t.steps(12)
+    t.settle(upto=1)  # returns although epoch 2's is still running
+    assert t.history["epoch"]["epoch"] == [1]
+    release.set()
+    t.settle(upto=2)
+    assert t.history["epoch"]["epoch"] == [1, 2]
     t.close()
 
 

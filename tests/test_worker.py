@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -27,6 +28,9 @@ class FakePipe:
 
     def send_bytes(self, data):
         self.sent.append(unpack(data))
+
+    def close(self):
+        pass
 
 
 def test_resumable_states_are_sent_only_at_epoch_ends():
@@ -223,14 +227,90 @@ def test_with_background_evaluation_each_resumable_state_comes_with_its_epochs()
         pipe = FakePipe()
         w = _Worker(pipe, t, {"autosave_interval_s": 0.0})  # full speed, a resumable state at every epoch end
         assert w.run() == "finished"
-        t.close()
+        t.close()  # as worker_main ends: the last evaluations, then the end message with the final state
+        w.sync(full=True, kind="end", end={"state": "finished"})
         w.close()
     finally:
         torch.set_num_threads(before)
-    syncs = [p for kind, p in pipe.sent if kind == "sync"]
+    syncs = [p for kind, p in pipe.sent]
+    assert [kind for kind, _ in pipe.sent][-1] == "end"
     sent = 0
     for p in syncs:
         sent += len(p["epochs"]["epoch"])
         if "full" in p:  # the parent's history is whole at each autosave: the state's epochs have all come
             assert sent == p["full"]["epoch"]
     assert [e for p in syncs for e in p["epochs"]["epoch"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_epoch_end_autosave_does_not_wait_for_its_own_test_evaluation(monkeypatch):
+    """With epochs longer than the autosave interval every epoch end sends a resumable state: the evaluation of
+    that epoch must still run beside the next steps. Here each evaluation waits until training has gone past its
+    epoch's end, so a worker that waited for it there would time out."""
+    import threading
+
+    import vae.trainer as trainer_module
+
+    real, box, timed_out, calls = trainer_module.evaluate, {}, [], []
+
+    def evaluate_after_the_next_step(model, x, **kw):
+        if threading.current_thread().name.startswith("vae-eval"):
+            calls.append(1)
+            t, end = box["trainer"], 5 * len(calls)  # the n-th evaluation is of epoch n, which ends at step 5 n
+            deadline = time.monotonic() + 20
+            while not (t.step_count > end or t.done) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            if time.monotonic() >= deadline:
+                timed_out.append(end)
+        return real(model, x, **kw)
+
+    monkeypatch.setattr(trainer_module, "evaluate", evaluate_after_the_next_step)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t = box["trainer"] = Trainer(tc(epochs=4, max_examples=160), mc(), background_eval=True)
+        pipe = FakePipe()
+        w = _Worker(pipe, t, {"autosave_interval_s": 0.0})  # a resumable state at every epoch end
+        assert w.run() == "finished"
+        t.close()
+        w.sync(full=True, kind="end", end={"state": "finished"})
+        w.close()
+    finally:
+        torch.set_num_threads(before)
+    assert timed_out == []
+    syncs = [p for kind, p in pipe.sent]
+    assert [p["full"]["epoch"] for p in syncs if "full" in p] == [1, 2, 3, 4, 4]  # and the end's
+    assert [e for p in syncs for e in p["epochs"]["epoch"]] == [1, 2, 3, 4]
+    assert [s for p in syncs for s in p["steps"]["step"]] == list(range(1, 21))  # each step once, in order
+
+
+def test_a_failed_background_evaluation_fails_the_run_and_the_end_still_reaches_the_server(monkeypatch):
+    import threading
+
+    import vae.trainer as trainer_module
+    from vae.worker import worker_main
+
+    real, calls = trainer_module.evaluate, []
+
+    def failing_from_the_second(model, x, **kw):
+        if threading.current_thread().name.startswith("vae-eval"):
+            calls.append(1)
+            if len(calls) >= 2:
+                raise MemoryError("no room for the test split")
+        return real(model, x, **kw)
+
+    monkeypatch.setattr(trainer_module, "evaluate", failing_from_the_second)
+    before = torch.get_num_threads()
+    pipe = FakePipe()
+    try:
+        worker_main(pipe, tc(epochs=6, max_examples=160).to_dict(), mc().to_dict(), None,
+                    {"threads": 1, "autosave_interval_s": 0.0})
+    finally:
+        torch.set_num_threads(before)
+    kinds = [kind for kind, _ in pipe.sent]
+    assert kinds[-1] == "end" and kinds.count("end") == 1
+    end = pipe.sent[-1][1]["end"]
+    assert end["state"] == "failed" and "MemoryError: no room for the test split" in end["error"]
+    epochs = [e for _, p in pipe.sent for e in p.get("epochs", {}).get("epoch", [])]
+    assert epochs == [1]  # the epoch before the failure, and no record after a gap
+    steps = [s for _, p in pipe.sent for s in p.get("steps", {}).get("step", [])]
+    assert steps == list(range(1, len(steps) + 1))  # every step taken was sent, once, in order

@@ -5,8 +5,9 @@ A crafted pickle cannot run code (weights_only); truncated, corrupt, foreign or 
 with a one-line message naming the file and the reason.
 
 Format 2 stores the history's per-step lists as 1-D tensors (float64, or int64 for the step numbers): a long run's
-history then pickles about 7 times faster (an autosave every second of a 5,000-epoch digits run: 32 ms instead of
-226 ms). read_checkpoint gives the same lists back; format 1 files (lists) are read as they are.
+file is written about 3 times faster (the autosave of a 5,000-epoch digits run, 115,000 steps, every second: 66 ms
+instead of 214 ms with its fsync, 2-core Intel VM). read_checkpoint gives the same lists back; format 1 files
+(lists) are read as they are.
 """
 from __future__ import annotations
 

@@ -514,8 +514,8 @@ class Job:
             if self.registry._exiting:  # the server is shutting down: the last autosave stands (resumable)
                 outcome = "exiting"
             elif isinstance(exc, _WorkerLost):
-                with self._lock:  # the mirror's weights, counters and history agree: save those
-                    self._worker_state = None
+                with self._lock:  # the mirror's weights, counters and history agree (the epoch count is the
+                    self._worker_state = None  # epochs whose records came): save those
             if outcome is None:
                 outcome = (FAILED, f"{type(exc).__name__}: {exc}", {"traceback": traceback.format_exc(limit=6)})
         finally:
@@ -621,7 +621,8 @@ class _AutosaveWriter:
                     if self._pending and (rest <= 0 or self._hurry):
                         break
                     self._cond.wait(timeout=rest if self._pending else None)
-                path, (ckpt, on_error) = self._pending.popitem()
+                path = next(iter(self._pending))  # the one waiting longest: another job's frequent saves
+                ckpt, on_error = self._pending.pop(path)  # cannot keep it waiting (a new put keeps its place)
                 self._busy = True
             t0 = time.monotonic()
             try:
@@ -863,9 +864,8 @@ class JobRegistry:
                          "train_wall": dict(job.extra.get("train_wall") or {})}
         path = self.autosave_dir / f"{job.id}.pt"
 
-        def failed(exc):
-            with job._lock:
-                job.extra["autosave_error"] = f"autosave failed: {exc}"
+        def failed(exc):  # on the writer thread; without the job's lock, which a final save holds while it
+            job.extra["autosave_error"] = f"autosave failed: {exc}"  # waits for the writer (one dict item: atomic)
 
         if background:
             self._writer.put(path, ck, failed)

@@ -101,7 +101,8 @@ class Trainer:
         on a copy of the model holding the epoch end's weights (on the CPU, while torch runs on one thread;
         otherwise it stays inline). The epoch
         records are the same, but they reach the history later, in order: settle() puts in those that are ready
-        (or waits for all), and every method here that reads the history settles first. The dashboard's training
+        (or waits for all), and every method here that reads the history settles first (state_dict(history=False)
+        does not: it holds none). An evaluation that fails raises at the settle() that meets it. The dashboard's training
         process uses it, so that a one-thread job spends its core on steps (vae.worker)."""
         cfg = self.config = train_config or TrainConfig()
         self.device = resolve_device(cfg.device)
@@ -340,7 +341,7 @@ class Trainer:
 
     def _evaluate_copy(self, weights: dict, seed: int) -> dict:
         """The evaluator thread: the test split through a copy of the model holding the given weights (on one
-        thread, as the steps: torch's thread count is process-wide)."""
+        thread: a new thread takes torch's thread count of the moment, one here)."""
         self._eval_model.load_state_dict(weights)
         return evaluate(self._eval_model, self.x_test, seed=seed)
 
@@ -352,22 +353,40 @@ class Trainer:
 
     def _settle_one(self):
         rec, fut = self._pending.popleft()
-        self._add_epoch(rec, fut.result())  # an exception in the evaluation is raised here
+        try:
+            test = fut.result()
+        except BaseException:  # raised here; the later evaluations are dropped (no history with a gap in it)
+            self._drop_pending()
+            raise
+        self._add_epoch(rec, test)
 
-    def settle(self, wait: bool = True) -> int:
+    def _drop_pending(self):
+        for _, fut in self._pending:
+            fut.cancel()
+        self._pending.clear()
+
+    def settle(self, wait: bool = True, upto: int | None = None) -> int:
         """Put the background evaluations' epoch records into the history, in epoch order: all of them (waiting
-        for those still running), or with wait=False those ready before the first that is not. Returns how many.
-        Nothing to do without background_eval."""
+        for those still running), or with wait=False those ready before the first that is not; with upto, waiting
+        only for the epochs up to that one (later ones go in if ready). Returns how many. Nothing to do without
+        background_eval."""
         n = 0
-        while self._pending and (wait or self._pending[0][1].done()):
+        while self._pending:
+            rec, fut = self._pending[0]
+            if not (fut.done() or (wait and (upto is None or rec["epoch"] <= upto))):
+                break
             self._settle_one()
             n += 1
         return n
 
-    def close(self):
-        """Settle, then end the evaluator thread (a background_eval trainer; the next epoch end makes another)."""
+    def close(self, settle: bool = True):
+        """Settle (settle=False: drop the evaluations not yet in), then end the evaluator thread (a background_eval
+        trainer; the next epoch end makes another)."""
         try:
-            self.settle()
+            if settle:
+                self.settle()
+            else:
+                self._drop_pending()
         finally:
             if self._evaluator is not None:
                 self._evaluator.shutdown(wait=True)
@@ -419,7 +438,8 @@ class Trainer:
         """Everything needed to resume exactly at an epoch boundary: weights, Adam state, counters, RNG, history
         (history=False leaves it out, for a caller that has it already). Plain tensors and containers only, so it
         loads with weights_only=True."""
-        self.settle()
+        if history:
+            self.settle()
         # copies, not views: training goes on (in place, maybe in another thread) while the state is saved
         state = {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
                  "optimizer": _copy_optimizer_state(self.optimizer.state_dict()), "step_count": self.step_count,

@@ -67,6 +67,9 @@ class _Worker:
         self.next_poll = 0.0  # the first iteration looks at once
         self.step_s = COMMAND_POLL_S  # a step's wall time (a moving average): the first chunk is one step
         self.last_full = float("-inf")
+        # (sync payload, epoch, what had been sent before it) of an epoch end's resumable state waiting for that
+        # epoch's test evaluation
+        self.held = None
         self.wall = {"t0": time.time(), "t1": None, "step0": trainer.step_count, "steps": 0,
                      "batch_size": trainer.config.batch_size}
 
@@ -118,19 +121,33 @@ class _Worker:
         self.outbox.put(None)
         self.sender.join(timeout)
 
-    def sync(self, full: bool = False, kind: str = "sync", **extra):
+    def _payload(self) -> dict:
+        """A sync's records since the last (the per-step ones and the events; the epochs go in with _epochs) and the
+        counters, config and acknowledgements as they are now."""
         t, h = self.trainer, self.trainer.history
-        # the epochs whose test evaluation (on the evaluator thread) is done; all of them unless at full speed:
-        # a full state (the autosave) comes with its history, and a paused or slow view waits for nothing
+        s, v = self.sent["step"], self.sent["events"]
+        self.sent["step"], self.sent["events"] = len(h["step"]["step"]), len(h["events"])
+        return {"steps": {k: x[s:] for k, x in h["step"].items()}, "events": h["events"][v:],
+                "step_count": t.step_count, "config": t.config.to_dict(),
+                "paused": self.paused and not self.steps_requested, "ack": self.ack,
+                "train_wall": dict(self.wall, steps=t.step_count - self.wall["step0"]),
+                "threads": torch.get_num_threads(), "pid": os.getpid()}
+
+    def _epochs(self, payload: dict, upto: int):
+        """The epoch records up to epoch upto into payload, with that epoch count (the mirror's counters then match
+        the history it has, although the test evaluations of the last epochs may still be running)."""
+        h, e = self.trainer.history, self.sent["epoch"]
+        payload["epochs"] = {k: x[e:upto] for k, x in h["epoch"].items()}
+        payload["epoch"] = upto
+        self.sent["epoch"] = upto
+
+    def sync(self, full: bool = False, kind: str = "sync", **extra):
+        self._flush_held()  # an epoch end's state first: the parent applies syncs in order
+        t = self.trainer
+        # the epochs whose test evaluation (on the evaluator thread) is done; all of them unless at full speed
         t.settle(wait=full or kind != "sync" or self.paused or self.delay > 0 or bool(self.steps_requested))
-        s, e, v = self.sent["step"], self.sent["epoch"], self.sent["events"]
-        payload = {"steps": {k: x[s:] for k, x in h["step"].items()},
-                   "epochs": {k: x[e:] for k, x in h["epoch"].items()},
-                   "events": h["events"][v:], "step_count": t.step_count, "epoch": t.epoch,
-                   "config": t.config.to_dict(), "paused": self.paused and not self.steps_requested,
-                   "ack": self.ack,
-                   "train_wall": dict(self.wall, steps=t.step_count - self.wall["step0"]),
-                   "threads": torch.get_num_threads(), "pid": os.getpid()}
+        payload = self._payload()
+        self._epochs(payload, len(t.history["epoch"]["epoch"]))
         now = time.monotonic()
         if full:
             payload["full"] = t.state_dict(history=False)  # the parent has the history, record by record
@@ -142,8 +159,53 @@ class _Worker:
             self.last_weights = now
         payload.update(extra)
         self.outbox.put(pack((kind, payload)))
-        self.sent = self._lengths()
         self.last_sync = now
+
+    def hold_state(self):
+        """At an epoch end due for an autosave: the resumable state and the records up to it, taken now and sent by
+        send_held() once that epoch's test evaluation is in (it runs beside the next steps: waiting for it here
+        would leave nothing to overlap when epochs are longer than the autosave interval). Syncs wait meanwhile."""
+        self._flush_held()
+        t = self.trainer
+        t.settle(wait=False)
+        before = self.sent["step"], self.sent["events"]
+        payload = self._payload()
+        payload["full"] = t.state_dict(history=False)  # copies: the steps go on
+        payload["weights"] = payload["full"]["model"]
+        self.held = (payload, t.epoch, before)
+        self.last_full = self.last_weights = time.monotonic()
+
+    def _flush_held(self):
+        """Send the held state now, waiting for its epoch's records; if they cannot come (that evaluation failed),
+        its records go with the next sync, without the state."""
+        try:
+            sent = self.send_held(wait=True)
+        except Exception:
+            self._drop_held()
+            raise
+        if not sent:
+            self._drop_held()
+
+    def _drop_held(self):
+        """Forget the held state; its records are sent again with the next sync."""
+        if self.held is not None:
+            self.sent["step"], self.sent["events"] = self.held[2]
+            self.held = None
+
+    def send_held(self, wait: bool) -> bool:
+        """Send the held epoch end's sync if its epoch's records are in (wait: wait for them). True once sent."""
+        if self.held is None:
+            return True
+        payload, epoch, _ = self.held
+        # up to its epoch only (the one that has just ended runs on); a failed evaluation raises here: the run fails
+        self.trainer.settle(wait=wait, upto=epoch)
+        if len(self.trainer.history["epoch"]["epoch"]) < epoch:
+            return False
+        self.held = None
+        self._epochs(payload, epoch)
+        self.outbox.put(pack(("sync", payload)))
+        self.last_sync = time.monotonic()
+        return True
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def run(self) -> str:
@@ -177,9 +239,12 @@ class _Worker:
                 if not rec["epoch_end"]:  # an epoch's end also evaluates the test set: not a step's time
                     self.step_s = 0.8 * self.step_s + 0.2 * (time.perf_counter() - t0) / len(recs)
             # the resumable state (for the autosave) only right at an epoch end: a resumed run starts an epoch
-            full = rec["epoch_end"] and time.monotonic() - self.last_full >= self.full_interval
-            if full or self.delay > 0 or self.paused or time.monotonic() - self.last_sync >= SYNC_S:
-                self.sync(full=full)
+            if rec["epoch_end"] and time.monotonic() - self.last_full >= self.full_interval:
+                self.hold_state()
+            if self.held is not None:  # at full speed, sent once its test evaluation is in; otherwise now
+                self.send_held(wait=self.delay > 0 or self.paused or bool(self.steps_requested))
+            elif self.delay > 0 or self.paused or time.monotonic() - self.last_sync >= SYNC_S:
+                self.sync()
             if self.delay > 0:
                 self.conn.poll(self.delay)  # an interruptible sleep: a command ends it
 
@@ -204,7 +269,8 @@ def worker_main(conn, train_config: dict, model_config: dict | None, state: dict
     trainer = worker = None
     try:
         # each epoch's test evaluation beside the next epoch's steps, on the core the job leaves to the pages (a
-        # one-thread job otherwise spends a fifth of its time on them: docs/performance.md)
+        # one-thread job otherwise spends a fifth of its time on them: docs/performance.md); so a one-thread job
+        # uses a little more than one core (0.1-0.4 more on digits, where epochs are shortest)
         trainer = Trainer(TrainConfig.from_dict(train_config),
                           ModelConfig.from_dict(model_config) if model_config else None, background_eval=True)
         if state is not None:
@@ -214,6 +280,8 @@ def worker_main(conn, train_config: dict, model_config: dict | None, state: dict
     except TrainingDiverged as exc:  # the trainer has put the last good weights back
         end = {"state": "failed", "error": str(exc), "failed_step": exc.step}
     except (EOFError, BrokenPipeError, ConnectionResetError):
+        if trainer is not None:
+            trainer.close(settle=False)
         return  # the server has gone: nothing to report to
     except Exception as exc:
         end = {"state": "failed", "error": f"{type(exc).__name__}: {exc}",
@@ -227,7 +295,13 @@ def worker_main(conn, train_config: dict, model_config: dict | None, state: dict
                     end = {"state": "failed", "error": f"{type(exc).__name__}: {exc}",
                            "traceback": traceback.format_exc(limit=6)}
             worker.wall["t1"] = time.time()
-            worker.sync(full=True, kind="end", end=end)
+            try:
+                worker.sync(full=True, kind="end", end=end)
+            except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
+                raise
+            except Exception as exc:  # the end must reach the server whatever happened: without the last state then
+                conn.send_bytes(pack(("end", {"end": {"state": "failed", "error": f"{type(exc).__name__}: {exc}",
+                                                      "traceback": traceback.format_exc(limit=6)}})))
             worker.close()
         else:
             conn.send_bytes(pack(("end", {"end": end})))
