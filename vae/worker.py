@@ -9,7 +9,9 @@ Parent -> worker, any time: (seq, "pause") (seq, "resume") (seq, "step", n) (seq
 Worker -> parent: ("sync", payload) with what is new since the last sync (step and epoch records, events, the
 counters, the model weights, the last command handled, and now and then the whole resumable state without the
 history), at most every SYNC_S while running, after every step in slow motion or single steps, and before it waits
-while paused; ("end", {...}) once, last.
+while paused; ("end", {...}) once, last. The test evaluations run beside the steps (Trainer(background_eval=True)):
+a sync carries the epochs whose records are in, and an epoch end's resumable state goes out, with the records up
+to it, once that epoch's record is in (syncs wait for it meanwhile).
 """
 from __future__ import annotations
 
