@@ -313,4 +313,29 @@ def test_a_failed_background_evaluation_fails_the_run_and_the_end_still_reaches_
     epochs = [e for _, p in pipe.sent for e in p.get("epochs", {}).get("epoch", [])]
     assert epochs == [1]  # the epoch before the failure, and no record after a gap
     steps = [s for _, p in pipe.sent for s in p.get("steps", {}).get("step", [])]
-    assert steps == list(range(1, len(steps) + 1))  # every step taken was sent, once, in order
+    assert steps == list(range(1, pipe.sent[-1][1]["step_count"] + 1))  # every step taken, once, in order
+    # epoch 1's state went out (the failure after it does not hold it back); the end has none: its history is
+    # short of the epochs its counters say
+    assert [p["full"]["epoch"] for _, p in pipe.sent if "full" in p] == [1]
+
+
+def test_the_end_message_reaches_the_server_even_if_the_last_sync_fails(monkeypatch):
+    real_sync = _Worker.sync
+
+    def sync(self, full=False, kind="sync", **extra):
+        if kind == "end":
+            raise ValueError("cannot pack the final state")
+        return real_sync(self, full, kind, **extra)
+
+    monkeypatch.setattr(_Worker, "sync", sync)
+    from vae.worker import worker_main
+
+    before = torch.get_num_threads()
+    pipe = FakePipe()
+    try:
+        worker_main(pipe, tc(epochs=2, max_examples=160).to_dict(), mc().to_dict(), None, {"threads": 1})
+    finally:
+        torch.set_num_threads(before)
+    kind, payload = pipe.sent[-1]
+    assert kind == "end" and [k for k, _ in pipe.sent].count("end") == 1
+    assert payload["end"]["state"] == "failed" and "ValueError: cannot pack the final state" in payload["end"]["error"]

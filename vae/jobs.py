@@ -374,7 +374,8 @@ class Job:
                     eta = (total - step) / steps_per_s if self.state == RUNNING else None
                 elif sps and self.state == RUNNING:
                     eta = (total - step) * t.config.batch_size / sps
-            extra = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.extra.items()}
+            # a copy first (one C call): the autosave writer may add a key without the lock (see _autosave)
+            extra = {k: (dict(v) if isinstance(v, dict) else v) for k, v in dict(self.extra).items()}
             extra.update(started=self._t_started, ended=self._t_ended)
             return JobSnapshot(
                 id=self.id, name=self.name, state=self.state, error=self.error, epoch=t.epoch if t else 0,
@@ -504,6 +505,8 @@ class Job:
                         self._apply_sync(trainer, payload)
                     if kind == "end":
                         end = payload["end"]
+                        if "full" not in payload:  # an end without its state (a failed test evaluation): the
+                            self._worker_state = None  # mirror's weights, counters and history agree, save those
                     elif "full" in payload:  # an epoch ended: autosave, queued before anyone sees the new epoch
                         self.registry._autosave(self, background=True)
                     self._cond.notify_all()

@@ -367,13 +367,15 @@ class Trainer:
 
     def settle(self, wait: bool = True, upto: int | None = None) -> int:
         """Put the background evaluations' epoch records into the history, in epoch order: all of them (waiting
-        for those still running), or with wait=False those ready before the first that is not; with upto, waiting
-        only for the epochs up to that one (later ones go in if ready). Returns how many. Nothing to do without
+        for those still running), or with wait=False those ready before the first that is not; with upto, only
+        the epochs up to that one. Returns how many. Nothing to do without
         background_eval."""
         n = 0
         while self._pending:
             rec, fut = self._pending[0]
-            if not (fut.done() or (wait and (upto is None or rec["epoch"] <= upto))):
+            if upto is not None and rec["epoch"] > upto:
+                break  # a later one's failure must not stand in the way of these
+            if not (fut.done() or wait):
                 break
             self._settle_one()
             n += 1

@@ -298,12 +298,14 @@ def worker_main(conn, train_config: dict, model_config: dict | None, state: dict
                            "traceback": traceback.format_exc(limit=6)}
             worker.wall["t1"] = time.time()
             try:
-                worker.sync(full=True, kind="end", end=end)
+                # the final state, unless a failed test evaluation left the history short of its epochs: the server
+                # then saves what it has (its mirror's weights, counters and history agree)
+                worker.sync(full=len(trainer.history["epoch"]["epoch"]) == trainer.epoch, kind="end", end=end)
             except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
                 raise
-            except Exception as exc:  # the end must reach the server whatever happened: without the last state then
-                conn.send_bytes(pack(("end", {"end": {"state": "failed", "error": f"{type(exc).__name__}: {exc}",
-                                                      "traceback": traceback.format_exc(limit=6)}})))
+            except Exception as exc:  # the end must reach the server whatever happened: after what is queued
+                worker.outbox.put(pack(("end", {"end": {"state": "failed", "error": f"{type(exc).__name__}: {exc}",
+                                                        "traceback": traceback.format_exc(limit=6)}})))
             worker.close()
         else:
             conn.send_bytes(pack(("end", {"end": end})))
