@@ -129,6 +129,12 @@ def test_train_run_live_pause_resume_stop_save_reload_and_a_second_session(brows
         wait_step_above(p1, s1 + 5, 30_000)
         p2.wait_for_timeout(1500)
         assert step_of(p2) == s2
+        # the second browser on the first one's run: one Stop only warns, and the run goes on
+        p2.goto(f"{server}/train?run={run1}")
+        wait_ready(p2)
+        click(p2, "btn_stop")
+        p2.get_by_text("started in another browser session").first.wait_for()
+        wait_step_above(p1, step_of(p1), 30_000)
 
         # pause: the step count stands still (while the view keeps polling); resume: it moves again
         click(p1, "btn_pause")
@@ -140,9 +146,13 @@ def test_train_run_live_pause_resume_stop_save_reload_and_a_second_session(brows
         click(p1, "btn_pause")
         wait_step_above(p1, paused_at, 30_000)
 
-        # stop and save under a name
+        # stop and save under a name; after a reload the run is still this browser's own: one Stop stops it
+        p1.reload()
+        wait_ready(p1)
+        wait_step_above(p1, step_of(p1), 30_000)  # still running, its live view back
         click(p1, "btn_stop")
         p1.wait_for_function("() => document.body.innerText.includes('· stopped')")
+        assert "started in another browser session" not in p1.inner_text("body")
         stopped_at = step_of(p1)
         name = f"e2e-{run1}"
         # the run has ended: the Save panel opens by itself

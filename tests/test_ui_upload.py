@@ -130,3 +130,21 @@ def test_a_renamed_upload_says_what_it_is_kept_as(user_dir):
                     "letters, digits, '.', '_' and '-'")
     _, same = ui.core.accept_upload("plain.pt", _bytes(2))
     assert same is None  # kept under its own name: nothing to say
+
+
+def test_a_browser_is_known_by_its_xsrf_token_whatever_the_mask():
+    import os as _os
+
+    from ui.core import xsrf_identity
+
+    def cookie(token: bytes, mask: bytes, ts: int = 1796172254) -> str:
+        masked = bytes(b ^ mask[i % len(mask)] for i, b in enumerate(token))
+        return f"2|{mask.hex()}|{masked.hex()}|{ts}"
+
+    token, other = _os.urandom(32), _os.urandom(32)
+    one = xsrf_identity(cookie(token, b"\x01\x02\x03\x04"))
+    assert one is not None and token.hex() not in one  # a hash, not the token
+    assert xsrf_identity(cookie(token, _os.urandom(4), ts=1)) == one  # a reload: a new mask, the same browser
+    assert xsrf_identity(cookie(other, b"\x01\x02\x03\x04")) != one  # another browser
+    for bad in (None, "", "abc", "1|00|00|1", "2|zz|00|1", "2||00|1", "2|01|02"):
+        assert xsrf_identity(bad) is None, bad

@@ -6,6 +6,7 @@ version, device); arrays with st.cache_data keyed by the model's cache key.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -39,6 +40,31 @@ def get_registry() -> JobRegistry:
 
 
 # ---- models ------------------------------------------------------------------------------------------------------
+def xsrf_identity(cookie: str | None) -> str | None:
+    """A stable id of a browser from Streamlit's XSRF cookie ("2|mask|masked token|time", hex): the token unmasked
+    stays the same across reloads of the same browser and differs between browsers; its SHA-256 (so the token
+    itself is never kept). None for a missing or unexpected cookie."""
+    parts = (cookie or "").split("|")
+    if len(parts) != 4 or parts[0] != "2":
+        return None
+    try:
+        mask, masked = bytes.fromhex(parts[1]), bytes.fromhex(parts[2])
+    except ValueError:
+        return None
+    if not mask or not masked:
+        return None
+    token = bytes(b ^ mask[i % len(mask)] for i, b in enumerate(masked))
+    return hashlib.sha256(token).hexdigest()[:32]
+
+
+def browser_id() -> str | None:
+    """This browser's id (xsrf_identity), or None where there is no XSRF cookie (protection off, or a test run)."""
+    try:
+        return xsrf_identity(st.context.cookies.get("_streamlit_xsrf"))
+    except Exception:  # no request context (AppTest, a script run outside a server)
+        return None
+
+
 def file_stamp(path) -> tuple:
     """What says a file changed, for cache keys: its modification and status-change times in ns, size and inode (a
     file copied over with its old modification time kept, as `cp -p` and `rsync -a` do, has a new change time)."""

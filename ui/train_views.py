@@ -389,13 +389,18 @@ def _submit(start_paused: bool) -> Job | None:
     job = registry().submit(tc, mc, name=name, start_paused=start_paused)
     job.set_delay(st.session_state.get("train_delay", 0.0))
     st.session_state.setdefault("_own_runs", set()).add(job.id)
+    job.owner = core.browser_id()
     set_run(job.id)
     return job
 
 
 def _own(job: Job) -> bool:
-    """Whether this browser session started the run (a shared link or the run list can show anyone's)."""
-    return job.id in st.session_state.get("_own_runs", set())
+    """Whether this browser started the run (a shared link or the run list can show anyone's): its session did, or
+    the same browser before a reload (ui.core.browser_id, where the browser has Streamlit's XSRF cookie)."""
+    if job.id in st.session_state.get("_own_runs", set()):
+        return True
+    me = core.browser_id()
+    return me is not None and job.owner == me
 
 
 def _discard_fresh(job: Job):
@@ -473,15 +478,15 @@ def _on_step():
 
 
 def _on_stop():
-    """Stops the run on screen. One that another session started (a student on the lecturer's shared link, or this
-    tab before a reload) stops at a second click only."""
+    """Stops the run on screen. One that another browser started (a student on the lecturer's shared link) stops at
+    a second click only."""
     job = current_job()
     if job is None:
         return
     if not _own(job) and st.session_state.get("_confirm_stop") != job.id:
         st.session_state["_confirm_stop"] = job.id
-        _msg("warning", f"“{job.name}” was started in another browser session (or in this tab before a reload): "
-                        "press **Stop** again to stop it for everyone watching it.")
+        _msg("warning", f"“{job.name}” was started in another browser session: press **Stop** again to stop it "
+                        "for everyone watching it.")
         return
     st.session_state.pop("_confirm_stop", None)
     job.stop()

@@ -202,6 +202,7 @@ class Job:
         self.id = job_id or secrets.token_hex(4)
         self.name = name or self.id
         self.group = group  # e.g. a sweep id: jobs of one sweep share it
+        self.owner: str | None = None  # an opaque id of the browser that started it (set by the UI)
         self.train_config = train_config
         self.model_config = model_config
         self.created = time.time()
