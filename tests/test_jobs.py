@@ -321,19 +321,44 @@ def test_autosaves_of_short_epochs_are_spaced_but_the_end_is_always_saved(regist
     import torch as _torch
 
     reg = registries(autosave_dir=tmp_path, autosave_interval_s=3600)
-    job = reg.submit(tc(epochs=3), mc(), start_paused=True)
-    wait_until(lambda: job.trainer is not None, what="the trainer")
-    job.step_once(4)
-    wait_until(lambda: job.snapshot().epoch == 2, what="2 epochs")
-    reg.flush()
-    saved = _torch.load(tmp_path / f"{job.id}.pt", weights_only=True)
-    assert saved["job"]["trainer_state"]["epoch"] == 1  # epoch 2 came within the interval: not saved
-    assert saved["history"] is not None and saved["job"]["trainer_state"]["history"]["epoch"]["epoch"] == [1]
-    job.resume()
+    job = reg.submit(tc(epochs=3), mc())  # 2 steps an epoch: all within the interval
     assert job.join(120)
     saved = _torch.load(tmp_path / f"{job.id}.pt", weights_only=True)
     assert saved["job"]["state"] == FINISHED and saved["job"]["trainer_state"]["epoch"] == 3
     assert saved["job"]["train_wall"]["steps"] == 6
+
+
+def test_a_paused_run_is_saved_at_its_last_epoch_end_and_resumes_from_there_after_a_restart(registries, tmp_path):
+    """An epoch that ends within the autosave interval is not saved while the run goes on; once the run waits,
+    paused, its last epoch end is, so that a restart in a long pause loses only the epoch under way."""
+    from vae.checkpoint import CheckpointError, read_checkpoint
+    from vae.jobs import INTERRUPTED
+
+    reg = registries(autosave_dir=tmp_path, autosave_interval_s=3600)
+    job = reg.submit(tc(epochs=3), mc(), start_paused=True)
+    wait_until(lambda: job.trainer is not None, what="the trainer")
+    job.step_once(5)  # epoch 1 ends at step 2 (saved: the first), epoch 2 at step 4 (within the interval), then 1
+    wait_until(lambda: job.snapshot().step == 5, what="5 steps")
+
+    def saved_state():
+        reg.flush()
+        try:  # read_checkpoint: the per-step lists come back as lists
+            return read_checkpoint(tmp_path / f"{job.id}.pt")["job"]["trainer_state"]
+        except CheckpointError:
+            return None
+
+    wait_until(lambda: (saved_state() or {}).get("epoch") == 2, what="epoch 2's end saved once paused")
+    state = saved_state()
+    h = state["history"]
+    assert state["step_count"] == 4 and h["step"]["step"] == [1, 2, 3, 4]  # up to that epoch end, not step 5
+    assert h["epoch"]["epoch"] == [1, 2]
+    reg._at_exit()  # the server stops (as on a restart) while the run sits paused
+    back = registries(autosave_dir=tmp_path, autosave_interval_s=3600).get(job.id)
+    assert back is not None and back.state == INTERRUPTED and back.snapshot().step == 4
+    back.resume()
+    assert back.join(120)
+    h = back.snapshot().history
+    assert h["step"]["step"] == [1, 2, 3, 4, 5, 6] and h["epoch"]["epoch"] == [1, 2, 3]  # each step once
 
 
 def test_a_status_snapshot_can_skip_the_step_curves(registries):

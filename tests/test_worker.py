@@ -339,3 +339,23 @@ def test_the_end_message_reaches_the_server_even_if_the_last_sync_fails(monkeypa
     kind, payload = pipe.sent[-1]
     assert kind == "end" and [k for k, _ in pipe.sent].count("end") == 1
     assert payload["end"]["state"] == "failed" and "ValueError: cannot pack the final state" in payload["end"]["error"]
+
+
+def test_before_waiting_paused_the_worker_sends_its_last_epoch_ends_state():
+    t = Trainer(tc(epochs=5, max_examples=160), mc())  # 5 steps per epoch
+    pipe = FakePipe()
+    w = _Worker(pipe, t, {"paused": True, "steps_requested": 12, "autosave_interval_s": 3600.0})
+    assert w.run() == "stopped"  # 12 single steps, then paused (FakePipe then answers with a stop)
+    w.close()
+    fulls = [p for kind, p in pipe.sent if "full" in p]
+    # epoch 1's end (the first state), then, before waiting at step 12, epoch 2's (it ended within the interval)
+    assert [(p["full"]["epoch"], p["full"]["step_count"]) for p in fulls] == [(1, 5), (2, 10)]
+    last = fulls[-1]
+    assert last["full_events"] == 0 and "weights" not in last  # the page keeps showing the weights of step 12
+    assert last["step_count"] == 12
+    ref = Trainer(tc(epochs=5, max_examples=160), mc())
+    for _ in range(10):
+        ref.step()
+    want = ref.state_dict(history=False)
+    assert all(torch.equal(last["full"]["model"][k], want["model"][k]) for k in want["model"])
+    assert torch.equal(last["full"]["generator"], want["generator"]) and last["full"]["epoch"] == want["epoch"]

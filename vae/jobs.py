@@ -102,6 +102,19 @@ def copy_history(h: dict, steps: bool = True) -> dict:
             "events": list(h.get("events", []))}
 
 
+def history_upto(h: dict, steps: int, epochs: int, events: int | None = None) -> dict:
+    """The history as it was at a resumable state: its first `steps` step records, `epochs` epoch records and
+    `events` events (all of them if None). A history's lists hold one record per step and per epoch, from the
+    first; h is changed and returned (give it a copy)."""
+    for k in h.get("step", {}):
+        del h["step"][k][steps:]
+    for k in h.get("epoch", {}):
+        del h["epoch"][k][epochs:]
+    if events is not None:
+        del h["events"][events:]
+    return h
+
+
 def _env_int(name: str, minimum: int) -> int | None:
     env = os.environ.get(name)
     if not env:
@@ -230,6 +243,7 @@ class Job:
         self._seq = 0  # commands sent to the worker
         self._acked = 0  # the last command the worker has handled and synced
         self._worker_state: dict | None = None  # the worker's last resumable state (without the history)
+        self._worker_state_events: int | None = None  # how many events the history had at that state (None: all)
         self._worker_config: dict | None = None  # the train config of the worker's last sync
 
     # ---- controls (any thread) --------------------------------------------------------------------------------
@@ -562,6 +576,7 @@ class Job:
             self._weights_version += 1
         if "full" in p:
             self._worker_state = p["full"]
+            self._worker_state_events = p.get("full_events")
         self._acked = max(self._acked, int(p["ack"]))
         self.extra.update(train_wall=p["train_wall"], threads=p["threads"], pid=p["pid"])
         if moved:
@@ -854,8 +869,10 @@ class JobRegistry:
             return
         with job._lock:
             t = job.trainer
-            if job._worker_state is not None:  # the worker's state at its last sync, which the mirror matches
-                state = {**job._worker_state, "history": copy_history(t.history)}
+            if job._worker_state is not None:  # the worker's last resumable state, with the history up to it (a
+                ws = job._worker_state  # paused run's last epoch end can be behind the steps the mirror has)
+                state = {**ws, "history": history_upto(copy_history(t.history), int(ws["step_count"]),
+                                                       int(ws["epoch"]), job._worker_state_events)}
             else:  # a restored run not resumed since
                 state = t.state_dict()
             # the history is stored once: the checkpoint's and the trainer state's are the same object

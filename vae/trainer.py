@@ -134,6 +134,7 @@ class Trainer:
         self._xb = None
         self._reset_epoch_sums()
         self._last_good = self._snapshot()
+        self._last_good_at = None  # the counters of the last epoch end's snapshot (None: not an epoch end)
         self.background_eval = background_eval and self.device.type == "cpu"
         self._pending = collections.deque()  # (epoch record without its test figures, Future of them)
         self._evaluator = self._eval_model = None  # made at the first background evaluation
@@ -161,6 +162,21 @@ class Trainer:
     @property
     def total_steps(self) -> int:
         return self.config.epochs * self.steps_per_epoch
+
+    def _counters(self) -> dict:
+        """What a resumable state holds besides the weights and Adam's state, as of now."""
+        return {"step_count": self.step_count, "epoch": self.epoch, "generator": self.generator.get_state(),
+                "train_config": self.config.to_dict(), "events": len(self.history["events"])}
+
+    def epoch_end_state(self) -> dict | None:
+        """The resumable state (state_dict(history=False)) as of the last epoch end, taken from the snapshot made
+        there (no copy now: nothing writes into it), with "events": how many events the history had then. None
+        before the first epoch end of a run that did not start from a state. A paused run can be autosaved at its
+        last epoch end this way, although it has taken steps since."""
+        if self._last_good_at is None:
+            return None
+        weights, opt = self._last_good
+        return {"model": {k: v.cpu() for k, v in weights.items()}, "optimizer": opt, **self._last_good_at}
 
     def _snapshot(self):
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}, \
@@ -324,6 +340,7 @@ class Trainer:
                "time_s": s["compute_s"]}
         self._reset_epoch_sums()
         self._last_good = self._snapshot()
+        self._last_good_at = self._counters()
         # beside the steps only when they run on one thread: two OpenMP teams on the same cores (the steps' and the
         # evaluation's) wait on each other, and training went five times slower that way (docs/performance.md)
         if not self.background_eval or torch.get_num_threads() > 1:
@@ -461,6 +478,7 @@ class Trainer:
         self._perm, self._pos = None, 0
         self._reset_epoch_sums()
         self._last_good = self._snapshot()
+        self._last_good_at = self._counters()  # a resumable state is one of an epoch end
 
     def checkpoint(self) -> dict:
         """Everything a checkpoint file holds (see vae.checkpoint.save_checkpoint)."""

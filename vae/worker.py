@@ -72,6 +72,7 @@ class _Worker:
         # (sync payload, epoch, what had been sent before it) of an epoch end's resumable state waiting for that
         # epoch's test evaluation
         self.held = None
+        self.full_epoch = trainer.epoch  # the epoch end of the last resumable state the parent has (or started from)
         self.wall = {"t0": time.time(), "t1": None, "step0": trainer.step_count, "steps": 0,
                      "batch_size": trainer.config.batch_size}
 
@@ -155,6 +156,7 @@ class _Worker:
             payload["full"] = t.state_dict(history=False)  # the parent has the history, record by record
             payload["weights"] = payload["full"]["model"]
             self.last_full = self.last_weights = now
+            self.full_epoch = t.epoch
         elif (kind != "sync" or self.paused or self.delay >= SLOW_WEIGHTS_S or self.steps_requested
               or now - self.last_weights >= WEIGHTS_S):
             payload["weights"] = t.model.state_dict()  # no copy: pack() serialises it before training goes on
@@ -207,7 +209,26 @@ class _Worker:
         self._epochs(payload, epoch)
         self.outbox.put(pack(("sync", payload)))
         self.last_sync = time.monotonic()
+        self.full_epoch = epoch
         return True
+
+    def save_last_epoch_end(self):
+        """Before the worker waits while paused: the last epoch end's resumable state, if the parent has none of it
+        yet (an epoch that ended within autosave_interval_s of the last autosave), so that a server restart during
+        a long pause loses no more than the epoch under way. The parent's autosave keeps the history up to it."""
+        t = self.trainer
+        if t.epoch <= self.full_epoch:
+            return
+        state = t.epoch_end_state()
+        if state is None:
+            return
+        self.sync()  # the records so far, and the epochs up to this one
+        payload = self._payload()
+        self._epochs(payload, len(t.history["epoch"]["epoch"]))
+        payload["full_events"] = state.pop("events")  # the history's events then (a change after it is not in it)
+        payload["full"] = state  # no "weights": the page shows the weights of now
+        self.outbox.put(pack(("sync", payload)))
+        self.full_epoch = state["epoch"]
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def run(self) -> str:
@@ -227,6 +248,7 @@ class _Worker:
                 self.drain()  # a command sent during the last steps is handled (an update then shows in the end
                 return "finished"  # sync's config), not left unread
             if self.paused and not self.steps_requested:
+                self.save_last_epoch_end()
                 self.handle(self.conn.recv())  # waits; nothing runs while paused
                 self.sync()
                 continue
