@@ -492,3 +492,38 @@ def test_the_autosave_writer_takes_the_file_waiting_longest_first(tmp_path, monk
     gate.set()
     w.flush()
     assert written == ["x", "a2", "b"]  # with the newest first, a job saved as often as b could wait for ever
+
+
+def test_a_change_after_the_saved_epoch_end_is_not_paired_with_its_state_after_a_restart(registries, tmp_path):
+    """A pause saves the last epoch end's state: the file's settings, weights and events are that state's, so a
+    change made after it (mid-epoch) is not restored with the older optimizer. The run's owner comes back too."""
+    from vae.checkpoint import read_checkpoint
+
+    reg = registries(autosave_dir=tmp_path, autosave_interval_s=3600)
+    job = reg.submit(tc(epochs=3), mc(), start_paused=True, owner="browser-1")
+    wait_until(lambda: job.trainer is not None, what="the trainer")
+    job.step_once(3)  # epoch 1 ends at step 2 (its state saved); step 3, then paused
+    wait_until(lambda: job.snapshot().step == 3, what="3 steps")
+    job.update(lr=1e-4)  # after the saved epoch end
+    job.step_once(1)  # epoch 2 ends at step 4: its state (with lr 1e-4) is the paused run's save
+    wait_until(lambda: job.snapshot().step == 4, what="4 steps")
+    job.update(lr=5e-5)
+    job.step_once(1)  # step 5, mid-epoch 3, then paused again: epoch 2's end is what the file holds
+
+    def saved():
+        reg.flush()
+        try:
+            return read_checkpoint(tmp_path / f"{job.id}.pt")
+        except Exception:
+            return None
+
+    wait_until(lambda: (saved() or {}).get("job", {}).get("trainer_state", {}).get("epoch") == 2, what="epoch 2 saved")
+    ck = saved()
+    assert ck["train_config"]["lr"] == ck["job"]["trainer_state"]["train_config"]["lr"] == 1e-4  # not 5e-5
+    assert [e["step"] for e in ck["history"]["events"]] == [3]  # the lr 1e-4 change, not the later one
+    sd, ws = ck["state_dict"], ck["job"]["trainer_state"]["model"]
+    assert all(torch.equal(sd[k], ws[k]) for k in ws)  # the file's weights are the state's
+    assert ck["job"]["owner"] == "browser-1"
+    reg._at_exit()
+    back = registries(autosave_dir=tmp_path).get(job.id)
+    assert back.owner == "browser-1" and back.train_config.lr == 1e-4

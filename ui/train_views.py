@@ -386,10 +386,9 @@ def _submit(start_paused: bool) -> Job | None:
         taken, base, i = {j.name for j in registry().jobs()}, name, 2
         while name in taken:
             name, i = f"{base}-run{i}", i + 1
-    job = registry().submit(tc, mc, name=name, start_paused=start_paused)
+    job = registry().submit(tc, mc, name=name, start_paused=start_paused, owner=core.browser_id())
     job.set_delay(st.session_state.get("train_delay", 0.0))
     st.session_state.setdefault("_own_runs", set()).add(job.id)
-    job.owner = core.browser_id()
     set_run(job.id)
     return job
 

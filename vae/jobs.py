@@ -708,8 +708,10 @@ class JobRegistry:
 
     # ---- submitting and finding --------------------------------------------------------------------------------
     def submit(self, train_config: TrainConfig, model_config: ModelConfig | None = None, name: str = "",
-               group: str | None = None, start_paused: bool = False) -> Job:
+               group: str | None = None, start_paused: bool = False, owner: str | None = None) -> Job:
+        """owner: an opaque id of who started it (the UI's browser id), kept with the run across restarts."""
         job = Job(self, train_config, model_config, name=name, group=group, start_paused=start_paused)
+        job.owner = owner
         self._write_pending(job)  # before it can start (and end, which removes the file)
         with self._lock:
             self._jobs[job.id] = job
@@ -731,7 +733,7 @@ class JobRegistry:
         with job._lock:  # never between a stop's removal and its state: a removed file stays removed
             if refresh and not path.exists():
                 return
-            meta = {"id": job.id, "name": job.name, "group": job.group, "created": job.created,
+            meta = {"id": job.id, "name": job.name, "group": job.group, "created": job.created, "owner": job.owner,
                     "train_config": job.train_config.to_dict(), "delay_s": job.delay_s,
                     "model_config": job.model_config.to_dict() if job.model_config is not None else None}
             try:
@@ -869,19 +871,28 @@ class JobRegistry:
             return
         with job._lock:
             t = job.trainer
+            cfg, weights = t.config, None
             if job._worker_state is not None:  # the worker's last resumable state, with the history up to it (a
                 ws = job._worker_state  # paused run's last epoch end can be behind the steps the mirror has)
                 state = {**ws, "history": history_upto(copy_history(t.history), int(ws["step_count"]),
                                                        int(ws["epoch"]), job._worker_state_events)}
+                # the file's settings and weights are the state's too: a change made after it (mid-epoch, before a
+                # pause) is not in it, and a restart must not pair that change with the older optimizer state
+                if isinstance(ws.get("train_config"), dict):
+                    cfg = TrainConfig.from_dict(ws["train_config"])
+                weights = ws.get("model")
             else:  # a restored run not resumed since
                 state = t.state_dict()
             # the history is stored once: the checkpoint's and the trainer state's are the same object
-            ck = make_checkpoint(t.model, train_config=t.config, history=None, metrics=t.last_epoch() or {},
-                                 dataset=t.config.dataset)
+            ck = make_checkpoint(t.model, train_config=cfg, history=None, metrics=t.last_epoch() or {},
+                                 dataset=cfg.dataset)
+            if isinstance(weights, dict):
+                ck["state_dict"] = dict(weights)  # CPU copies from the pipe, which nothing writes into
             ck["history"] = state["history"]
             ck["job"] = {"id": job.id, "name": job.name, "group": job.group, "state": job.state,
                          "error": job.error, "created": job.created, "trainer_state": state,
                          "delay_s": job.delay_s,  # a lecture's slow motion, kept across a server restart
+                         "owner": job.owner,  # the browser that started it (a hash): still its own after a restart
                          "train_wall": dict(job.extra.get("train_wall") or {})}
         path = self.autosave_dir / f"{job.id}.pt"
 
@@ -918,6 +929,7 @@ class JobRegistry:
                 continue
             job.created = meta.get("created", p.stat().st_mtime)
             job.error = meta.get("error")
+            job.owner = meta["owner"] if isinstance(meta.get("owner"), str) else None
             try:
                 job.delay_s = min(max(float(meta.get("delay_s", 0.0)), 0.0), 10.0)
             except (TypeError, ValueError):
@@ -939,6 +951,7 @@ class JobRegistry:
                 job.delay_s = min(max(float(meta.get("delay_s", 0.0)), 0.0), 10.0)
             except (OSError, KeyError, TypeError, ValueError, AttributeError):
                 continue
+            job.owner = meta["owner"] if isinstance(meta.get("owner"), str) else None
             job.state = INTERRUPTED  # Resume starts it from its first step
             job.extra["not_started"] = True
             self._jobs[job.id] = job
