@@ -30,23 +30,23 @@ def new_app_test(timeout: float = 60) -> AppTest:
     return AppTest.from_file(APP, default_timeout=timeout)
 
 
-def open_link(page: str, timeout: float = 60, **query) -> AppTest:
-    """As a shared link opens page: query holds the URL's parameters (?model=...&sel=...) before the first run."""
+def _open(page: str, timeout: float, query: dict, session: dict) -> AppTest:
     at = new_app_test(timeout)
     for k, v in query.items():
         at.query_params[k] = v
-    at.run()
-    if page != "pages/home.py":
-        at.switch_page(page).run()
-    return at
-
-
-def open_page(page: str, timeout: float = 60, **session) -> AppTest:
-    """Run app.py once, then switch to page ('pages/train.py') and run it. session: values set beforehand."""
-    at = new_app_test(timeout)
     for k, v in session.items():
         at.session_state[k] = v
     at.run()
     if page != "pages/home.py":
         at.switch_page(page).run()
     return at
+
+
+def open_link(page: str, timeout: float = 60, **query) -> AppTest:
+    """As a shared link opens page: query holds the URL's parameters (?model=...&sel=...) before the first run."""
+    return _open(page, timeout, query, {})
+
+
+def open_page(page: str, timeout: float = 60, **session) -> AppTest:
+    """Run app.py once, then switch to page ('pages/train.py') and run it. session: values set beforehand."""
+    return _open(page, timeout, {}, session)

@@ -99,11 +99,11 @@ class Trainer:
 
         background_eval: each epoch's test evaluation runs on a thread of its own, beside the next epoch's steps,
         on a copy of the model holding the epoch end's weights (on the CPU, while torch runs on one thread;
-        otherwise it stays inline). The epoch
-        records are the same, but they reach the history later, in order: settle() puts in those that are ready
-        (or waits for all), and every method here that reads the history settles first (state_dict(history=False)
-        does not: it holds none). An evaluation that fails raises at the settle() that meets it. The dashboard's training
-        process uses it, so that a one-thread job spends its core on steps (vae.worker)."""
+        otherwise it stays inline). The epoch records are the same, but they reach the history later, in order:
+        settle() puts in those that are ready (or waits for all), and every method here that reads the history
+        settles first (state_dict(history=False) does not: it holds none). An evaluation that fails raises at the
+        settle() that meets it. The dashboard's training process uses it, so that a one-thread job spends its core
+        on steps (vae.worker)."""
         cfg = self.config = train_config or TrainConfig()
         self.device = resolve_device(cfg.device)
         flush_denormals()  # Adam's state decays into denormals on constant pixels: see vae.device.flush_denormals
@@ -385,8 +385,7 @@ class Trainer:
     def settle(self, wait: bool = True, upto: int | None = None) -> int:
         """Put the background evaluations' epoch records into the history, in epoch order: all of them (waiting
         for those still running), or with wait=False those ready before the first that is not; with upto, only
-        the epochs up to that one. Returns how many. Nothing to do without
-        background_eval."""
+        the epochs up to that one. Returns how many. Nothing to do without background_eval."""
         n = 0
         while self._pending:
             rec, fut = self._pending[0]
