@@ -6,6 +6,7 @@ seconds. Waits poll the job's snapshot with a deadline; nothing sleeps for a fix
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -61,6 +62,17 @@ def registries():
     yield make
     for r in made:
         r.shutdown()
+
+
+@contextlib.contextmanager
+def ending_like_a_server(**kw):
+    """A registry that ends as a server process does (_at_exit: its runs stay resumable, as after a restart), not
+    with shutdown(), which would then wait for runs that no longer answer."""
+    reg = JobRegistry(threads=1, **kw)
+    try:
+        yield reg
+    finally:
+        reg._at_exit()
 
 
 def test_cap_queues_in_order_and_never_drops(registries):
@@ -334,25 +346,25 @@ def test_a_paused_run_is_saved_at_its_last_epoch_end_and_resumes_from_there_afte
     from vae.checkpoint import CheckpointError, read_checkpoint
     from vae.jobs import INTERRUPTED
 
-    reg = registries(autosave_dir=tmp_path, autosave_interval_s=3600)
-    job = reg.submit(tc(epochs=3), mc(), start_paused=True)
-    wait_until(lambda: job.trainer is not None, what="the trainer")
-    job.step_once(5)  # epoch 1 ends at step 2 (saved: the first), epoch 2 at step 4 (within the interval), then 1
-    wait_until(lambda: job.snapshot().step == 5, what="5 steps")
+    with ending_like_a_server(autosave_dir=tmp_path, autosave_interval_s=3600) as reg:
+        job = reg.submit(tc(epochs=3), mc(), start_paused=True)
+        wait_until(lambda: job.trainer is not None, what="the trainer")
+        job.step_once(5)  # epoch 1 ends at step 2 (saved: the first), epoch 2 at step 4 (within the interval), then 1
+        wait_until(lambda: job.snapshot().step == 5, what="5 steps")
 
-    def saved_state():
-        reg.flush()
-        try:  # read_checkpoint: the per-step lists come back as lists
-            return read_checkpoint(tmp_path / f"{job.id}.pt")["job"]["trainer_state"]
-        except CheckpointError:
-            return None
+        def saved_state():
+            reg.flush()
+            try:  # read_checkpoint: the per-step lists come back as lists
+                return read_checkpoint(tmp_path / f"{job.id}.pt")["job"]["trainer_state"]
+            except CheckpointError:
+                return None
 
-    wait_until(lambda: (saved_state() or {}).get("epoch") == 2, what="epoch 2's end saved once paused")
-    state = saved_state()
-    h = state["history"]
-    assert state["step_count"] == 4 and h["step"]["step"] == [1, 2, 3, 4]  # up to that epoch end, not step 5
-    assert h["epoch"]["epoch"] == [1, 2]
-    reg._at_exit()  # the server stops (as on a restart) while the run sits paused
+        wait_until(lambda: (saved_state() or {}).get("epoch") == 2, what="epoch 2's end saved once paused")
+        state = saved_state()
+        h = state["history"]
+        assert state["step_count"] == 4 and h["step"]["step"] == [1, 2, 3, 4]  # up to that epoch end, not step 5
+        assert h["epoch"]["epoch"] == [1, 2]
+    # the registry has ended as a server process does (a restart), with the run paused
     back = registries(autosave_dir=tmp_path, autosave_interval_s=3600).get(job.id)
     assert back is not None and back.state == INTERRUPTED and back.snapshot().step == 4
     back.resume()
@@ -499,31 +511,32 @@ def test_a_change_after_the_saved_epoch_end_is_not_paired_with_its_state_after_a
     change made after it (mid-epoch) is not restored with the older optimizer. The run's owner comes back too."""
     from vae.checkpoint import read_checkpoint
 
-    reg = registries(autosave_dir=tmp_path, autosave_interval_s=3600)
-    job = reg.submit(tc(epochs=3), mc(), start_paused=True, owner="browser-1")
-    wait_until(lambda: job.trainer is not None, what="the trainer")
-    job.step_once(3)  # epoch 1 ends at step 2 (its state saved); step 3, then paused
-    wait_until(lambda: job.snapshot().step == 3, what="3 steps")
-    job.update(lr=1e-4)  # after the saved epoch end
-    job.step_once(1)  # epoch 2 ends at step 4: its state (with lr 1e-4) is the paused run's save
-    wait_until(lambda: job.snapshot().step == 4, what="4 steps")
-    job.update(lr=5e-5)
-    job.step_once(1)  # step 5, mid-epoch 3, then paused again: epoch 2's end is what the file holds
+    with ending_like_a_server(autosave_dir=tmp_path, autosave_interval_s=3600) as reg:
+        job = reg.submit(tc(epochs=3), mc(), start_paused=True, owner="browser-1")
+        wait_until(lambda: job.trainer is not None, what="the trainer")
+        job.step_once(3)  # epoch 1 ends at step 2 (its state saved); step 3, then paused
+        wait_until(lambda: job.snapshot().step == 3, what="3 steps")
+        job.update(lr=1e-4)  # after the saved epoch end
+        job.step_once(1)  # epoch 2 ends at step 4: its state (with lr 1e-4) is the paused run's save
+        wait_until(lambda: job.snapshot().step == 4, what="4 steps")
+        job.update(lr=5e-5)
+        job.step_once(1)  # step 5, mid-epoch 3, then paused again: epoch 2's end is what the file holds
 
-    def saved():
-        reg.flush()
-        try:
-            return read_checkpoint(tmp_path / f"{job.id}.pt")
-        except Exception:
-            return None
+        def saved():
+            reg.flush()
+            try:
+                return read_checkpoint(tmp_path / f"{job.id}.pt")
+            except Exception:
+                return None
 
-    wait_until(lambda: (saved() or {}).get("job", {}).get("trainer_state", {}).get("epoch") == 2, what="epoch 2 saved")
-    ck = saved()
-    assert ck["train_config"]["lr"] == ck["job"]["trainer_state"]["train_config"]["lr"] == 1e-4  # not 5e-5
-    assert [e["step"] for e in ck["history"]["events"]] == [3]  # the lr 1e-4 change, not the later one
-    sd, ws = ck["state_dict"], ck["job"]["trainer_state"]["model"]
-    assert all(torch.equal(sd[k], ws[k]) for k in ws)  # the file's weights are the state's
-    assert ck["job"]["owner"] == "browser-1"
-    reg._at_exit()
+        wait_until(lambda: (saved() or {}).get("job", {}).get("trainer_state", {}).get("epoch") == 2,
+                   what="epoch 2 saved")
+        ck = saved()
+        assert ck["train_config"]["lr"] == ck["job"]["trainer_state"]["train_config"]["lr"] == 1e-4  # not 5e-5
+        assert [e["step"] for e in ck["history"]["events"]] == [3]  # the lr 1e-4 change, not the later one
+        sd, ws = ck["state_dict"], ck["job"]["trainer_state"]["model"]
+        assert all(torch.equal(sd[k], ws[k]) for k in ws)  # the file's weights are the state's
+        assert ck["job"]["owner"] == "browser-1"
+    # the registry has ended as a server process does (a restart), with the run paused
     back = registries(autosave_dir=tmp_path).get(job.id)
     assert back.owner == "browser-1" and back.train_config.lr == 1e-4
