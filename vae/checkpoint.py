@@ -28,8 +28,6 @@ from .model import VAE
 
 FORMAT = "vae-explorer"
 FORMAT_VERSION = 2
-_HISTORY_OWNERS = ((), ("job", "trainer_state"))  # where a file holds histories: the top level, and an autosave's
-# resumable state (the same history object: pickled once)
 
 
 class CheckpointError(ValueError):
@@ -37,13 +35,15 @@ class CheckpointError(ValueError):
 
 
 def make_checkpoint(model: VAE, train_config: TrainConfig | None = None, history: dict | None = None,
-                    metrics: dict | None = None, dataset: str | None = None) -> dict:
+                    metrics: dict | None = None, dataset: str | None = None, weights: dict | None = None) -> dict:
+    """weights: a state_dict of CPU tensors nothing writes into, taken as it is (default: a copy of model's)."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model_config": model.config.to_dict(),
         "train_config": train_config.to_dict() if train_config is not None else None,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "state_dict": (dict(weights) if weights is not None else
+                       {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}),
         "history": history or {},
         "metrics": metrics or {},
         "dataset": dataset or (train_config.dataset if train_config is not None else None),
@@ -68,26 +68,24 @@ def _pack_steps(steps: dict) -> dict:
 
 
 def _map_histories(ckpt: dict, fn) -> dict:
-    """ckpt with fn applied to each history it holds (a shallow copy along the way; a history held twice is mapped
-    once and stays one object)."""
+    """ckpt with fn applied to the per-step lists of each history it holds: the top level's, and an autosave's
+    resumable state's (the same object there: mapped once, and one object still). Shallow copies on the way: ckpt
+    itself is not changed."""
     done: dict[int, dict] = {}
 
-    def at(d, path):
-        if not isinstance(d, dict):
-            return d
-        if not path:
-            h = d.get("history")
-            if isinstance(h, dict) and isinstance(h.get("step"), dict):
-                if id(h) not in done:
-                    done[id(h)] = {**h, "step": fn(h["step"])}
-                return {**d, "history": done[id(h)]}
-            return d
-        child = d.get(path[0])
-        return {**d, path[0]: at(child, path[1:])} if isinstance(child, dict) else d
+    def mapped(h):
+        if not (isinstance(h, dict) and isinstance(h.get("step"), dict)):
+            return h
+        if id(h) not in done:
+            done[id(h)] = {**h, "step": fn(h["step"])}
+        return done[id(h)]
 
-    for owner in _HISTORY_OWNERS:
-        ckpt = at(ckpt, owner)
-    return ckpt
+    out = {**ckpt, "history": mapped(ckpt["history"])} if "history" in ckpt else dict(ckpt)
+    job = ckpt.get("job")
+    state = job.get("trainer_state") if isinstance(job, dict) else None
+    if isinstance(state, dict) and "history" in state:
+        out["job"] = {**job, "trainer_state": {**state, "history": mapped(state["history"])}}
+    return out
 
 
 def _unpack_steps(steps: dict) -> dict:

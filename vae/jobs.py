@@ -885,9 +885,8 @@ class JobRegistry:
                 state = t.state_dict()
             # the history is stored once: the checkpoint's and the trainer state's are the same object
             ck = make_checkpoint(t.model, train_config=cfg, history=None, metrics=t.last_epoch() or {},
-                                 dataset=cfg.dataset)
-            if isinstance(weights, dict):
-                ck["state_dict"] = dict(weights)  # CPU copies from the pipe, which nothing writes into
+                                 dataset=cfg.dataset,  # the state's weights: CPU copies from the pipe
+                                 weights=weights if isinstance(weights, dict) else None)
             ck["history"] = state["history"]
             ck["job"] = {"id": job.id, "name": job.name, "group": job.group, "state": job.state,
                          "error": job.error, "created": job.created, "trainer_state": state,

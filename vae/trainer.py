@@ -164,9 +164,10 @@ class Trainer:
         return self.config.epochs * self.steps_per_epoch
 
     def _counters(self) -> dict:
-        """What a resumable state holds besides the weights and Adam's state, as of now."""
+        """What a resumable state holds besides the weights and Adam's state, as of now (the config as the object:
+        update() replaces it, never changes it, so its dict can wait until a state is asked for)."""
         return {"step_count": self.step_count, "epoch": self.epoch, "generator": self.generator.get_state(),
-                "train_config": self.config.to_dict(), "events": len(self.history["events"])}
+                "train_config": self.config, "events": len(self.history["events"])}
 
     def epoch_end_state(self) -> dict | None:
         """The resumable state (state_dict(history=False)) as of the last epoch end, taken from the snapshot made
@@ -176,7 +177,9 @@ class Trainer:
         if self._last_good_at is None:
             return None
         weights, opt = self._last_good
-        return {"model": {k: v.cpu() for k, v in weights.items()}, "optimizer": opt, **self._last_good_at}
+        at = self._last_good_at
+        return {"model": {k: v.cpu() for k, v in weights.items()}, "optimizer": opt, **at,
+                "train_config": at["train_config"].to_dict()}
 
     def _snapshot(self):
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}, \
