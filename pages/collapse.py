@@ -4,9 +4,10 @@ import dataclasses
 
 import streamlit as st
 
-from ui.core import check_range, get_dataset, nats2, presenting, tile
+from ui.core import check_range, get_dataset, presenting, tile
 from ui.tradeoff import (au_curves_figure, group_in_url, group_jobs, group_progress, heatmap_figure, kl_scale_figure,
                          run_images, state_line, stop_group, submit_group)
+from vae.diagnostics import ACTIVE_THRESHOLD
 from vae.jobs import ACTIVE
 from vae.tradeoff import (LAB_REMEDIES, LAB_SEP, PRESETS, REMEDIES, SHORT_TRAIN, kl_heatmap, lab_meta_from_names,
                           lab_run_name, lab_specs, run_summary, trajectory)
@@ -86,18 +87,19 @@ def results():
         rows = []
         for s in snaps:
             sm = run_summary(s.history) or {}
-            # text, two decimals as the panels below write them, "–" before a run's first epoch (a number column
-            # showed "None" there)
-            rows.append({"run": _short_name(s.name),
-                         "active units": f"{sm['active_units']}/{latent_dim}" if sm else s.state,
-                         "peak": str(sm["peak_active_units"]) if sm else "–",
-                         **{k: nats2(sm[v]) if sm else "–"
-                            for k, v in (("R", "rate"), ("D", "distortion"), ("ELBO", "elbo"))}})
-        st.dataframe(rows, hide_index=True, column_config={
-            "peak": st.column_config.TextColumn(help="the most active units the run had at any epoch"),
-            "R": st.column_config.TextColumn(help="rate, nats"),
-            "D": st.column_config.TextColumn(help="distortion, nats"),
-            "ELBO": st.column_config.TextColumn(help="−(R + D), nats")})
+            # numbers, so that a click on a header sorts them as numbers; "–" before a run's first epoch
+            rows.append({"run": _short_name(s.name), "active units": sm.get("active_units"),
+                         "peak": sm.get("peak_active_units"),
+                         **{k: sm.get(v) for k, v in (("R", "rate"), ("D", "distortion"), ("ELBO", "elbo"))}})
+        two = "%.2f"  # as the panels below write them
+        st.dataframe(rows, hide_index=True, placeholder="–", column_config={
+            "active units": st.column_config.NumberColumn(
+                help=f"of {latent_dim} dimensions, at the last epoch: those whose posterior mean varies over the "
+                     f"data (Cov_x E_q[z_d] > {ACTIVE_THRESHOLD:g})"),
+            "peak": st.column_config.NumberColumn(help="the most active units the run had at any epoch"),
+            "R": st.column_config.NumberColumn(help="rate, nats", format=two),
+            "D": st.column_config.NumberColumn(help="distortion, nats", format=two),
+            "ELBO": st.column_config.NumberColumn(help="−(R + D), nats", format=two)})
         st.caption("ELBO = −(R + D): each model's true bound, its KL weighted by 1 whatever β trained it. A remedy "
                    "that keeps dimensions alive pays for their KL, so its ELBO can come out below the collapsed "
                    "model's: what the remedies buy is a code that carries information (active units, R), not "

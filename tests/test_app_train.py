@@ -244,6 +244,11 @@ def test_failure_queue_and_unknown_run_are_shown(registry):
     holding = next(i.value for i in at.info if "place 1 in the queue" in i.value)
     assert [h.state for h in holders] == [PAUSED] * len(holders)
     assert all(f"“{h.name}” (paused)" in holding for h in holders) and "until it is stopped" in holding
+    # the run list keeps numbers as numbers (they sort as numbers): the queue place, and none yet for the metrics
+    table = next(d.value for d in at.dataframe if "queue" in d.value.columns).set_index("id")
+    assert table.loc[queued.id, "queue"] == 1 and table.loc[queued.id, "of"] == 2
+    assert table.loc[queued.id, ["test ELBO", "active units"]].isna().all()
+    assert table.loc[failing.id, "state"] == FAILED and table["queue"].isna().sum() == len(table) - 1
     for h in holders:
         h.stop()
 

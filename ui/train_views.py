@@ -971,17 +971,22 @@ def runs_table():
     for j in reversed(registry().jobs()):
         s = j.snapshot(steps=False)  # the per-epoch history is all the table needs
         e = s.history["epoch"]
-        # what tells runs apart first (a half-width panel shows the first few columns without scrolling)
-        # text, "—" before a run's first epoch (a number column showed "None")
+        # what tells runs apart first (a half-width panel shows the first few columns without scrolling); numbers
+        # stay numbers, so that a click on a header sorts them as numbers ("—" before a run's first epoch)
         rows.append({"name": s.name, "state": s.state,
-                     "test ELBO": core.nats2(e["test_elbo"][-1]) if e["test_elbo"] else "—",
-                     "active units": str(e["active_units"][-1]) if e["active_units"] else "—",
-                     "epoch": f"{s.epoch}/{s.epochs}", "queue": f"#{s.queue_position}" if s.queue_position else "—",
+                     "test ELBO": e["test_elbo"][-1] if e["test_elbo"] else None,
+                     "active units": e["active_units"][-1] if e["active_units"] else None,
+                     "epoch": s.epoch, "of": s.epochs, "queue": s.queue_position or None,
                      "β": s.train_config["beta"], "schedule": s.train_config["beta_schedule"],
                      "free bits": s.train_config["free_bits"], "id": s.id})
     if not rows:
         st.caption("No runs yet.")
         return
-    st.dataframe(rows, hide_index=True, width="stretch")
+    st.dataframe(rows, hide_index=True, width="stretch", placeholder="—", column_config={
+        "test ELBO": st.column_config.NumberColumn(help="at the last epoch, nats per example", format="%.2f"),
+        "epoch": st.column_config.NumberColumn(help="epochs done"),
+        "of": st.column_config.NumberColumn(help="epochs asked for"),
+        "queue": st.column_config.NumberColumn(help="place in the queue while it waits for a free slot",
+                                               format="#%d")})
     st.caption(f"Autosaved every epoch to {core.AUTOSAVE_DIR.name}/: after a server restart, runs come back "
                "(active and queued ones as “interrupted”, resumable). Pick a run above to reattach.")
