@@ -368,7 +368,12 @@ def _is_fresh(job: Job | None) -> bool:
     on with it while the options are the same."""
     # queued (paused) when the cap was full at Step: still the prepared run, not one to start a second run beside
     return (job is not None and st.session_state.get("_prepared_run") == job.id
-            and (job.state == PAUSED or (job.state == QUEUED and job.pause_requested)))
+            and held_paused(job.state, job))
+
+
+def held_paused(state: str, job: Job) -> bool:
+    """Paused, or queued to start paused (Step or Pause while the cap was full)."""
+    return state == PAUSED or (state == QUEUED and job.pause_requested)
 
 
 def _submit(start_paused: bool) -> Job | None:
@@ -448,7 +453,7 @@ def _on_pause_resume(want_pause: bool):
     job = current_job()
     if job is None:
         return
-    paused_now = job.state in (PAUSED, INTERRUPTED) or (job.state == QUEUED and job.pause_requested)
+    paused_now = job.state == INTERRUPTED or held_paused(job.state, job)
     if want_pause and not paused_now:
         job.pause()
     elif not want_pause and paused_now:
@@ -574,7 +579,7 @@ def controls(job: Job | None, state: str | None = None):
     cols = st.columns(5)
     cols[0].button("Start", key="btn_start", type="primary", icon=":material/play_arrow:", on_click=_on_start,
                    width="stretch", help="Start a new run with the options in Configuration")
-    paused = state in (PAUSED, INTERRUPTED) or (state == QUEUED and job.pause_requested)
+    paused = state == INTERRUPTED or held_paused(state, job)
     live = state in (*ACTIVE, INTERRUPTED)
     cols[1].button("Resume" if paused else "Pause", key="btn_pause",
                    icon=":material/play_circle:" if paused else ":material/pause:", on_click=_on_pause_resume,
