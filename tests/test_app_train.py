@@ -560,6 +560,22 @@ def test_an_option_off_screen_does_not_block_start_and_labels_follow_the_schedul
     job.stop()
 
 
+def test_binarize_left_on_under_the_sigma_box_does_not_binarise_a_gaussian_run(registry):
+    at = small_run(open_page(PAGE))
+    at.toggle(key="cfg_binarize").set_value(True).run()
+    at.selectbox(key="cfg_likelihood").set_value("gaussian").run()
+    assert "cfg_binarize" not in {t.key for t in at.toggle} and "cfg_sigma" in {n.key for n in at.number_input}
+    at.button(key="btn_start").click().run()
+    job = registry.get(at.query_params["run"])
+    assert job.model_config.likelihood == "gaussian" and job.train_config.binarize is False
+    job.stop()
+    at.selectbox(key="cfg_likelihood").set_value("bernoulli").run()  # the toggle back on screen, as it was left
+    at.button(key="btn_start").click().run()
+    job = registry.get(at.query_params["run"])
+    assert job.model_config.likelihood == "bernoulli" and job.train_config.binarize is True
+    job.stop()
+
+
 def test_several_bad_numbers_are_all_named_in_the_one_line(registry):
     at = open_page(PAGE)
     at.number_input(key="cfg_lr").set_value(1e9)

@@ -187,6 +187,8 @@ def configs_from_state():
     shown, labels = shown_numbers(s)
 
     def get(k):
+        if k == "cfg_binarize" and "cfg_sigma" in shown:  # the σ box stands in its place: a Gaussian decoder's
+            return False                                   # data is never binarised by a toggle the user cannot see
         v = s.get(k, d[k])
         if k in LIMITS and k not in shown and (v is None or not LIMITS[k][1] <= v <= LIMITS[k][2]):
             return d[k]
