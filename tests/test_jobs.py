@@ -104,6 +104,20 @@ def test_stopping_a_queued_job_removes_it_from_the_queue(registries):
     assert c.state == FINISHED and b.trainer is None  # b never ran
 
 
+def test_a_stop_that_lands_after_the_scheduler_picked_the_run_keeps_it_stopped(registries):
+    """The scheduler looks at the queue under the registry's lock, stop() changes the state under the job's: a
+    start reached after a stop must not turn the run back to running (its worker would save an untrained model)."""
+    reg = registries(max_concurrent=1)
+    a = reg.submit(tc(), mc(), start_paused=True)
+    b = reg.submit(tc(), mc())
+    b.stop()
+    assert b._start() is False  # what the scheduler would do had it picked b just before the stop
+    assert b.state == STOPPED and b._thread is None and b.trainer is None
+    a.stop()
+    a.join(120)
+    assert b.state == STOPPED and b._thread is None
+
+
 def test_pause_step_resume_stop(registries):
     reg = registries()
     job = reg.submit(tc(epochs=5000), mc(), start_paused=True)  # never ends by itself during the test

@@ -452,8 +452,12 @@ class Job:
                 self._attach_tried = True
                 _attach_restored_trainer(self)
 
-    def _start(self):
+    def _start(self) -> bool:
+        """Start the queued job's thread; False if it was stopped since the scheduler picked it (stop() changes the
+        state under this lock only, so it can land between the scheduler's look at the queue and this)."""
         with self._lock:
+            if self._stop or self.state != QUEUED:
+                return False
             self.state = PAUSED if self._paused else RUNNING
             self._t_started = time.time()
             self._t_ended = None
@@ -461,6 +465,7 @@ class Job:
         thread = threading.Thread(target=self._run, name=f"{WORKER_NAME_PREFIX}{self.id}", daemon=True)
         thread.start()
         self._thread = thread  # only once started: join() may run in another thread at any time
+        return True
 
     def _run(self):
         conn = child_conn = proc = None
@@ -836,9 +841,8 @@ class JobRegistry:
             self._queue = [j for j in self._queue if j.state == QUEUED and not j._stop]
             busy = sum(1 for j in self._jobs.values() if j._occupies_slot)
             while self._queue and busy < self.max_concurrent:
-                job = self._queue.pop(0)
-                job._start()
-                busy += 1
+                if self._queue.pop(0)._start():
+                    busy += 1
 
     def _share_threads(self):
         """Tell each running worker its share of the cores (after a job starts, ends, pauses or resumes). Serialised,
