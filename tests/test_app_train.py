@@ -111,6 +111,16 @@ def test_a_short_run_from_the_page_produces_metrics_and_saves(registry, tmp_path
     at.button(key="btn_save").click().run()
     assert any("70 characters long: at most 64" in e.value for e in at.error)
     assert not list((tmp_path / "user").glob("a*.pt"))
+    import ui.core as core
+
+    blocked = tmp_path / "not-a-folder"  # the folder cannot be made: a one-line error, no traceback
+    blocked.write_bytes(b"a file where the folder would go")
+    core.USER_DIR = blocked  # (the fixture's monkeypatch puts it back)
+    at.text_input(key="save_name").set_value("cannot-write").run()
+    at.button(key="btn_save").click().run()
+    assert not at.exception
+    assert any("Not saved: could not write to" in e.value and "Save again" in e.value for e in at.error)
+    assert blocked.read_bytes() == b"a file where the folder would go"
 
 
 def test_reset_step_start_stop_drive_the_run_on_screen(registry):

@@ -85,6 +85,18 @@ class _Exploit:
         return (open, (self.marker, "w"))
 
 
+def test_a_save_that_must_not_replace_leaves_the_file_there_as_it_was(tmp_path, trained_checkpoint):
+    ckpt = trained_checkpoint[0].checkpoint()
+    path = tmp_path / "taken.pt"
+    path.write_bytes(b"saved before")
+    with pytest.raises(FileExistsError):
+        save_checkpoint(path, ckpt, replace=False)
+    assert path.read_bytes() == b"saved before" and sorted(p.name for p in tmp_path.iterdir()) == ["taken.pt"]
+    fresh = save_checkpoint(tmp_path / "new.pt", ckpt, replace=False)
+    assert read_checkpoint(fresh)["model_config"] == ckpt["model_config"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.pt", "taken.pt"]
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("writer", ["torch.save", "pickle-protocol-2", "pickle-protocol-4"])
 def test_crafted_pickle_does_not_execute(tmp_path, writer):

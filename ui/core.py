@@ -261,9 +261,15 @@ def validate_name(name: str) -> str:
 def save_user_checkpoint(name: str, ckpt: dict, overwrite: bool = False) -> Path:
     name = validate_name(name)
     path = USER_DIR / f"{name}.pt"
+    taken = ValueError(f"a checkpoint named {name!r} already exists: choose another name or tick overwrite")
     if path.exists() and not overwrite:
-        raise ValueError(f"a checkpoint named {name!r} already exists: choose another name or tick overwrite")
-    return save_checkpoint(path, ckpt)
+        raise taken
+    try:  # without overwrite, a file of that name saved meanwhile (another session) is never replaced
+        return save_checkpoint(path, ckpt, replace=overwrite)
+    except FileExistsError:
+        if path.exists():
+            raise taken from None
+        raise  # not the checkpoint: its folder's name is taken by a file (an OSError for the caller)
 
 
 def upload_name(filename: str) -> str:

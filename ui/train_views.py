@@ -669,6 +669,10 @@ def _on_save(job_id: str):
     except ValueError as exc:
         _msg("error", f"Not saved: {exc}")
         return
+    except OSError as exc:  # a full disk, a folder not writable: nothing half-written is left (save_checkpoint)
+        _msg("error", f"Not saved: could not write to {_shown_dir(core.USER_DIR)} ({exc.strerror or exc}); free "
+             "some space or fix the folder's permissions, then Save again")
+        return
     saved[job_id] = (path.stem, version)
     _msg("success", f"Saved {path.name} in {_shown_dir(path.parent)}: pick “saved: {path.stem}” in the sidebar on "
          "any page")

@@ -93,9 +93,11 @@ def _unpack_steps(steps: dict) -> dict:
             else v for k, v in steps.items()}
 
 
-def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> Path:
+def save_checkpoint(path: str | os.PathLike, ckpt: dict, replace: bool = True) -> Path:
     """Write ckpt to path atomically: a temp file in the same folder, flushed, then renamed over the target. The
-    history's per-step lists go in as tensors (format 2); ckpt itself is not changed."""
+    history's per-step lists go in as tensors (format 2); ckpt itself is not changed. replace=False: FileExistsError
+    if path exists, even one that appears while this writes (the temp file is linked to path, which a rename would
+    have replaced)."""
     path = Path(path)
     ckpt = _map_histories(ckpt, _pack_steps)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +110,11 @@ def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions a plain open() would
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            Path(tmp).unlink()
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
