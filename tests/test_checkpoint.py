@@ -292,6 +292,13 @@ def _ck_file(tmp_path, name="m", model=None, **changes):
     (dict(history={"epoch": 5}), "invalid history"),
     (dict(history={"epoch": {"test_elbo": 3.0}}), "invalid history"),
     (dict(history={"events": "x"}), "invalid history"),
+    (dict(metrics={"test_elbo": [1.0]}), "invalid metrics"),  # a list where Home formats a number
+    (dict(history={"epoch": {"test_elbo": ["x"]}}), "invalid history"),
+    (dict(history={"epoch": {"test_elbo": [[1.0]]}}), "invalid history"),
+    (dict(history={"epoch": {"test_kl_per_dim": [[0.1, "x"]]}}), "invalid history"),
+    (dict(history={"events": [{"text": "β → 2"}]}), "invalid history"),
+    (dict(history={"events": [{"step": 3, "text": None}]}), "invalid history"),
+    (dict(history={"epoch": {"test_elbo": torch.zeros(3, dtype=torch.float64)}}), "invalid history"),  # step's only
     (dict(dataset="cifar"), r"dataset 'cifar' is not one VAE Explorer has \(digits, "),
     (dict(dataset=3), "dataset 3 is not one"),
 ])

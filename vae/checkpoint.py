@@ -88,9 +88,13 @@ def _map_histories(ckpt: dict, fn) -> dict:
     return out
 
 
+def _packed(v) -> bool:
+    """A per-step list as format 2 stores it (_pack_steps)."""
+    return isinstance(v, torch.Tensor) and v.dim() == 1 and v.dtype in (torch.float64, torch.int64)
+
+
 def _unpack_steps(steps: dict) -> dict:
-    return {k: v.tolist() if isinstance(v, torch.Tensor) and v.dim() == 1 and v.dtype in (torch.float64, torch.int64)
-            else v for k, v in steps.items()}
+    return {k: v.tolist() if _packed(v) else v for k, v in steps.items()}
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: dict, replace: bool = True) -> Path:
@@ -156,9 +160,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     for key in ("model_config", "state_dict"):
         if not isinstance(ckpt.get(key), dict):
             raise CheckpointError(f"{name}: the checkpoint has no {key}")
-    ckpt = _map_histories(ckpt, _unpack_steps)  # format 2's per-step tensors back into lists
-    _check_metadata(ckpt, name)
-    return ckpt
+    _check_metadata(ckpt, name)  # before the lists are unpacked: a format 2 tensor of numbers needs no look inside
+    return _map_histories(ckpt, _unpack_steps)  # format 2's per-step tensors back into lists
 
 
 def _is_number(v) -> bool:
@@ -200,17 +203,30 @@ def _check_metadata(ckpt: dict, name: str) -> None:
     if metrics is None:
         ckpt["metrics"] = {}
     elif not isinstance(metrics, dict) or not all(
-            v is None or _is_number(v) or (isinstance(v, list) and all(_is_number(x) for x in v))
-            for v in metrics.values()):
-        raise CheckpointError(f"{name}: invalid metrics (they must be numbers, or lists of numbers)")
+            v is None or (_numbers(v) if str(k).endswith("_per_dim") else _is_number(v)) for k, v in metrics.items()):
+        raise CheckpointError(f"{name}: invalid metrics (numbers, and lists of numbers for the *_per_dim ones)")
     hist = ckpt.get("history")
     if hist is None:
         ckpt["history"] = {}
     elif not (isinstance(hist, dict)
-              and all(isinstance(hist.get(k, {}), dict) and all(isinstance(v, list) for v in hist.get(k, {}).values())
+              and all(isinstance(hist.get(k, {}), dict)
+                      and all((k == "step" and _packed(v)) or (isinstance(v, list) and all(_history_value(x, str(key)) for x in v))
+                              for key, v in hist.get(k, {}).items())
                       for k in ("step", "epoch"))
-              and isinstance(hist.get("events", []), list)):
-        raise CheckpointError(f"{name}: invalid history (per-step and per-epoch lists, and a list of events)")
+              and isinstance(hist.get("events", []), list)
+              and all(isinstance(e, dict) and _is_number(e.get("step")) and isinstance(e.get("text"), str)
+                      for e in hist.get("events", []))):
+        raise CheckpointError(f"{name}: invalid history (per-step and per-epoch lists of numbers, and a list of "
+                              "events with a step and a text)")
+
+
+def _numbers(v) -> bool:
+    return isinstance(v, list) and all(_is_number(x) for x in v)
+
+
+def _history_value(x, key: str) -> bool:
+    """A per-step or per-epoch record: a number (None where it was not measured), a list of numbers per dimension."""
+    return x is None or _is_number(x) or (key.endswith("_per_dim") and _numbers(x))
 
 
 def model_from_checkpoint(ckpt: dict, name: str = "checkpoint") -> VAE:
