@@ -241,15 +241,17 @@ def test_autosave_then_a_new_registry_restores_and_resumes(registries, tmp_path)
     job = reg.submit(tc(epochs=4), mc(), name="survivor", start_paused=True)
     wait_until(lambda: job.trainer is not None, what="the trainer")
     job.set_delay(0.002)  # a lecture's slow motion: it comes back with the run
+    job.update(beta=0.5)  # a mid-run change: an event on the curves
     job.step_once(4)  # two epochs, each autosaved
     wait_until(lambda: job.snapshot().epoch == 2, what="2 epochs")
     reg.flush()
     weights_at_2 = job.latest_weights()[1]
     history_at_2 = job.snapshot().history
-    assert (tmp_path / f"{job.id}.pt").is_file()
+    assert (tmp_path / f"{job.id}.pt").is_file() and job.event_count() == 1
 
     restarted = registries(autosave_dir=tmp_path)  # a new server process on the same folder
     back = restarted.get(job.id)
+    assert back.event_count() == 1  # asked before anything else: the restored history is attached for it
     assert back is not None and back.name == "survivor" and back.state == INTERRUPTED and back.has_weights
     assert back.delay_s == 0.002
     snap = back.snapshot()

@@ -600,8 +600,9 @@ def live_settings(job: Job):
     """β, its schedule (and the cyclical one's M and R), free bits, lr and gradient clipping of the running job; the
     change is marked on the curves."""
     cfg = job.train_config
-    n = len((job.trainer.history if job.trainer else {}).get("events", []))
-    k = f"{job.id}_{n}"  # new widgets (with the new values) after each applied change
+    # new widgets (with the new values) after each applied change; a restored run's count is its history's from the
+    # first draw on (counted 0 before its trainer was attached, the form's key changed under the first Apply)
+    k = f"{job.id}_{job.event_count()}"
     with st.form(f"live_form_{k}", border=False):
         c1, c2, c3 = st.columns(3)
         beta = c1.number_input("β", value=float(cfg.beta), step=0.5, format="%.2f", key=f"live_beta_{k}")

@@ -402,6 +402,12 @@ class Job:
                 weights_version=self._weights_version, created=self.created, group=self.group,
                 extra=extra, live_rate=live_rate)
 
+    def event_count(self) -> int:
+        """How many mid-run changes the history holds (a restored run's too: its trainer is attached first)."""
+        self._ensure_trainer()
+        with self._lock:
+            return len(self.trainer.history.get("events", [])) if self.trainer is not None else 0
+
     def _steps_per_s(self) -> float | None:
         if len(self._rate) < 2:
             return None
