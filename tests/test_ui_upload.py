@@ -42,6 +42,9 @@ def test_an_upload_never_replaces_a_saved_checkpoint_of_the_same_name(user_dir):
     assert ui.core.load_selection(ui.core.file_ref(second), "cpu").model.config.latent_dim == 16
     third, _ = ui.core.accept_upload("live8.pt", _bytes(4, seed=2))
     assert third.name == "live8-3.pt"
+    again, note = ui.core.accept_upload("live8.pt", _bytes(16, seed=1))  # the second file once more
+    assert again == second and "uploaded before" in note and "live8-2" in note
+    assert sorted(p.name for p in user_dir.glob("live8*.pt")) == ["live8-2.pt", "live8-3.pt", "live8.pt"]
 
 
 def test_the_same_file_uploaded_again_is_not_kept_twice(user_dir):

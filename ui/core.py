@@ -6,6 +6,7 @@ version, device); arrays with st.cache_data keyed by the model's cache key.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import re
@@ -292,6 +293,18 @@ def free_name(name: str) -> str:
     raise ValueError(f"too many checkpoints named {name!r}-N: rename the file")
 
 
+def _same_file(name: str, data: bytes) -> Path | None:
+    """The checkpoint in checkpoints/user that holds exactly these bytes under name or name-N, if one does."""
+    pattern = re.compile(re.escape(name) + r"(-\d+)?")
+    for p in sorted(USER_DIR.glob(f"{glob.escape(name)}*.pt")):
+        try:
+            if pattern.fullmatch(p.stem) and p.is_file() and p.stat().st_size == len(data) and p.read_bytes() == data:
+                return p
+        except OSError:
+            continue
+    return None
+
+
 def accept_upload(filename: str, data: bytes) -> tuple[Path, str | None]:
     """Validate an uploaded checkpoint (weights_only) in a temp file; only a good one is kept in checkpoints/user.
     Nothing saved is ever replaced: a file of the same name and other content is kept under the next free name
@@ -312,9 +325,9 @@ def accept_upload(filename: str, data: bytes) -> tuple[Path, str | None]:
             model_from_checkpoint(ckpt, filename)
         except CheckpointError as exc:
             raise CheckpointError(str(exc).replace(str(tmp), filename)) from None
-        same = USER_DIR / f"{name}.pt"
-        if same.is_file() and same.read_bytes() == data:
-            return same, None  # the very same file again
+        same = _same_file(name, data)
+        if same is not None:  # the very same file again (kept as name.pt, or as name-2.pt beside another)
+            return same, (None if same.stem == name else f"this file was uploaded before: it is {same.stem!r}")
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # as save_checkpoint's files (mkstemp makes 0600)
