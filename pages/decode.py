@@ -174,8 +174,10 @@ else:
                                                           key="dec_interp_b", bind="query-params")),
                 0, n_test - 1, i2)
     method = i3.radio("Path", ["linear", "spherical"], horizontal=True, key="dec_interp_method", bind="query-params",
-                      help="linear: a straight line between the codes; spherical (slerp): along the great circle, "
-                           "keeping the norm of z, where most of the prior's mass lies in high dimensions")
+                      help="linear: a straight line between the codes, which dips towards 0 between them; spherical "
+                           "(slerp): along the great circle, which keeps the norm of z when both codes have the same "
+                           "norm: in high dimensions most of the prior's mass lies "
+                           "near a sphere")
     steps = int(i4.slider("Steps", 3, 16, 10, key="dec_interp_steps", bind="query-params"))
     path = interpolate(codes.mu[a], codes.mu[b], steps, method)
     decoded = decode_points(model, path)

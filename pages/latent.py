@@ -165,5 +165,6 @@ with dims_col:
     st.plotly_chart(dims_figure(info, height=300), key="latent_dims")
     inactive = [f"z{i + 1}" for i in range(d) if not info.active[i]]
     st.caption(f"{int(info.active.sum())} of {d} dimensions active, {info.source}. "
-               + (f"Inactive (collapsed, grey): {', '.join(inactive)}: the encoder ignores the input there and "
-                  "q(z_d|x) ≈ N(0, 1)." if inactive else "No collapsed dimensions."))
+               + (f"Inactive (grey): {', '.join(inactive)}: the encoder's mean E_q[z_d] hardly moves with the "
+                  "input, so the decoder gets little about x from there (collapsed where q(z_d|x) ≈ N(0, 1) too: "
+                  "its KL near 0)." if inactive else "No inactive dimensions."))
