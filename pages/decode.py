@@ -174,7 +174,7 @@ else:
                                                           key="dec_interp_b", bind="query-params")),
                 0, n_test - 1, i2)
     method = i3.radio("Path", ["linear", "spherical"], horizontal=True, key="dec_interp_method", bind="query-params",
-                      help="linear: a straight line between the codes, which dips towards 0 between them; spherical "
+                      help="linear: a straight line between the codes (its norm dips between them); spherical "
                            "(slerp): along the great circle, which keeps the norm of z when both codes have the same "
                            "norm: in high dimensions most of the prior's mass lies "
                            "near a sphere")
