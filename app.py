@@ -3,7 +3,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from ui.core import sidebar, warm_imports
+from ui.core import get_registry, sidebar, warm_imports
 
 ROOT = Path(__file__).resolve().parent
 
@@ -19,6 +19,13 @@ PAGES = [
     ("pages/collapse.py", "Collapse lab", ":material/science:", "collapse"),
     ("pages/elbo.py", "ELBO anatomy", ":material/functions:", "elbo"),
 ]
+
+try:  # the run registry reads $VAE_MAX_JOBS and friends: a bad value is one line here, not a traceback on each page
+    get_registry()
+except ValueError as exc:
+    st.error(f"VAE Explorer cannot start its run registry: {exc}. Fix it, then start `streamlit run app.py` again.",
+             icon=":material/error:")
+    st.stop()
 
 pg = st.navigation([st.Page(f, title=t, icon=i, url_path=u, default=(u == "home"))
                     for f, t, i, u in PAGES if (ROOT / f).exists()])

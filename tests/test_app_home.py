@@ -64,3 +64,20 @@ def test_a_device_this_machine_lacks_in_the_url_is_said_and_auto_used():
     assert any("device 'zzz' is not on this machine" in c.value for c in at.sidebar.caption)
     at.run()  # said once: the URL now holds the device used
     assert not any("is not on this machine" in c.value for c in at.sidebar.caption)
+
+
+def test_a_bad_run_setting_in_the_environment_is_one_line_not_a_traceback(monkeypatch):
+    import ui.core as core
+
+    monkeypatch.setenv("VAE_MAX_JOBS", "lots")
+    core.get_registry.clear()
+    try:
+        at = new_app_test()
+        at.run()
+        assert not at.exception
+        assert [e.value for e in at.error] == [
+            "VAE Explorer cannot start its run registry: $VAE_MAX_JOBS='lots' is not allowed: give a whole number "
+            ">= 1. Fix it, then start `streamlit run app.py` again."]
+    finally:
+        monkeypatch.delenv("VAE_MAX_JOBS")
+        core.get_registry.clear()
