@@ -5,8 +5,8 @@ import dataclasses
 import streamlit as st
 
 from ui.core import check_range, get_dataset, presenting, tile
-from ui.tradeoff import (au_curves_figure, group_in_url, group_jobs, group_progress, heatmap_figure, kl_scale_figure,
-                         run_images, state_line, stop_group, submit_group)
+from ui.tradeoff import (au_curves_figure, group_in_url, group_jobs, group_owned, group_progress, heatmap_figure,
+                         kl_scale_figure, run_images, state_line, stop_group, submit_group)
 from vae.diagnostics import ACTIVE_THRESHOLD
 from vae.jobs import ACTIVE
 from vae.tradeoff import (LAB_REMEDIES, LAB_SEP, PRESETS, REMEDIES, SHORT_TRAIN, kl_heatmap, lab_meta_from_names,
@@ -30,7 +30,11 @@ preset_key = c1.radio("Collapse preset", list(PRESETS), format_func=lambda k: PR
 with c2.container(horizontal=True, vertical_alignment="center", horizontal_alignment="right"):
     run_clicked = st.button("Run", type="primary", icon=":material/play_arrow:", key="lab_run", disabled=running,
                             help="Trains the preset and each chosen remedy, two at a time")
-    stop_clicked = st.button("Stop", icon=":material/stop:", key="lab_stop", disabled=not running)
+    mine = group_owned(lab_jobs)  # a lab opened from someone else's link is watch-only
+    stop_clicked = st.button("Stop", icon=":material/stop:", key="lab_stop", disabled=not (running and mine),
+                             help=None if mine or not running else
+                             "This lab was started in another browser session: it is watch-only here, and its "
+                             "runs end by themselves")
     with st.popover("Settings", icon=":material/settings:"):
         # any number typed reaches the server, which names one out of range when Run is pressed (ui.core.check_range)
         epochs = st.number_input("epochs per run", value=SHORT_TRAIN["epochs"], step=1, key="lab_epochs",

@@ -4,8 +4,9 @@ split of the rate into I(x;z) and KL(q(z) ‖ p(z))), side by side for two model
 import streamlit as st
 
 from ui.core import DEFAULT_MODEL, check_range, current, get_dataset, load_selection, recon_and_samples, tile
-from ui.tradeoff import (collect_points, details_rd, group_in_url, group_jobs, group_progress, kl_bars_figure,
-                         plane_extent, plane_figure, split_figure, state_line, stop_group, submit_group)
+from ui.tradeoff import (collect_points, details_rd, group_in_url, group_jobs, group_owned, group_progress,
+                         kl_bars_figure, plane_extent, plane_figure, split_figure, state_line, stop_group,
+                         submit_group)
 from vae.jobs import ACTIVE
 from vae.tradeoff import SHORT_TRAIN, SWEEP_SCHEDULES, repeated_betas, sweep_specs
 
@@ -81,13 +82,17 @@ def plane_section():
         if clicked[0] in [p.ref for p in pts]:
             st.session_state["_pending_rd_a"] = clicked[0]
             st.rerun(scope="app")
-    snaps = [j.snapshot() for j in group_jobs(sweep_group)]
+    sweep_jobs = group_jobs(sweep_group)
+    snaps = [j.snapshot() for j in sweep_jobs]
     if snaps:
         frac, ended, total = group_progress(snaps)
         c1, c2 = st.columns([4, 1])
         c1.progress(frac, text=f"β sweep: {ended}/{total} runs ended")
         active = [s for s in snaps if s.state in ACTIVE]
-        if active and c2.button("Cancel sweep", key="rd_cancel", icon=":material/stop:", width="stretch"):
+        mine = group_owned(sweep_jobs)  # a sweep opened from someone else's link is watch-only
+        if active and c2.button("Cancel sweep", key="rd_cancel", icon=":material/stop:", width="stretch",
+                                disabled=not mine, help=None if mine else "This sweep was started in another "
+                                "browser session: it is watch-only here, and its runs end by themselves"):
             stop_group(sweep_group)
             st.rerun(scope="app")
         st.caption(" · ".join(f"{s.name}: {state_line(s)}" for s in snaps))

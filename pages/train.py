@@ -2,7 +2,7 @@
 import streamlit as st
 
 from ui import train_views as tv
-from ui.core import expander
+from ui.core import expander, owns
 from vae.jobs import ACTIVE, INTERRUPTED
 
 st.title("Train a VAE, live")
@@ -48,7 +48,9 @@ def runs_box(where=st):
         tv.runs_table()
         if job is not None and state not in ACTIVE:
             st.button("Forget this run", key="btn_forget", icon=":material/delete:", on_click=tv._on_forget,
-                      help="Remove it from the list (and its autosave); saved checkpoints stay")
+                      disabled=not owns(job),
+                      help="Remove it from the list (and its autosave); saved checkpoints stay" if owns(job) else
+                      "Only the browser that started the run can forget it (or one that took it over)")
 
 
 if fresh:

@@ -163,6 +163,23 @@ def test_collapse_lab_runs_preset_and_remedies_side_by_side(registry):
     assert again.query_params["lab"] in (group, [group])
 
 
+def test_a_lab_opened_from_someone_elses_link_cannot_stop_it(registry):
+    owner = open_page("pages/collapse.py")
+    owner.session_state["lab_remedies"] = ["free_bits"]
+    owner.number_input(key="lab_epochs").set_value(300)
+    owner.button(key="lab_run").click().run()
+    group = owner.session_state["lab_group"]
+    assert not owner.button(key="lab_stop").disabled
+    visitor = open_page("pages/collapse.py")  # another browser session, on the shared ?lab= link
+    visitor.query_params["lab"] = group
+    visitor.run()
+    assert not visitor.exception and visitor.button(key="lab_stop").disabled
+    assert "another browser session" in visitor.button(key="lab_stop").proto.help
+    owner.button(key="lab_stop").click().run()
+    wait_group(registry, group, timeout=60)
+    assert {j.snapshot().state for j in registry.jobs(group=group)} == {"stopped"}
+
+
 def test_an_extreme_model_does_not_squeeze_the_plane(registry, tmp_path, monkeypatch):
     import torch
 

@@ -176,22 +176,28 @@ def test_start_after_a_step_queued_by_a_full_cap_starts_that_run_not_a_second_on
         j.stop()
 
 
-def test_a_run_another_session_started_stops_at_a_second_click_and_reset_leaves_it_running(registry):
-    """A student on the lecturer's shared link: Stop asks again, Reset moves only the student's own view."""
+def test_a_run_another_session_started_is_watch_only_until_taken_over_and_reset_leaves_it_running(registry):
+    """A student on the lecturer's shared link: every control of the lecture's run is disabled (Stop never touches
+    another session's run), Reset moves only the student's own view; Take over hands the controls over."""
     cfg = TrainConfig(dataset="digits", epochs=5000, max_examples=256, device="cpu")
     lecture = registry.submit(cfg, model_config_for("digits", hidden=(16,)), name="lecture")
     at = open_page(PAGE)
     at.query_params["run"] = lecture.id
     at.run()
-    at.button(key="btn_stop").click().run()
-    assert not lecture._stop and any("press **Stop** again" in w.value for w in at.warning)
+    assert all(at.button(key=k).disabled for k in ("btn_pause", "btn_step", "btn_stop"))
+    assert at.select_slider(key="train_delay").disabled
+    assert not at.button(key="btn_start").disabled and not at.button(key="btn_reset").disabled
+    assert any("you are watching it" in c.value for c in at.caption)
+    apply = next(b for b in at.get("form_submit_button") if "Apply" in b.proto.label)
+    assert apply.proto.disabled
     at.button(key="btn_reset").click().run()  # the student's own fresh options; the lecture goes on
     assert "run" not in at.query_params and not lecture._stop and lecture.state == RUNNING
     assert any("goes on" in i.value for i in at.info)
     at.query_params["run"] = lecture.id
     at.run()
-    at.button(key="btn_stop").click().run()
-    assert not lecture._stop  # asked again: the earlier question lapsed with the Reset
+    at.button(key="btn_take_over").click().run()
+    assert any("You control “lecture” from here now" in i.value for i in at.info)
+    assert not at.button(key="btn_stop").disabled and "btn_take_over" not in {b.key for b in at.button}
     at.button(key="btn_stop").click().run()
     assert lecture.join(60) and lecture.state == STOPPED
 

@@ -1,7 +1,7 @@
 """End-to-end in Chromium against `streamlit run app.py`: every page opens (a screenshot of each goes to
 test-artifacts/); on the Train page a run starts, its curves grow, it pauses, resumes, stops and is saved; a reload
 reattaches to it through the URL; a second browser context runs its own job, and stopping that one leaves the first
-running."""
+running; on the first one's run, the second browser is watch-only."""
 from __future__ import annotations
 
 import ast
@@ -129,11 +129,14 @@ def test_train_run_live_pause_resume_stop_save_reload_and_a_second_session(brows
         wait_step_above(p1, s1 + 5, 30_000)
         p2.wait_for_timeout(1500)
         assert step_of(p2) == s2
-        # the second browser on the first one's run: one Stop only warns, and the run goes on
+        # the second browser on the first one's run: watch-only (Stop disabled, Take over offered), the run goes on
         p2.goto(f"{server}/train?run={run1}")
         wait_ready(p2)
-        click(p2, "btn_stop")
         p2.get_by_text("started in another browser session").first.wait_for()
+        assert p2.locator(".st-key-btn_stop button").first.is_disabled()
+        assert p2.locator(".st-key-btn_pause button").first.is_disabled()
+        assert p2.locator(".st-key-btn_take_over button").first.is_enabled()
+        shot(p2, "train-watch-only")
         wait_step_above(p1, step_of(p1), 30_000)
 
         # pause: the step count stands still (while the view keeps polling); resume: it moves again

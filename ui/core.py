@@ -66,6 +66,21 @@ def browser_id() -> str | None:
         return None
 
 
+def claim(job_id: str) -> None:
+    """This session controls the run from now on (it started it, or took it over)."""
+    st.session_state.setdefault("_own_runs", set()).add(job_id)
+
+
+def owns(job) -> bool:
+    """Whether this browser controls the run: a shared link or the run list shows anyone's runs, and a run started
+    in another browser session is watch-only there until taken over. Its session started it (or took it over), or
+    the same browser did before a reload (browser_id, where the browser has Streamlit's XSRF cookie)."""
+    if job.id in st.session_state.get("_own_runs", set()):
+        return True
+    me = browser_id()
+    return me is not None and job.owner == me
+
+
 def file_stamp(path) -> tuple:
     """What says a file changed, for cache keys: its modification and status-change times in ns, size and inode (a
     file copied over with its old modification time kept, as `cp -p` and `rsync -a` do, has a new change time)."""

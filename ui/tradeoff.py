@@ -11,8 +11,8 @@ import plotly.graph_objects as go
 import streamlit as st
 import torch
 
-from ui.core import (SHIPPED_DIRS, USER_DIR, file_ref, file_stamp, get_dataset, get_registry, presenting,
-                     safe_checkpoint_path, style_fig)
+from ui.core import (SHIPPED_DIRS, USER_DIR, browser_id, claim, file_ref, file_stamp, get_dataset, get_registry,
+                     owns, presenting, safe_checkpoint_path, style_fig)
 from ui.train_figures import INFERNO, log_kl
 from vae.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
 from vae.config import ModelConfig
@@ -161,9 +161,9 @@ def collect_points(include_runs: bool = True) -> tuple[list[PlanePoint], list[st
 def submit_group(specs, prefix: str) -> str:
     """Submit RunSpecs as one group (a sweep or a lab); returns the group id."""
     group = f"{prefix}-{secrets.token_hex(3)}"
-    reg = get_registry()
+    reg, me = get_registry(), browser_id()
     for s in specs:
-        reg.submit(s.train_config, s.model_config, name=s.name, group=group)
+        claim(reg.submit(s.train_config, s.model_config, name=s.name, group=group, owner=me).id)
     return group
 
 
@@ -191,13 +191,19 @@ def group_in_url(param: str, session_key: str, what: str, accept=lambda jobs: bo
 
 
 def stop_group(group: str | None) -> int:
-    """Stop every active job of the group; returns how many were asked to stop."""
+    """Stop every active job of the group that this browser controls (ui.core.owns: a lab or sweep opened from
+    someone else's link is watch-only); returns how many were asked to stop."""
     n = 0
     for j in group_jobs(group):
-        if j.snapshot().state in ACTIVE:
+        if j.snapshot().state in ACTIVE and owns(j):
             j.stop()
             n += 1
     return n
+
+
+def group_owned(jobs) -> bool:
+    """Whether this browser controls the group's runs (it submitted them)."""
+    return any(owns(j) for j in jobs)
 
 
 def group_progress(snaps) -> tuple[float, int, int]:

@@ -395,18 +395,29 @@ def _submit(start_paused: bool) -> Job | None:
             name, i = f"{base}-run{i}", i + 1
     job = registry().submit(tc, mc, name=name, start_paused=start_paused, owner=core.browser_id())
     job.set_delay(st.session_state.get("train_delay", 0.0))
-    st.session_state.setdefault("_own_runs", set()).add(job.id)
+    core.claim(job.id)
     set_run(job.id)
     return job
 
 
-def _own(job: Job) -> bool:
-    """Whether this browser started the run (a shared link or the run list can show anyone's): its session did, or
-    the same browser before a reload (ui.core.browser_id, where the browser has Streamlit's XSRF cookie)."""
-    if job.id in st.session_state.get("_own_runs", set()):
+WATCH_ONLY = ("“{name}” was started in another browser session: you are watching it, and its controls are its "
+              "owner's. **Take over** to control it from here.")
+
+
+def _mine(job: Job) -> bool:
+    """A control's callback acts on the run only where this browser controls it (the buttons are disabled
+    elsewhere; a page drawn before another session took over can still send a click)."""
+    if core.owns(job):
         return True
-    me = core.browser_id()
-    return me is not None and job.owner == me
+    _msg("warning", WATCH_ONLY.format(name=job.name))
+    return False
+
+
+def _on_take_over():
+    job = current_job()
+    if job is not None:
+        core.claim(job.id)
+        _msg("info", f"You control “{job.name}” from here now; whoever started it still can too.")
 
 
 def _discard_fresh(job: Job):
@@ -421,16 +432,6 @@ def _discard_fresh(job: Job):
             pass
 
 
-def _other_action(callback):
-    """A button's callback other than Stop: a Stop asked for again (_on_stop) lapses with it."""
-    @functools.wraps(callback)
-    def run(*args):
-        st.session_state.pop("_confirm_stop", None)
-        return callback(*args)
-    return run
-
-
-@_other_action
 def _on_start():
     job = current_job()
     if _is_fresh(job):
@@ -448,12 +449,11 @@ def _on_start():
     _submit(start_paused=False)
 
 
-@_other_action
 def _on_pause_resume(want_pause: bool):
     """Does what the button said when it was clicked: another tab may have paused or resumed the run since this one
     was drawn, and a click on "Pause" must never resume it (nor "Resume" pause it)."""
     job = current_job()
-    if job is None:
+    if job is None or not _mine(job):
         return
     paused_now = job.state == INTERRUPTED or held_paused(job.state, job)
     if want_pause and not paused_now:
@@ -465,7 +465,6 @@ def _on_pause_resume(want_pause: bool):
 STEP_WAIT_S = 1.0  # Step waits this long at most for its batch, so that the page drawn next shows it
 
 
-@_other_action
 def _on_step():
     """One batch, then paused. Waits (briefly) until the step is done: the page then draws it at once, where the
     charts would otherwise show it only at their next poll, seconds later, or not at all after a Reset."""
@@ -475,6 +474,8 @@ def _on_step():
         if job is None:
             return
         st.session_state["_prepared_run"] = job.id  # Start goes on with it while the options stay the same
+    elif not _mine(job):
+        return
     if job.state in ACTIVE or job.state == INTERRUPTED:
         before = job.snapshot(steps=False).step
         job.step_once()
@@ -484,21 +485,13 @@ def _on_step():
 
 
 def _on_stop():
-    """Stops the run on screen. One that another browser started (a student on the lecturer's shared link) stops at
-    a second click only."""
+    """Stops the run on screen, where this browser controls it (never another session's run, a student's on the
+    lecturer's shared link: that one needs Take over first)."""
     job = current_job()
-    if job is None:
-        return
-    if not _own(job) and st.session_state.get("_confirm_stop") != job.id:
-        st.session_state["_confirm_stop"] = job.id
-        _msg("warning", f"“{job.name}” was started in another browser session: press **Stop** again to stop it "
-                        "for everyone watching it.")
-        return
-    st.session_state.pop("_confirm_stop", None)
-    job.stop()
+    if job is not None and _mine(job):
+        job.stop()
 
 
-@_other_action
 def _on_reset():
     """Back to epoch 0: stop the run on screen (it stays in the list; one another session started goes on) and show
     the options for a fresh run; Start runs it, Step takes its first batch. No run is made until then: a prepared
@@ -507,7 +500,7 @@ def _on_reset():
     if _is_fresh(job):
         _discard_fresh(job)
     elif job is not None and job.state in ACTIVE:
-        if _own(job):
+        if core.owns(job):
             job.stop()
         else:  # someone else's run goes on: only this session's view leaves it
             _msg("info", f"“{job.name}” was started in another browser session and goes on: pick it under **Run** "
@@ -520,11 +513,10 @@ def _on_reset():
 
 def _on_delay():
     job = current_job()
-    if job is not None:
+    if job is not None and _mine(job):
         job.set_delay(st.session_state["train_delay"])
 
 
-@_other_action
 def _on_pick_run():
     picked = st.session_state.get("run_pick") or None
     if picked and registry().get(picked) is None:
@@ -538,7 +530,7 @@ def _on_pick_run():
 
 def _on_forget():
     job = current_job()
-    if job is None:
+    if job is None or not _mine(job):
         return
     try:
         registry().remove(job.id)
@@ -575,14 +567,15 @@ def controls(job: Job | None, state: str | None = None):
     if job is not None and (st.session_state.get("_delay_for") != job.id or "train_delay" not in st.session_state):
         st.session_state["train_delay"] = min(SPEEDS, key=lambda s: abs(s - job.delay_s))
         st.session_state["_delay_for"] = job.id
+    mine = job is None or core.owns(job)  # another session's run is watch-only here until taken over
     top[1].select_slider("Slow motion (pause per step)", SPEEDS, key="train_delay", on_change=_on_delay,
-                         format_func=lambda s: "off" if s == 0 else f"{s:g} s",
+                         format_func=lambda s: "off" if s == 0 else f"{s:g} s", disabled=not mine,
                          help="For lectures: slow the run down to watch single steps; Step runs one batch")
     cols = st.columns(5)
     cols[0].button("Start", key="btn_start", type="primary", icon=":material/play_arrow:", on_click=_on_start,
                    width="stretch", help="Start a new run with the options in Configuration")
     paused = state == INTERRUPTED or held_paused(state, job)
-    live = state in (*ACTIVE, INTERRUPTED)
+    live = state in (*ACTIVE, INTERRUPTED) and mine
     cols[1].button("Resume" if paused else "Pause", key="btn_pause",
                    icon=":material/play_circle:" if paused else ":material/pause:", on_click=_on_pause_resume,
                    args=(not paused,), disabled=not live, width="stretch")
@@ -594,6 +587,12 @@ def controls(job: Job | None, state: str | None = None):
     cols[4].button("Reset", key="btn_reset", icon=":material/restart_alt:", on_click=_on_reset, width="stretch",
                    help="Back to epoch 0: stop this run and show the options for a fresh one (Start runs it, Step "
                         "takes one batch)")
+    if not mine:
+        with st.container(horizontal=True, vertical_alignment="center", key="watch_only"):
+            st.caption(WATCH_ONLY.format(name=job.name))
+            st.button("Take over", key="btn_take_over", icon=":material/front_hand:", on_click=_on_take_over,
+                      help="Control this run from here: pause, step, stop, change its settings. It stays one run, "
+                           "shared: the browser that started it can still control it too")
 
 
 def live_settings(job: Job):
@@ -603,6 +602,7 @@ def live_settings(job: Job):
     # new widgets (with the new values) after each applied change; a restored run's count is its history's from the
     # first draw on (counted 0 before its trainer was attached, the form's key changed under the first Apply)
     k = f"{job.id}_{job.event_count()}"
+    mine = core.owns(job)
     with st.form(f"live_form_{k}", border=False):
         c1, c2, c3 = st.columns(3)
         beta = c1.number_input("β", value=float(cfg.beta), step=0.5, format="%.2f", key=f"live_beta_{k}")
@@ -622,7 +622,10 @@ def live_settings(job: Job):
                                 format="%.2f", key=f"live_ratio_{k}")
         clip = c3.number_input("Grad clip (0 = off)", value=float(cfg.grad_clip), step=1.0, format="%.1f",
                                key=f"live_clip_{k}")
-        if st.form_submit_button("Apply to the running job", icon=":material/tune:"):
+        if not mine:
+            st.caption("Watch-only: this run was started in another browser session (**Take over** above to "
+                       "change it from here).")
+        if st.form_submit_button("Apply to the running job", icon=":material/tune:", disabled=not mine):
             try:
                 check_limits({"β": beta, "Warm-up / C ramp (epochs)": warm, "Free bits λ": fb, "Learning rate": lr,
                               "C_max (nats)": cmax, "Cycles M": cycles, "Rising fraction R": ratio,
