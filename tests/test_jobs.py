@@ -284,6 +284,32 @@ def test_restored_ended_jobs_keep_their_state_and_a_stopped_interrupted_one_stay
     assert not (tmp_path / f"{done.id}.pt").exists()
 
 
+def test_a_restored_run_that_cannot_be_attached_stays_stopped_once_stopped(registries, tmp_path, monkeypatch):
+    """Its dataset gone after the restart: the run is listed with the reason, and a Stop is kept in its file."""
+    import vae.jobs
+
+    with ending_like_a_server(autosave_dir=tmp_path, autosave_interval_s=0) as reg:
+        job = reg.submit(tc(epochs=4), mc(), name="orphan", start_paused=True)
+        wait_until(lambda: job.trainer is not None, what="the trainer")
+        job.step_once(2)
+        wait_until(lambda: job.snapshot().epoch == 1, what="1 epoch")
+        reg.flush()
+
+    def gone(*args, **kwargs):
+        raise OSError("the dataset's files are gone")
+
+    monkeypatch.setattr(vae.jobs, "Trainer", gone)
+    second = registries(autosave_dir=tmp_path)
+    back = second.get(job.id)
+    assert back.state == INTERRUPTED
+    assert "the dataset's files are gone" in back.snapshot().extra["restore_error"] and not back.has_weights
+    back.stop()
+    assert back.state == STOPPED and "autosave_error" not in back.snapshot().extra
+    monkeypatch.undo()
+    third = registries(autosave_dir=tmp_path)
+    assert third.get(job.id).state == STOPPED and third.get(job.id).has_weights
+
+
 def test_a_queued_run_survives_a_restart_and_a_stopped_queued_one_does_not(registries, tmp_path):
     """A queued run has no autosave (no trainer yet): a small pending file brings it back, never dropped."""
     reg = registries(autosave_dir=tmp_path, max_concurrent=1)

@@ -878,6 +878,8 @@ class JobRegistry:
         if job.trainer is None:
             if final:  # ended before it had a trainer (stopped, or failed at its start): nothing to resume
                 self._drop_pending(job)
+                if "restore_error" in job.extra:  # a restored run that cannot be attached (its dataset gone):
+                    self._rewrite_state(job)      # its file must still say how it ended, or it comes back
             return
         with job._lock:
             t = job.trainer
@@ -920,6 +922,16 @@ class JobRegistry:
             return
         if final:
             self._drop_pending(job)
+
+    def _rewrite_state(self, job: Job):
+        """Write the job's state and error into its autosave file, which is otherwise kept as it was."""
+        path = self.autosave_dir / f"{job.id}.pt"
+        try:
+            ck = read_checkpoint(path)
+            ck["job"] = {**ck["job"], "state": job.state, "error": job.error}
+            save_checkpoint(path, ck)
+        except (CheckpointError, OSError, KeyError, TypeError) as exc:
+            job.extra["autosave_error"] = f"autosave failed: {exc}"
 
     def _restore(self):
         """Bring back jobs autosaved by an earlier server process: active ones as INTERRUPTED (resumable). Their
