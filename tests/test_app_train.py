@@ -259,7 +259,7 @@ def test_failure_queue_and_unknown_run_are_shown(registry):
     # the places are held by paused runs: the message names them, and says how to free a place
     holding = next(i.value for i in at.info if "place 1 in the queue" in i.value)
     assert [h.state for h in holders] == [PAUSED] * len(holders)
-    assert all(f"“{h.name}” (paused)" in holding for h in holders) and "until it is stopped" in holding
+    assert all(f"“{h.name}” (paused)" in holding for h in holders) and "gives its place to the queue" in holding
     # the run list keeps numbers as numbers (they sort as numbers): the queue place, and none yet for the metrics
     table = next(d.value for d in at.dataframe if "queue" in d.value.columns).set_index("id")
     assert table.loc[queued.id, "queue"] == 1 and table.loc[queued.id, "of"] == 2
@@ -271,6 +271,28 @@ def test_failure_queue_and_unknown_run_are_shown(registry):
     at.query_params["run"] = "nosuchrun"
     at.run()
     assert not at.exception and any("not on this server" in w.value for w in at.warning)
+
+
+def test_a_run_that_gave_its_place_away_while_paused_says_so(registry):
+    registry.pause_hold_s = 0.3
+    cfg = TrainConfig(dataset="digits", epochs=5000, batch_size=32, max_examples=64, device="cpu")
+    # one paused run, and running ones in the other places: the paused one gives its place to the waiting run
+    holders = [registry.submit(cfg, model_config_for("digits", hidden=(16,)), start_paused=i == 0)
+               for i in range(registry.max_concurrent)]
+    waiting = registry.submit(cfg, model_config_for("digits", hidden=(16,)))
+    wait_until(lambda: waiting.state == RUNNING, timeout=30, what="the waiting run to get a place")
+    released = holders[0]
+    assert released.state == PAUSED and released.snapshot().extra.get("released")
+    at = open_page(PAGE, _own_runs={released.id})  # this session started it
+    at.query_params["run"] = released.id
+    at.run()
+    assert any("Paused for over 0.3 s while other runs waited" in c.value for c in at.caption)
+    assert at.button(key="btn_pause").label == "Resume"
+    at.button(key="btn_pause").click().run()
+    assert released.state == QUEUED
+    assert any("was paused long enough to give its place" in i.value for i in at.info)
+    for j in (*holders, waiting):
+        j.stop()
 
 
 def expanded(at) -> dict[str, bool]:

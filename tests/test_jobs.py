@@ -118,6 +118,38 @@ def test_a_stop_that_lands_after_the_scheduler_picked_the_run_keeps_it_stopped(r
     assert b.state == STOPPED and b._thread is None
 
 
+def test_a_run_paused_past_the_hold_gives_its_place_and_its_resume_waits_for_one(registries):
+    """A Step made in a tab since closed must not block the queue for good: paused for pause_hold_s with a run
+    waiting, a job gives its place away (its worker stays, paused); Resume puts it back in the queue, and it goes
+    on where it stopped once a place is free."""
+    reg = registries(max_concurrent=1, pause_hold_s=0.3)
+    a = paused_run(reg, "a to start")
+    a.step_once(1)
+    wait_until(lambda: a.snapshot().step == 1, what="a's step")
+    b = reg.submit(tc(epochs=5000), mc(), name="b")  # waits, until a has been paused for the hold
+    wait_until(lambda: b.state == RUNNING, timeout=30, what="b to take a's place")
+    assert a.state == PAUSED and a.snapshot().extra["released"] and reg.running() == [b]
+    a.step_once(1)  # single steps still run without a place
+    wait_until(lambda: a.snapshot().step == 2, what="a's second step")
+    a.resume()
+    assert a.state == QUEUED and a.snapshot().queue_position == 1
+    assert a.snapshot().step == 2 and b.state == RUNNING  # a waits: the cap holds
+    b.stop()
+    assert a.join(120) and a.state == FINISHED and b.state == STOPPED
+    snap = a.snapshot()
+    assert snap.epoch == 3 and snap.step == 6 and "released" not in snap.extra  # 2 steps per epoch
+
+
+def test_a_short_pause_keeps_its_place(registries):
+    reg = registries(max_concurrent=1, pause_hold_s=60)
+    a = paused_run(reg, "a to start")
+    b = reg.submit(tc(epochs=1), mc(), name="b")
+    reg._schedule()  # as any start, end or stop would: a pause shorter than the hold gives nothing away
+    assert (a.state, b.state) == (PAUSED, QUEUED) and reg.running() == [a] and not a._released
+    a.resume()
+    assert a.join(120) and b.join(120) and (a.state, b.state) == (FINISHED, FINISHED)
+
+
 def test_pause_step_resume_stop(registries):
     reg = registries()
     job = reg.submit(tc(epochs=5000), mc(), start_paused=True)  # never ends by itself during the test

@@ -834,18 +834,29 @@ def _live_panels(job_id: str, polling: bool):
     _compare(job, h)
 
 
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+
+
 def _status(snap):
     color, icon = STATE_BADGE.get(snap.state, ("gray", None))
     badge, bar = st.columns([1, 2.2], vertical_alignment="bottom") if snap.total_steps else (st, None)
     badge.badge(f"{snap.name} · {snap.state}", color=color, icon=icon)
+    hold = _minutes(registry().pause_hold_s)
     if snap.state == QUEUED:
-        holding = [j for j in registry().jobs() if j.state in (RUNNING, PAUSED)]
+        holding = [j for j in registry().running() if j.state in (RUNNING, PAUSED)]
         who = ", ".join(f"“{j.name}” ({j.state})" for j in holding)
         paused = any(j.state == PAUSED for j in holding)
+        released = snap.extra.get("released")
         st.info(f"Queued: place {snap.queue_position} in the queue. The server runs at most "
-                f"{registry().max_concurrent} jobs at once; this one starts when another ends (it is never dropped)."
+                f"{registry().max_concurrent} jobs at once; this one "
+                + ("was paused long enough to give its place to waiting runs, and goes on where it stopped when "
+                   "another ends." if released else "starts when another ends (it is never dropped).")
                 + (f" Holding a place now: {who}." if who else "")
-                + (" A paused run keeps its place until it is stopped (pick it under Run)." if paused else ""))
+                + (f" A run paused for {hold} gives its place to the queue." if paused else ""))
+    elif snap.state == PAUSED and snap.extra.get("released"):
+        st.caption(f"Paused for over {hold} while other runs waited: its place went to them. **Resume** puts it "
+                   "back in the queue; **Step** still runs single batches.")
     if snap.state == FAILED:
         step = snap.extra.get("failed_step")
         st.error(f"**The run failed**{f' at step {step}' if step is not None else ''}: {snap.error}  \n"

@@ -50,6 +50,7 @@ QUEUED, RUNNING, PAUSED, FINISHED, STOPPED, FAILED, INTERRUPTED = (
     "queued", "running", "paused", "finished", "stopped", "failed", "interrupted")
 ACTIVE = (QUEUED, RUNNING, PAUSED)
 MAX_JOBS_ENV = "VAE_MAX_JOBS"
+PAUSE_HOLD_S = 300.0  # a run paused this long gives its place to a waiting run (JobRegistry.pause_hold_s)
 THREADS_ENV = "VAE_JOB_THREADS"
 NICE_ENV = "VAE_JOB_NICE"
 RATE_WINDOW = 16  # syncs (about 3 s at full speed) over which the live samples/s (and so the ETA) is measured
@@ -232,6 +233,10 @@ class Job:
         self._weights_version = 0
         self._thread: threading.Thread | None = None
         self._occupies_slot = False  # True from start until the worker is done: what the concurrency cap counts
+        # paused long enough, with runs waiting, a job gives its place to them (JobRegistry.pause_hold_s): its
+        # worker stays, paused; Resume then waits in the queue for a place like any run
+        self._paused_at: float | None = None  # time.monotonic() when it was last paused (or stepped)
+        self._released = False
         self._resume_state: dict | None = None  # a restored trainer state, attached lazily (see _ensure_trainer)
         self._attach_tried = False
         self._t_started: float | None = None
@@ -272,8 +277,9 @@ class Job:
         """Pause after the current step. Returns once the worker has paused (so the step count then stays put)."""
         with self._cond:
             self._paused = True
-            if self.state == RUNNING:
+            if self.state == RUNNING or (self.state == QUEUED and self._released):  # (out of the queue again)
                 self.state = PAUSED
+                self._paused_at = time.monotonic()
             self._rate.clear()
             seq = self._command("pause")
             self._cond.notify_all()
@@ -283,22 +289,32 @@ class Job:
     def resume(self):
         with self._cond:
             self._paused = False
-            if self.state == PAUSED:
-                self.state = RUNNING
+            back_in_line = self._released and self.state == PAUSED  # its place went to a waiting run
+            if back_in_line:
+                self.state = QUEUED  # the worker is told to go on once a place is free (_start)
+            else:
+                if self.state == PAUSED:
+                    self.state = RUNNING
+                self._command("resume")
+            self._paused_at = None
             self._rate.clear()
-            self._command("resume")
             self._cond.notify_all()
             interrupted = self.state == INTERRUPTED
+        if back_in_line:
+            self.registry._requeue_released(self)
         if interrupted:
             self.registry._requeue(self)
         self.registry._share_threads()
 
     def step_once(self, n: int = 1):
-        """Run n single steps, then stay paused."""
+        """Run n single steps, then stay paused (a job that gave its place away while paused takes them without
+        one: a batch is short)."""
         with self._cond:
             self._paused = True
-            if self.state == RUNNING:
+            if self.state == RUNNING or (self.state == QUEUED and self._released):
                 self.state = PAUSED
+            if self.state == PAUSED:
+                self._paused_at = time.monotonic()  # stepping through is using the run: its hold starts again
             if self._command("step", n) is None:
                 self._steps_requested += n  # a worker yet to start takes them
             self._rate.clear()
@@ -311,8 +327,8 @@ class Job:
         with self._cond:
             self._stop = True
             was_interrupted = self.state == INTERRUPTED
-            was_queued = self.state == QUEUED
-            if self.state in (QUEUED, INTERRUPTED):
+            was_queued = self.state == QUEUED and not self._released  # (a released one's worker ends it)
+            if was_interrupted or was_queued:
                 self.state = STOPPED
                 self._t_ended = time.time()
             self._command("stop")
@@ -460,11 +476,22 @@ class Job:
 
     def _start(self) -> bool:
         """Start the queued job's thread; False if it was stopped since the scheduler picked it (stop() changes the
-        state under this lock only, so it can land between the scheduler's look at the queue and this)."""
-        with self._lock:
+        state under this lock only, so it can land between the scheduler's look at the queue and this). A job that
+        gave its place away while paused has its worker still: it goes on."""
+        with self._cond:
             if self._stop or self.state != QUEUED:
                 return False
+            if self._released:
+                self._released = False
+                self._occupies_slot = True
+                self.extra.pop("released", None)
+                self.state = RUNNING
+                self._command("resume")
+                self._cond.notify_all()
+                threading.Thread(target=self.registry._share_threads, daemon=True).start()  # not under the lock
+                return True
             self.state = PAUSED if self._paused else RUNNING
+            self._paused_at = time.monotonic() if self._paused else None
             self._t_started = time.time()
             self._t_ended = None
             self._occupies_slot = True
@@ -683,7 +710,7 @@ def _warm_up():
 class JobRegistry:
     def __init__(self, max_concurrent: int | None = None, autosave_dir: str | os.PathLike | None = None,
                  restore: bool = True, threads: int | None = None, warm_up: bool = True,
-                 autosave_interval_s: float = 1.0, nice: int | None = None):
+                 autosave_interval_s: float = 1.0, nice: int | None = None, pause_hold_s: float = PAUSE_HOLD_S):
         if max_concurrent is None:
             env = os.environ.get(MAX_JOBS_ENV, "2")
             try:
@@ -704,6 +731,10 @@ class JobRegistry:
         # when it sends its resumable state): digits epochs take ~0.1 s, and a save per epoch would cost ~20 % of
         # the throughput. A restart loses at most max(one epoch, this interval); the final state is always saved.
         self.autosave_interval_s = float(autosave_interval_s)
+        # a run paused this long gives its place to a waiting one (a Step made in a tab since closed, a pause
+        # forgotten, must not block the queue for good); a lecture's pause is shorter
+        self.pause_hold_s = float(pause_hold_s)
+        self._release_timer: threading.Timer | None = None
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
         self._queue: list[Job] = []
@@ -846,9 +877,46 @@ class JobRegistry:
                 return
             self._queue = [j for j in self._queue if j.state == QUEUED and not j._stop]
             busy = sum(1 for j in self._jobs.values() if j._occupies_slot)
+            if len(self._queue) > self.max_concurrent - busy:
+                busy -= self._release_held(len(self._queue) - (self.max_concurrent - busy))
             while self._queue and busy < self.max_concurrent:
                 if self._queue.pop(0)._start():
                     busy += 1
+
+    def _release_held(self, wanted: int) -> int:
+        """Up to `wanted` places given up by runs paused for pause_hold_s or more (the longest paused first); arms
+        a timer for the next one that will be (called with the registry's lock held). Returns how many."""
+        now, n = time.monotonic(), 0
+        held = sorted((j for j in self._jobs.values()
+                       if j._occupies_slot and j.state == PAUSED and j._paused_at is not None),
+                      key=lambda j: j._paused_at)
+        for j in held:
+            if n == wanted:
+                return n
+            if now - j._paused_at < self.pause_hold_s:
+                self._arm_release(j._paused_at + self.pause_hold_s - now)
+                return n
+            with j._lock:
+                if j.state == PAUSED and j._occupies_slot:
+                    j._occupies_slot = False
+                    j._released = True
+                    j.extra["released"] = time.time()
+                    n += 1
+        return n
+
+    def _arm_release(self, delay: float):
+        if self._release_timer is not None and self._release_timer.is_alive():
+            return  # one timer at a time: when it fires, _schedule looks again and arms the next
+        self._release_timer = threading.Timer(delay + 0.05, self._schedule)
+        self._release_timer.daemon = True
+        self._release_timer.start()
+
+    def _requeue_released(self, job: Job):
+        """A run that gave its place away while paused was resumed: it waits for a place, at the queue's end."""
+        with self._lock:
+            if job.state == QUEUED and job not in self._queue:
+                self._queue.append(job)
+        self._schedule()
 
     def _share_threads(self):
         """Tell each running worker its share of the cores (after a job starts, ends, pauses or resumes). Serialised,
