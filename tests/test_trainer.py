@@ -212,6 +212,25 @@ def test_resume_from_state_dict_is_exact(make_trainer, tmp_path):
     assert len(state["history"]["step"]["loss"]) == 12  # nor does the resumed trainer write into it
 
 
+def test_a_trainer_placed_on_the_cpu_keeps_another_devices_generator_state(make_trainer, digits_train, digits_test,
+                                                                           small_train_config):
+    """The server's copy of a CUDA run lives on the CPU (vae.jobs): a CUDA generator's state (16 bytes: seed and
+    offset) cannot go into a CPU generator, so it is held and handed back for the worker that resumes the run."""
+    a = make_trainer(epochs=2)
+    a.run_epoch()
+    state = a.state_dict()
+    foreign = torch.arange(16, dtype=torch.uint8)  # the shape of a CUDA generator's state
+    state["generator"] = foreign
+    with pytest.raises(RuntimeError):  # a trainer on its own config's device: a broken state is an error
+        make_trainer(epochs=2).load_state_dict(state)
+    placed = Trainer(small_train_config(epochs=2), a.model.config, digits_train, digits_test, device="cpu")
+    placed.load_state_dict(state)
+    assert placed.step_count == a.step_count and torch.equal(placed.state_dict()["generator"], foreign)
+    assert all(torch.equal(v, a.model.state_dict()[k]) for k, v in placed.model.state_dict().items())
+    placed.load_state_dict(a.state_dict())  # a state of its own kind goes into its generator again
+    assert torch.equal(placed.state_dict()["generator"], a.generator.get_state())
+
+
 def test_input_dim_must_match_the_data(digits_train, digits_test, small_train_config):
     from vae import ModelConfig
 

@@ -511,8 +511,10 @@ class Job:
                 reason = self.extra.get("restore_error")
                 if reason:
                     raise RuntimeError(f"the autosaved run could not be restored: {reason}")
-                # the mirror: built from the same seed as the worker's trainer, so it starts with the same weights
-                trainer = Trainer(train_config, model_config)
+                # the mirror: built from the same seed as the worker's trainer, so it starts with the same weights;
+                # on the CPU whatever the run trains on (it never trains: a server on a GPU machine keeps no copy of
+                # each run's data and model there)
+                trainer = Trainer(train_config, model_config, device="cpu")
             ctx = worker_context()
             conn, child_conn = ctx.Pipe()
             with self._lock:
@@ -1050,7 +1052,7 @@ def _attach_restored_trainer(job: Job):
     """Build a trainer for a restored job from its autosaved state, so its weights can be read and saved and a
     resumed run goes on from there (no thread runs here). Called with the job's lock held."""
     try:
-        t = Trainer(job.train_config, job.model_config)
+        t = Trainer(job.train_config, job.model_config, device="cpu")  # as the mirror of a running job
         t.load_state_dict(job._resume_state)
     except Exception as exc:  # its dataset may be gone: keep the entry, say why
         job.extra["restore_error"] = f"{type(exc).__name__}: {exc}"

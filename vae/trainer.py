@@ -89,7 +89,7 @@ MAX_PENDING_EVALS = 8  # background test evaluations queued before an epoch end 
 class Trainer:
     def __init__(self, train_config: TrainConfig | None = None, model_config: ModelConfig | None = None,
                  train_data: Dataset | None = None, test_data: Dataset | None = None, model: VAE | None = None,
-                 fused: bool = True, native: bool = True, background_eval: bool = False):
+                 fused: bool = True, native: bool = True, background_eval: bool = False, device: str | None = None):
         """fused: the MLP's step with the backward pass written out (vae.fused; the same loss and gradients, in
         fewer operations) where the model allows; False always takes autograd. native: that step in C where
         vae.native's library is built (float32 on the CPU; see vae.native), else in torch. A Trainer sets the CPU
@@ -103,9 +103,15 @@ class Trainer:
         settle() puts in those that are ready (or waits for all), and every method here that reads the history
         settles first (state_dict(history=False) does not: it holds none). An evaluation that fails raises at the
         settle() that meets it. The dashboard's training process uses it, so that a one-thread job spends its core
-        on steps (vae.worker)."""
+        on steps (vae.worker).
+
+        device: where this trainer's model and data live, if not the config's device: the dashboard's server keeps
+        a copy of each run (vae.jobs) on the CPU whatever the run trains on. A generator state of another device
+        given to load_state_dict is then held as it is and handed back by state_dict (such a copy never trains)."""
         cfg = self.config = train_config or TrainConfig()
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(device or cfg.device)
+        self._placed = device is not None  # placed apart from its config's device (a copy that never trains)
+        self._held_generator_state = None
         flush_denormals()  # Adam's state decays into denormals on constant pixels: see vae.device.flush_denormals
         self.train_data = train_data or load_dataset(cfg.dataset, "train", cfg.data_root, binarize=cfg.binarize,
                                                      max_examples=cfg.max_examples)
@@ -465,7 +471,8 @@ class Trainer:
         state = {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
                  "optimizer": _copy_optimizer_state(self.optimizer.state_dict()), "step_count": self.step_count,
                  "epoch": self.epoch,
-                 "generator": self.generator.get_state(), "train_config": self.config.to_dict()}
+                 "generator": (self._held_generator_state if self._held_generator_state is not None
+                               else self.generator.get_state()), "train_config": self.config.to_dict()}
         if history:
             state["history"] = copy.deepcopy(self.history)
         return state
@@ -475,7 +482,13 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count, self.epoch = int(state["step_count"]), int(state["epoch"])
-        self.generator.set_state(state["generator"])
+        try:
+            self.generator.set_state(state["generator"])
+            self._held_generator_state = None
+        except (RuntimeError, TypeError, ValueError):
+            if not self._placed:
+                raise  # a trainer on its config's device: a broken state, not another device's
+            self._held_generator_state = state["generator"].clone()
         self.history = copy.deepcopy(state["history"])
         self._perm, self._pos = None, 0
         self._reset_epoch_sums()
