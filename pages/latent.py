@@ -26,7 +26,7 @@ d = cfg.latent_dim
 # ---- controls ----------------------------------------------------------------------------------------------------
 methods = available_methods(d)
 if st.session_state.get("latent_method", methods[0]) not in methods:  # e.g. "pca" kept from a 16-D model
-    del st.session_state["latent_method"]
+    st.session_state["latent_method"] = methods[0]  # set, not deleted: the browser's box would keep showing the old
 c1, c2, c3, c4 = st.columns([1, 1.6, 1.4, 1.4])
 split = c1.selectbox("Split", ["test", "train"], key="latent_split", bind="query-params",
                      help="Which examples to encode")
@@ -52,11 +52,16 @@ if method == "dims":
     ca, cb = c3.columns(2)
     dim_opts = list(range(d))
     fmt = lambda i: f"z{i + 1}" + ("" if info.active[i] else " (inactive)")  # noqa: E731
-    for k in ("latent_dim_x", "latent_dim_y"):
-        if st.session_state.get(k, 0) not in dim_opts:  # kept from a model with more dimensions
-            del st.session_state[k]
-    dims = (ca.selectbox("x axis", dim_opts, index=top[0], key="latent_dim_x", bind="query-params", format_func=fmt),
-            cb.selectbox("y axis", dim_opts, index=top[1], key="latent_dim_y", bind="query-params", format_func=fmt))
+    first = {}  # the two most informative dimensions where nothing is chosen yet
+    for k, best in (("latent_dim_x", top[0]), ("latent_dim_y", top[1])):
+        if k not in st.session_state:
+            first[k] = best
+        elif st.session_state[k] not in dim_opts:  # kept from a model with more dimensions: set, not deleted, or
+            st.session_state[k] = best             # the browser's box would keep showing the old one
+    dims = (ca.selectbox("x axis", dim_opts, index=first.get("latent_dim_x", 0), key="latent_dim_x",
+                         bind="query-params", format_func=fmt),
+            cb.selectbox("y axis", dim_opts, index=first.get("latent_dim_y", 0), key="latent_dim_y",
+                         bind="query-params", format_func=fmt))
 n_ell = c4.slider("q(z|x) ellipses (±2σ) drawn", 0, 200, 30, step=10, key="latent_n_ellipses", bind="query-params",
                   disabled=method == "tsne", help="A random sample of examples: each ellipse is 2 standard "
                                                   "deviations of q(z|x), drawn in the same plane as the dots")

@@ -46,6 +46,12 @@ def test_box_select_shows_images(server, page):  # noqa: F811
     assert page.locator("[data-testid='stImage'] img").count() >= 2
     assert page.locator("[data-testid='stException']").count() == 0
     _tall_screenshot(page, "latent-selection")
+    # another model in the sidebar: the Projection box shows that model's choice, not the 2-D model's "none"
+    page.locator("[data-testid='stSidebar'] [data-testid='stSelectbox']").first.click()
+    page.get_by_role("option", name="shipped: digits-z16").click()
+    wait_ready(page, 120_000)
+    page.wait_for_function("() => document.querySelector('.st-key-latent_method input').value.startsWith('PCA')",
+                           timeout=60_000)
 
 
 def test_slider_changes_decoded_image(server, page):  # noqa: F811
