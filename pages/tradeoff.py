@@ -36,9 +36,24 @@ on_plane = [p for p in points if p.dataset == dataset]
 by_ref = {p.ref: p for p in on_plane}
 
 
+def _labels() -> dict[str, str]:
+    """ref -> the pickers' text, one of a kind: the URL keeps that text (bind="query-params"), so a saved checkpoint
+    named as a shipped one ("digits-z2") must not read the same, or the shipped one could not be picked."""
+    out, seen = {}, {}
+    for ref, p in by_ref.items():
+        text = f"{p.label} ({p.objective})"
+        if sum(q.label == p.label and q.objective == p.objective for q in by_ref.values()) > 1:
+            text = f"{p.source}: {text}"
+        seen[text] = seen.get(text, 0) + 1
+        out[ref] = text if seen[text] == 1 else f"{text} #{seen[text]}"
+    return out
+
+
+LABELS = _labels()
+
+
 def _label(ref: str) -> str:
-    p = by_ref.get(ref)
-    return ref if p is None else f"{p.label} ({p.objective})"
+    return LABELS.get(ref, ref)
 
 
 # Which models are "A" (and "B" to compare): chosen below, or by clicking a point on the plane.

@@ -208,6 +208,26 @@ def test_an_extreme_model_does_not_squeeze_the_plane(registry, tmp_path, monkeyp
     assert y_range[1] > far and not any("Off the axes" in c.value for c in at.caption)
 
 
+def test_a_saved_model_named_as_a_shipped_one_gets_a_label_of_its_own_in_the_pickers(tmp_path, monkeypatch):
+    """The URL keeps the picker's text: two models reading "digits-z2 (β=1)" made the shipped one unreachable."""
+    import shutil
+
+    user = tmp_path / "user"
+    user.mkdir()
+    monkeypatch.setattr(ui.core, "USER_DIR", user)
+    monkeypatch.setattr(ui.tradeoff, "USER_DIR", user)
+    shutil.copy(ui.core.ROOT / "checkpoints" / "digits-z16.pt", user / "digits-z2.pt")  # a 16-D model, so named
+    at = open_page("pages/tradeoff.py")
+    assert not at.exception
+    options = at.selectbox(key="rd_a").options
+    assert len(options) == len(set(options))
+    twins = [o for o in options if "digits-z2 (β=1)" in o]
+    assert sorted(twins) == ["saved: digits-z2 (β=1)", "shipped: digits-z2 (β=1)"]
+    at.selectbox(key="rd_a").select("file:checkpoints/digits-z2.pt").run()
+    assert not at.exception and at.selectbox(key="rd_a").value == "file:checkpoints/digits-z2.pt"
+    assert any(m.label == "active units" and m.value.endswith("/2") for m in at.metric)
+
+
 def test_shipped_models_are_never_left_off_the_zoomed_plane():
     def pt(source, r, d):
         return ui.tradeoff.PlanePoint(f"file:{source}-{r}-{d}", "m", source, "digits", 1.0, "β=1",
