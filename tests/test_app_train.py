@@ -448,6 +448,12 @@ def test_the_comparison_names_runs_and_checkpoints_as_the_picker_does(registry):
     fig = next(c for c in at.get("plotly_chart") if "fig_compare" in str(c.proto.id))
     assert json.loads(fig.proto.spec)["layout"]["xaxis"]["range"] == [0, 2.1]
     assert any("longer histories go on past the right edge" in c.value for c in at.caption)
+    # a model of other data (2-D moons) is named and left out: its nats are not this run's
+    at.multiselect(key="compare_runs").select("file:checkpoints/moons-z2.pt").run()
+    fig = next(c for c in at.get("plotly_chart") if "fig_compare" in str(c.proto.id))
+    names = {t.get("name") for t in json.loads(fig.proto.spec)["data"]}
+    assert not any(n and "moons" in n for n in names), names
+    assert any("Not overlaid: shipped: moons-z2 (moons)" in c.value and "digits" in c.value for c in at.caption)
 
 
 def test_the_save_box_and_the_view_options_survive_a_visit_to_another_page(registry):

@@ -962,12 +962,21 @@ def _compare(job: Job, history: dict):
     runs = [(f"this run: {job.name}", history, True)]
     labels = _compare_options(job)
     spans = [job.train_config.epochs]  # this run's planned epochs, and the other runs' (not the checkpoints')
+    other_data = []
     for ref in picked:
-        hist = _history_of(ref)
-        if hist:  # the legend says what the picker said (a run's name, not only its id)
-            runs.append((labels.get(ref, ref.split(":", 1)[1].rsplit("/", 1)[-1]), hist, False))
+        hist, dataset = _history_of(ref)
+        name = labels.get(ref, ref.split(":", 1)[1].rsplit("/", 1)[-1])  # as the picker said (a run's name)
+        if hist and dataset not in (None, job.train_config.dataset):
+            other_data.append(f"{name} ({dataset})")
+        elif hist:
+            runs.append((name, hist, False))
             if ref.startswith("run:"):
                 spans.append(len(hist["epoch"]["epoch"]))
+    if other_data:  # nats per example of other data: an ELBO of 2-D points beside one of 64 pixels means nothing
+        st.caption(f"Not overlaid: {', '.join(other_data)}: trained on other data than this run's "
+                   f"{job.train_config.dataset}, so their ELBO and KL are not comparable with its.")
+    if len(runs) == 1:
+        return
     # the axes fit those: a 200-epoch checkpoint beside a 20-epoch run squeezed the run into the left tenth
     longest = max(len(h["epoch"]["epoch"]) for _, h, _ in runs)
     x_max = max(spans) * 1.05 if longest > 2 * max(spans) else None
@@ -977,18 +986,22 @@ def _compare(job: Job, history: dict):
                    "past the right edge (double-click a chart to see them whole).")
 
 
-def _history_of(ref: str) -> dict | None:
+def _history_of(ref: str) -> tuple[dict | None, str | None]:
+    """(the history, the dataset it was trained on) of a run or a checkpoint; (None, None) if it is gone."""
     if ref.startswith("run:"):
         j = registry().get(ref[4:])
-        return j.snapshot().history if j is not None else None
+        if j is None:
+            return None, None
+        snap = j.snapshot()
+        return snap.history, snap.train_config.get("dataset")
     from ui.core import safe_checkpoint_path
 
     try:
         p = safe_checkpoint_path(ref)
         _, info = _load_file_model(str(p), core.file_stamp(p), "cpu")
     except (ValueError, OSError):
-        return None
-    return info.get("history") or None
+        return None, None
+    return info.get("history") or None, info.get("dataset")
 
 
 def runs_table():
