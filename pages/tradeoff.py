@@ -145,7 +145,7 @@ with right:
         "$H - D \\le I(x;z) \\le R$ (Alemi et al. 2018).")
     st.caption("Test split; D averages 4 draws of z per image. A running job is drawn at its last finished epoch, "
                "its path as a line. Click a point to make it model A.")
-    with st.form("rd_sweep_form", border=True):
+    with st.form("rd_sweep_form", border=True, enter_to_submit=False):  # a sweep is costly: only its button starts it
         st.markdown("**Run a β sweep** (one short run per β, same seed, through the job queue)")
         betas_text = st.text_input("β values", "0.1, 0.5, 1, 2, 4, 8", key="rd_betas",
                                    help="Comma-separated, up to 12 values ≥ 0")
