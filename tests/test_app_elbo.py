@@ -138,3 +138,10 @@ def test_the_headline_numbers_add_up_as_shown():
         assert 2 <= d <= 4
         if d < 4:
             assert round(round(elbo, d) + round(gap, d), d) == round(elbo + gap, d)
+
+
+def test_a_2d_data_point_is_written_to_three_decimals():
+    at = open_page(PAGE, model="file:checkpoints/moons-z2.pt", elbo_idx=0, **FAST)
+    assert not at.exception and not at.error
+    shown = [m.value for m in at.markdown if m.value.startswith("x = (")]
+    assert len(shown) == 1 and all(len(v.strip().split(".")[1]) == 3 for v in shown[0][5:-1].split(","))
