@@ -297,6 +297,18 @@ def test_autosave_then_a_new_registry_restores_and_resumes(registries, tmp_path)
     assert len(back.snapshot().history["epoch"]["test_elbo"]) == 4
 
 
+def test_a_slow_motion_set_mid_epoch_survives_a_restart(tmp_path):
+    """The lecturer's 2 s per step is kept at once, not at the next epoch end (an epoch of such steps away)."""
+    with ending_like_a_server(autosave_dir=tmp_path, autosave_interval_s=3600) as reg:  # the first epoch's only
+        job = reg.submit(tc(epochs=5000, max_examples=256), mc())
+        wait_until(lambda: job.snapshot().epoch >= 1, what="an epoch")
+        reg.flush()
+        job.set_delay(2.0)  # as if the next epoch end were an hour away
+        reg.flush()
+    with ending_like_a_server(autosave_dir=tmp_path) as again:
+        assert again.get(job.id).delay_s == 2.0
+
+
 def test_restored_ended_jobs_keep_their_state_and_a_stopped_interrupted_one_stays_stopped(registries, tmp_path):
     reg = registries(autosave_dir=tmp_path, autosave_interval_s=0)
     done = reg.submit(tc(epochs=1), mc(), name="done")

@@ -350,6 +350,9 @@ class Job:
             self._command("delay", seconds)
             self._cond.notify_all()
             self.registry._write_pending(self, refresh=True)  # a run yet to start keeps it across a restart
+            saved = self.trainer is not None or self._resume_state is not None
+        if saved:  # and one under way: its next autosave may be an epoch of slow steps away (23 steps of 2 s)
+            self.registry._autosave(self, background=True)
 
     def update(self, **changes) -> str:
         """Change lr / beta / schedule settings mid-run; recorded as an event on the curves. ValueError if bad."""
