@@ -143,6 +143,13 @@ def test_reset_step_start_stop_drive_the_run_on_screen(registry):
     assert registry.get(at.query_params["run"]) is job and job.state == RUNNING
     at.button(key="btn_pause").click().run()
     assert job.state == PAUSED and at.button(key="btn_pause").label == "Resume"
+    at.button(key="btn_start").click().run()  # Start while paused: a second run, and the page says where the first is
+    second = registry.get(at.query_params["run"])
+    assert second is not job and job.state == PAUSED
+    assert any(f"“{job.name}” goes on paused in the background" in i.value for i in at.info)
+    second.stop()
+    at.query_params["run"] = job.id
+    at.run()
     at.button(key="btn_pause").click().run()
     assert job.state == RUNNING
     at.button(key="btn_stop").click().run()
