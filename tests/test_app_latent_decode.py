@@ -115,6 +115,15 @@ def test_latent_pca_for_16d_and_direct_for_2d(z16_stats):
     assert sum(t["type"] == "scatter" and t.get("mode") == "lines" for t in scatter["data"]) >= 2
 
 
+def test_the_kl_bars_of_a_collapsed_model_stay_flat_and_name_the_inactive_ones():
+    at = open_page("pages/latent.py", model="file:checkpoints/sweep/digits-beta-8.pt")
+    no_exception(at)
+    dims = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "latent_dims" in str(c.proto.id))
+    kl = dims["data"][0]
+    assert dims["layout"]["yaxis"]["range"] == [0, 0.5]  # KLs of 1e-6 nats are not drawn as tall bars
+    assert set(kl["text"]) == {"inactive"} and kl["textangle"] == -90 and kl["constraintext"] == "none"
+
+
 def test_latent_raw_dims_and_tsne(z16_stats):
     at = open_page("pages/latent.py", model=Z16)
     at.selectbox(key="latent_method").set_value("dims").run()

@@ -279,8 +279,13 @@ def dims_figure(info: DimInfo, height: int = 360, with_variance: bool = True) ->
     fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("KL(q(z_d|x) ‖ N(0,1)), nats",
                                         "Var_x μ_d, variance of the means (log)")[:rows])
+    # "inactive" upright above its bar, at full size (Plotly shrank it to the bar's width: 6 px on 16 bars)
     fig.add_trace(go.Bar(x=names, y=info.kl, marker_color=colors, text=text, textposition="outside",
+                         textangle=-90, constraintext="none", cliponaxis=False,
                          name="KL (nats)", hovertemplate="%{x}: %{y:.3f} nats<extra></extra>"), 1, 1)
+    # from 0 to at least 0.5 nats: a collapsed model's KLs of 1e-6 nats drawn as tall bars looked alive
+    top = float(np.nanmax(info.kl)) if len(info.kl) else 0.0
+    fig.update_yaxes(range=[0, max(0.5, 1.25 * top if np.isfinite(top) else 0.5)], row=1, col=1)
     if rows == 2:
         var = np.maximum(info.stats.mean_variance, 1e-8)
         fig.add_trace(go.Bar(x=names, y=var, marker_color=colors, name="Var_x μ_d",
