@@ -64,6 +64,8 @@ if st.session_state.get("dec_signature") != signature or reset:
     if shared is None and not reset and "dec_signature" not in st.session_state and st.query_params.get("z"):
         st.caption(f"?z={st.query_params['z'][:40]} is not a point of this model's {d} latent dimensions (numbers, "
                    "comma-separated): the sliders start from the start point instead")
+    elif shared is not None and np.any(np.abs(decode_point(st.query_params.get("z"), d, clip=False)) > SLIDER_LIMIT):
+        st.caption(f"?z= has coordinates beyond the sliders' ±{SLIDER_LIMIT:g}: they start at the ends instead")
     st.session_state["dec_signature"] = signature
     for k in range(d):
         st.session_state[f"dec_z_{k}"] = float((base if shared is None else shared)[k])

@@ -237,6 +237,12 @@ def test_the_sliders_point_is_in_the_url_and_a_link_opens_with_it(z16_stats):
         assert (decoded_url(at) == image) == (value == 2.5)  # the very image the link was made from
         assert any("is not a point of this model's 16 latent dimensions" in c.value for c in at.caption) \
             == (value != 2.5)  # a link it cannot use says so
+    far = want.copy()
+    far[top] = "100"
+    at = open_link("pages/decode.py", model=Z16, z=",".join(far))  # past the sliders' ends: there, and said
+    no_exception(at)
+    assert at.slider(key=f"dec_z_{top}").value == 3.0
+    assert any("beyond the sliders' ±3" in c.value for c in at.caption)
 
 
 def test_traversal_grid_shape(media, z16_stats):

@@ -256,16 +256,16 @@ def encode_point(z, base) -> str:
     return ",".join(short(v) for v in z)
 
 
-def decode_point(text, d: int) -> np.ndarray | None:
+def decode_point(text, d: int, clip: bool = True) -> np.ndarray | None:
     """The inverse of encode_point for a d-dimensional latent, each coordinate brought into [-SLIDER_LIMIT,
-    SLIDER_LIMIT]; None for anything else (another model's point, not numbers, not finite)."""
+    SLIDER_LIMIT] (unless clip=False); None for anything else (another model's point, not numbers, not finite)."""
     try:
         z = np.array([float(v) for v in str(text or "").split(",")], dtype=float)
     except ValueError:
         return None
     if z.shape != (d,) or not np.all(np.isfinite(z)):
         return None
-    return np.clip(z, -SLIDER_LIMIT, SLIDER_LIMIT)
+    return np.clip(z, -SLIDER_LIMIT, SLIDER_LIMIT) if clip else z
 
 
 # ---- prior samples ----------------------------------------------------------------------------------------------
