@@ -91,8 +91,10 @@ with st.expander("Estimator settings"):
     raw_s = e1.number_input("S: samples for E_q[log p(x|z)]", value=1000, step=100, key="elbo_s",
                             bind="query-params", help=f"{an.S_MIN} to {an.S_MAX} Monte Carlo samples per image")
     raw_seed = e2.number_input("Seed", value=0, step=1, key="elbo_seed", bind="query-params")
-    n_draws = N_DRAWS if e3.checkbox(f"IWAE curve: also the mean of {N_DRAWS} independent draws", value=True,
-                                     key="elbo_draws", bind="query-params") else 0
+    want_draws = e3.checkbox("IWAE curve: also the mean of independent draws", value=True,
+                             key="elbo_draws", bind="query-params",
+                             help=f"{N_DRAWS} draws for one image; for N images {N_DRAWS}/N, at least 2: each draw's "
+                                  "curve already averages the N images, and the draws take most of the time")
 
 checked, problems = {}, []  # every box checked: one line that names each bad one (it named the first only)
 for name, check in (("k", lambda: an.check_k(raw_k)), ("s", lambda: an.check_samples(raw_s)),
@@ -117,6 +119,7 @@ else:
     idx = list(range(count))
     images, what = ("first", count), f"the first {count} test images (average)"
 x = data.x[idx]
+n_draws = max(2, -(-N_DRAWS // len(idx))) if want_draws else 0  # ceil(N_DRAWS / N)
 
 with st.expander("Gallery: the first 24 test images (type an index above)", expanded=False):
     if cfg.image_shape != (2,):

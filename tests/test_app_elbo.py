@@ -72,6 +72,16 @@ def test_page_average_over_a_set_and_history_log_px():
     assert any("which are not stored" in c.value and "Gap now" in c.value for c in at.caption)
 
 
+@pytest.mark.parametrize("mode, extra, draws", [("one image", {}, 10), ("first N images", {"elbo_n": 4}, 3),
+                                                ("first N images", {"elbo_n": 40}, 2)])
+def test_a_set_takes_fewer_independent_draws_for_its_iwae_curve(mode, extra, draws):
+    """Each draw's curve already averages the N images; the draws were 8 times the rest's time on 50 images."""
+    at = open_page(PAGE, model=Z16, elbo_mode=mode, **extra, **FAST)
+    assert not at.exception and not at.error
+    fig = json.loads(next(c for c in at.get("plotly_chart") if "elbo_iwae" in str(c.proto.id)).proto.spec)
+    assert any(t.get("name") == f"L_K: mean of {draws} draws ±1 SE" for t in fig["data"])
+
+
 BAD_INPUTS = [
     ("elbo_k", 99999, "K=99999 is out of range: choose between 10 and 5000"),
     ("elbo_idx", 5000, "image index 5000 is out of range: the test split has 359 images, pick 0 to 358"),
