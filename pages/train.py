@@ -2,7 +2,7 @@
 import streamlit as st
 
 from ui import train_views as tv
-from ui.core import expander, owns
+from ui.core import expander, owns, quoted
 from vae.jobs import ACTIVE, INTERRUPTED
 
 st.title("Train a VAE, live")
@@ -13,7 +13,7 @@ tv.restore_run()
 requested = st.query_params.get("run")
 job = tv.current_job()
 if requested and job is None:
-    st.warning(f"run {requested!r} is not on this server (it may have been forgotten): pick one or start a new one")
+    st.warning(f"run {quoted(requested, 40)} is not on this server (it may have been forgotten): pick one or start a new one")
     tv.set_run(None)
 # The run's state, read once: the job's thread can end the run while this script runs, and a page drawn half with
 # the old state and half with the new one would stay so (the live view polls, and reruns the page when the run

@@ -245,6 +245,10 @@ def test_bad_input_is_a_one_line_error_and_starts_nothing(registry):
     assert job.model_config.hidden == (64, 32)
     job.stop()
     assert job.join(60)
+    at.text_input(key="cfg_name").set_value("<b>hi</b> **bold**").run()  # echoed as typed, not as Markdown
+    at.button(key="btn_start").click().run()
+    assert any(r"'\<b\>hi\</b\> \*\*bold\*\*' is not allowed" in e.value for e in at.error)
+    assert len(registry.jobs()) == 1
 
 
 def test_failure_queue_and_unknown_run_are_shown(registry):

@@ -259,6 +259,15 @@ def upscale(img: np.ndarray, target_px: int = 320) -> np.ndarray:
     return np.kron(img, np.ones((s, s), np.uint8))
 
 
+def quoted(value, limit: int | None = None) -> str:
+    """What a user typed (or a link carried), quoted for a message: repr, cut to limit characters, with the
+    characters Markdown acts on escaped (a run name "**bold**" came back bold, its asterisks gone)."""
+    text = str(value)
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + "…"
+    return re.sub(r"([*_`\[\]~$<>#|])", r"\\\1", repr(text))
+
+
 # ---- checkpoint names and uploads ------------------------------------------------------------------------------
 def validate_name(name: str) -> str:
     """A checkpoint name that cannot leave checkpoints/user: letters, digits, . _ - only."""
@@ -266,10 +275,10 @@ def validate_name(name: str) -> str:
     if name.endswith(".pt"):
         name = name[:-3]
     if len(name) > MAX_NAME:  # told, not cut: a text box's max_chars drops a longer paste without a word
-        raise ValueError(f"the name {name[:24] + '…'!r} is {len(name)} characters long: at most {MAX_NAME} are "
+        raise ValueError(f"the name {quoted(name, 24)} is {len(name)} characters long: at most {MAX_NAME} are "
                          "allowed (ASCII letters, digits, '.', '_' or '-')")
     if not NAME_RE.match(name) or ".." in name:
-        raise ValueError(f"name {name!r} is not allowed: use 1-{MAX_NAME} ASCII letters (a-z, A-Z), digits, '.', "
+        raise ValueError(f"name {quoted(name)} is not allowed: use 1-{MAX_NAME} ASCII letters (a-z, A-Z), digits, '.', "
                          "'_' or '-', starting with a letter or digit")
     return name
 
@@ -359,7 +368,7 @@ def accept_upload(filename: str, data: bytes) -> tuple[Path, str | None]:
             if kept != name else None)
     given = Path(filename or "").name
     if note is None and given.removesuffix(".pt").removesuffix(".PT") != kept:  # "name with spaces & ü.pt"
-        note = (f"{given[:40]!r} is kept as {kept!r}: a checkpoint name takes ASCII letters, digits, '.', '_' "
+        note = (f"{quoted(given, 40)} is kept as {kept!r}: a checkpoint name takes ASCII letters, digits, '.', '_' "
                 "and '-'")
     return USER_DIR / f"{kept}.pt", note
 
@@ -542,7 +551,7 @@ def sidebar() -> Selection:
         wanted = {label: r for r, label in opts.items()}.get(wanted, wanted)
     if wanted not in opts:
         if wanted:
-            st.sidebar.warning(f"model {wanted!r} is not available on this server; showing a shipped model")
+            st.sidebar.warning(f"model {quoted(wanted, 60)} is not available on this server; showing a shipped model")
         wanted = DEFAULT_MODEL if DEFAULT_MODEL in opts else next(iter(opts), DEFAULT_MODEL)
     st.session_state["model"] = wanted
     with st.sidebar:
@@ -553,7 +562,7 @@ def sidebar() -> Selection:
         if st.session_state.get("device") not in devices:
             asked = st.session_state.get("device") or st.query_params.get("device")
             if asked and asked not in devices:  # ?device=cuda on a machine without one: said, not dropped silently
-                st.caption(f"device {str(asked)[:20]!r} is not on this machine (it has {', '.join(devices[1:])}): "
+                st.caption(f"device {quoted(asked, 20)} is not on this machine (it has {', '.join(devices[1:])}): "
                            "using auto")
             st.session_state["device"] = "auto"
         dev = st.selectbox("Device", devices, key="device", bind="query-params",
