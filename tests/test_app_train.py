@@ -639,6 +639,10 @@ def test_several_bad_numbers_are_all_named_in_the_one_line(registry):
     line = next(e.value for e in at.error if "out of range" in e.value)
     assert line.startswith("Epochs = 0 is out of range") or line.startswith("Learning rate = 1e+09 is out of range")
     assert "(also out of range:" in line and all(n in line for n in ("Learning rate", "Epochs", "Seed"))
+    at.text_input(key="cfg_hidden").set_value("256,abc")
+    at.text_input(key="cfg_name").set_value("../x").run()  # the text boxes are named in the same line
+    line = next(e.value for e in at.error if "out of range" in e.value)
+    assert "(also not allowed: Hidden sizes, Run name)" in line, line
 
 
 def test_log_axis_ticks_are_labelled_in_full():

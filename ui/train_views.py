@@ -194,7 +194,13 @@ def configs_from_state():
             return d[k]
         return v
 
-    check_limits({k: get(k) for k in LIMITS if k in shown}, labels)
+    try:
+        check_limits({k: get(k) for k in LIMITS if k in shown}, labels)
+    except ValueError as exc:  # the text boxes too: the one line names every box to fix
+        others = [label for key, label, check in (("cfg_hidden", "Hidden sizes", parse_hidden),
+                                                 ("cfg_name", "Run name", lambda v: v.strip() and validate_name(v)))
+                  if not _passes(check, get(key) or "")]
+        raise ValueError(str(exc) + (f" (also not allowed: {', '.join(others)})" if others else "")) from None
     max_ex = int(get("cfg_max_examples") or 0)
     try:
         tc = TrainConfig(**{f: get(k) for k, f in TRAIN_FIELDS.items()}, device=get("cfg_device"),
@@ -210,6 +216,14 @@ def configs_from_state():
     else:
         name = auto_name(tc, mc)
     return tc, mc, name
+
+
+def _passes(check, value) -> bool:
+    try:
+        check(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _as_labelled(text: str, labels: dict) -> str:
