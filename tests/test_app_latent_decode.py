@@ -204,6 +204,9 @@ def test_decode_slider_changes_image_and_orders_by_kl(z16_stats):
     top = int(dims_by_kl(stats.kl)[0])
     sliders = [s for s in at.slider if s.key and s.key.startswith("dec_z_")]
     assert len(sliders) == 16
+    # the decoder-sensitivity bars in the sliders' order (most informative first), not z1, z2, ...
+    sens = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "dec_sens_fig" in str(c.proto.id))
+    assert sens["data"][0]["x"] == [f"z{int(i) + 1}" for i in dims_by_kl(stats.kl)]
     assert {s.key for s in sliders if "inactive: barely moves the image" in s.label} == \
         {f"dec_z_{k}" for k in range(16) if not stats.active[k]}
     before = decoded_url(at)

@@ -302,11 +302,14 @@ def dims_figure(info: DimInfo, height: int = 360, with_variance: bool = True) ->
 
 
 def sensitivity_figure(sens: np.ndarray, info: DimInfo, height: int = 320) -> go.Figure:
-    names = [f"z{i + 1}" for i in range(len(sens))]
-    colors = ["#2ca02c" if a else INACTIVE_GREY for a in info.active]
-    fig = go.Figure(go.Bar(x=names, y=sens, marker_color=colors,
+    """The decoder's sensitivity to each dimension, in the sliders' order (most informative first)."""
+    order = [int(i) for i in info.order] if len(info.order) == len(sens) else list(range(len(sens)))
+    names = [f"z{i + 1}" for i in order]
+    colors = ["#2ca02c" if info.active[i] else INACTIVE_GREY for i in order]
+    fig = go.Figure(go.Bar(x=names, y=[float(sens[i]) for i in order], marker_color=colors,
                            hovertemplate="%{x}: %{y:.4f}<extra></extra>"))
-    fig.update_layout(yaxis_title="mean ‖∂E[x|z]/∂z_d‖₂", xaxis_title="latent dimension (grey: inactive)")
+    fig.update_layout(yaxis_title="mean ‖∂E[x|z]/∂z_d‖₂",
+                      xaxis_title="latent dimension, as the sliders order them (grey: inactive)")
     return style_fig(fig, height)
 
 
