@@ -260,6 +260,20 @@ def test_points_on_one_spot_share_one_label_each_beta_once():
     assert texts == {"file:b1": "β=1, 2", "run:a": "", "run:b": "", "run:c": "β=4"}
 
 
+def test_texts_of_nearby_points_go_on_sides_that_do_not_overlap():
+    def pt(ref, source, r, d):
+        return ui.tradeoff.PlanePoint(ref, ref, source, "digits", 1.0, "β=1", {"rate": r, "distortion": d})
+
+    box = (0.0, 15.0, 15.0, 30.0)  # about 47 px a nat across, 32 px a nat up at height 640
+    shipped, run = pt("file:s", "shipped sweep", 1.2, 23.8), pt("run:r", "run", 1.5, 24.0)  # 14 px apart
+    alone = pt("run:a", "run", 10.0, 20.0)
+    texts = {"file:s": "β=2", "run:r": "β=1", "run:a": "β=0.1"}
+    where = ui.tradeoff.text_positions([run, alone, shipped], texts, box, height=640)
+    # the shipped text first: not above-right, where the run's star is; the run's then not below, where that went
+    assert (where["file:s"], where["run:r"]) == ("bottom right", "top right")
+    assert where["run:a"] == "bottom right"  # a run alone: below its star
+
+
 def test_out_of_range_numbers_for_a_sweep_or_a_lab_are_named_and_start_nothing(registry):
     at = open_page("pages/tradeoff.py")
     at.number_input(key="rd_epochs").set_value(5000)

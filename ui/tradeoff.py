@@ -309,26 +309,68 @@ def plane_figure(points: list[PlanePoint], highlight: dict[str, str] | None = No
                     hovertemplate=f"{p.label}<br>epoch %{{text}}<br>R %{{x:.2f}} · D %{{y:.2f}}<extra></extra>",
                     text=[str(e) for e in t["epoch"]]))
     texts = _labels(points)
+    where = text_positions(points, texts, box, height, font_px=16 if presenting() else 12)
     for source, (color, symbol) in SOURCE_STYLE.items():
         group = [p for p in points if p.source == source]
         if not group:
             continue
         fig.add_trace(go.Scatter(
             x=[p.rd["rate"] for p in group], y=[p.rd["distortion"] for p in group], mode="markers+text",
-            name=source, text=[texts[p.ref] for p in group], textposition="top right",
+            name=source, text=[texts[p.ref] for p in group], textposition=[where[p.ref] for p in group],
             customdata=[p.ref for p in group], hovertext=[_hover(p) for p in group], hoverinfo="text",
             marker=dict(color=color, symbol=symbol, size=[18 if p.ref in highlight else 12 for p in group],
                         line=dict(color=["#000" if p.ref in highlight else "#fff" for p in group], width=2))))
     for ref, tag in highlight.items():
         p = next((q for q in points if q.ref == ref), None)
         if p is not None:
+            # down-left of the ring: across the frontier and the iso-ELBO lines (they fall to the right), and
+            # away from the point's own text (above-right); up-left it sat on the frontier
             fig.add_annotation(x=p.rd["rate"], y=p.rd["distortion"], text=f"<b>{tag}</b>", showarrow=True,
-                               arrowhead=2, ax=-30, ay=-30, font=dict(size=14))
+                               arrowhead=2, ax=-30, ay=30, font=dict(size=14))
     fig.update_xaxes(title="rate R = E KL(q(z|x) ‖ p(z))  [nats]", range=[box[0], box[1]], zeroline=True)
     fig.update_yaxes(title="distortion D = E[−log p(x|z)]  [nats]", range=[box[2], box[3]])
     fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0), hovermode="closest",
                       clickmode="event+select", dragmode="pan")
     return style_fig(fig, height)
+
+
+TEXT_SIDES = ("top right", "bottom right", "top left", "bottom left")
+
+
+def text_positions(points: list[PlanePoint], texts: dict[str, str], box, height: int, width: int = 700,
+                   font_px: int = 12) -> dict[str, str]:
+    """ref -> the side of its marker its text goes on: greedily, the side whose text box overlaps the markers and
+    the texts placed so far the least (a sweep run lands next to the shipped model of its β, and with every text
+    above-right theirs printed over each other: "β=4, 8" over "β=2"). In pixels of a plot about width x (height -
+    160) (the legend and axes take the rest); a run's text goes below its star when nothing is in the way."""
+    w_px, h_px = width, max(200, height - 160)
+    sx, sy = w_px / max(box[1] - box[0], 1e-9), h_px / max(box[3] - box[2], 1e-9)
+    xy = {p.ref: ((p.rd["rate"] - box[0]) * sx, (p.rd["distortion"] - box[2]) * sy) for p in points}
+    taken = [(x - 8, y - 8, x + 8, y + 8) for x, y in xy.values()]  # the markers
+
+    def overlap(a, b):
+        return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+    out = {}
+    rank = {"shipped sweep": 0, "shipped": 1, "saved": 2, "run": 3}  # the shipped sweep's texts first
+    for p in sorted(points, key=lambda q: rank.get(q.source, 4)):
+        text = texts.get(p.ref, "")
+        prefer = ("bottom right", "top right", "bottom left", "top left") if p.source == "run" else TEXT_SIDES
+        if not text:
+            out[p.ref] = prefer[0]
+            continue
+        (x, y), tw, th = xy[p.ref], 0.6 * font_px * len(text) + 4, font_px + 4
+        best = None
+        for i, side in enumerate(prefer):
+            x0 = x + 7 if side.endswith("right") else x - 7 - tw
+            y0 = y + 5 if side.startswith("top") else y - 5 - th
+            rect = (x0, y0, x0 + tw, y0 + th)
+            cost = sum(overlap(rect, t) for t in taken)
+            if best is None or cost < best[0] - 1e-9:
+                best = (cost, side, rect)
+        out[p.ref] = best[1]
+        taken.append(best[2])
+    return out
 
 
 def _labels(points: list[PlanePoint]) -> dict[str, str]:
