@@ -28,9 +28,9 @@ c1, c2 = st.columns([1.6, 1], vertical_alignment="bottom")
 preset_key = c1.radio("Collapse preset", list(PRESETS), format_func=lambda k: PRESETS[k].label, key="lab_preset",
                       bind="query-params", horizontal=True)
 with c2.container(horizontal=True, vertical_alignment="center", horizontal_alignment="right"):
-    run_clicked = st.button("Run", type="primary", icon=":material/play_arrow:", key="lab_run", disabled=running,
-                            help="Trains the preset and each chosen remedy, two at a time")
-    mine = group_owned(lab_jobs)  # a lab opened from someone else's link is watch-only
+    mine = group_owned(lab_jobs)  # a lab opened from someone else's link is watch-only (Run starts one's own)
+    run_clicked = st.button("Run", type="primary", icon=":material/play_arrow:", key="lab_run",
+                            disabled=running and mine, help="Trains the preset and each chosen remedy, two at a time")
     stop_clicked = st.button("Stop", icon=":material/stop:", key="lab_stop", disabled=not (running and mine),
                              help=None if mine or not running else
                              "This lab was started in another browser session: it is watch-only here, and its "

@@ -4,7 +4,7 @@ dimensions the decoder actually uses."""
 import numpy as np
 import streamlit as st
 
-from ui.core import clamped, current, need_model, presenting, selection_data, tile, to_images, upscale
+from ui.core import clamped, current, need_model, presenting, quoted, selection_data, tile, to_images, upscale
 from ui.latent import (class_names, dim_info, encoded_split, follow_live_run, points_figure, sensitivity,
                        sensitivity_figure, traversal_points_figure)
 from vae.latent_ops import (MAX_SLIDERS, SLIDER_LIMIT, compose_latent, decode_one, decode_point, decode_points,
@@ -62,8 +62,8 @@ if st.session_state.get("dec_signature") != signature or reset:
     # when it has one for this model's d dimensions
     shared = None if reset or "dec_signature" in st.session_state else decode_point(st.query_params.get("z"), d)
     if shared is None and not reset and "dec_signature" not in st.session_state and st.query_params.get("z"):
-        st.caption(f"?z={st.query_params['z'][:40]} is not a point of this model's {d} latent dimensions (numbers, "
-                   "comma-separated): the sliders start from the start point instead")
+        st.caption(f"?z={quoted(st.query_params['z'], 40)} is not a point of this model's {d} latent dimensions "
+                   "(numbers, comma-separated): the sliders start from the start point instead")
     elif shared is not None and np.any(np.abs(decode_point(st.query_params.get("z"), d, clip=False)) > SLIDER_LIMIT):
         st.caption(f"?z= has coordinates beyond the sliders' ±{SLIDER_LIMIT:g}: they start at the ends instead")
     st.session_state["dec_signature"] = signature

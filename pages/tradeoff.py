@@ -160,8 +160,8 @@ with right:
         seed = c4.number_input("seed", value=0, step=1, key="rd_seed")
         start = st.form_submit_button("Start sweep", icon=":material/play_arrow:", type="primary", width="stretch")
     if start:
-        if any(j.snapshot().state in ACTIVE for j in sweep_jobs):
-            st.warning("A sweep is still running: wait for it or cancel it first.")
+        if group_owned(sweep_jobs) and any(j.snapshot().state in ACTIVE for j in sweep_jobs):
+            st.warning("A sweep is still running: wait for it or cancel it first.")  # (one watched: its own goes on)
         else:
             try:
                 check_range("free bits λ (nats)", free_bits, 0.0, 5.0)

@@ -13,7 +13,8 @@ tv.restore_run()
 requested = st.query_params.get("run")
 job = tv.current_job()
 if requested and job is None:
-    st.warning(f"run {quoted(requested, 40)} is not on this server (it may have been forgotten): pick one or start a new one")
+    st.warning(f"run {quoted(requested, 40)} is not on this server (it may have been forgotten): pick one or start a "
+               "new one")
     tv.set_run(None)
 # The run's state, read once: the job's thread can end the run while this script runs, and a page drawn half with
 # the old state and half with the new one would stay so (the live view polls, and reruns the page when the run

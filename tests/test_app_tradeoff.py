@@ -175,6 +175,7 @@ def test_a_lab_opened_from_someone_elses_link_cannot_stop_it(registry):
     visitor.run()
     assert not visitor.exception and visitor.button(key="lab_stop").disabled
     assert "another browser session" in visitor.button(key="lab_stop").proto.help
+    assert not visitor.button(key="lab_run").disabled  # a lab of one's own can still be run
     owner.button(key="lab_stop").click().run()
     wait_group(registry, group, timeout=60)
     assert {j.snapshot().state for j in registry.jobs(group=group)} == {"stopped"}

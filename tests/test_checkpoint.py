@@ -97,6 +97,21 @@ def test_a_save_that_must_not_replace_leaves_the_file_there_as_it_was(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.pt", "taken.pt"]
 
 
+def test_a_save_that_must_not_replace_works_where_the_folder_has_no_hard_links(tmp_path, trained_checkpoint,
+                                                                               monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")  # as on a mount without hard links
+
+    ckpt = trained_checkpoint[0].checkpoint()
+    monkeypatch.setattr(os, "link", no_links)
+    saved = save_checkpoint(tmp_path / "new.pt", ckpt, replace=False)
+    assert read_checkpoint(saved)["model_config"] == ckpt["model_config"]
+    with pytest.raises(FileExistsError):  # still never over an existing file
+        save_checkpoint(tmp_path / "new.pt", ckpt, replace=False)
+    assert read_checkpoint(saved)["model_config"] == ckpt["model_config"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.pt"]
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("writer", ["torch.save", "pickle-protocol-2", "pickle-protocol-4"])
 def test_crafted_pickle_does_not_execute(tmp_path, writer):

@@ -140,6 +140,31 @@ def test_a_run_paused_past_the_hold_gives_its_place_and_its_resume_waits_for_one
     assert snap.epoch == 3 and snap.step == 6 and "released" not in snap.extra  # 2 steps per epoch
 
 
+def test_a_pause_made_while_a_run_waits_is_timed_too_and_a_step_starts_the_hold_again(registries):
+    """The usual order (a run waits, then the one holding the place is paused and left): the pause itself has the
+    scheduler time the hold. A Step during the hold starts it again, and the timer then fires a second time."""
+    reg = registries(max_concurrent=1, pause_hold_s=1.0)
+    a = reg.submit(tc(epochs=5000), mc(), name="a")
+    wait_until(lambda: a.snapshot().step > 0, what="a to run")
+    b = reg.submit(tc(epochs=5000), mc(), name="b")
+    assert b.state == QUEUED
+    a.pause()
+    t_paused = time.monotonic()
+    time.sleep(0.5)  # half the hold: a Step restarts it
+    a.step_once(1)
+    t_stepped = time.monotonic()
+    wait_until(lambda: b.state == RUNNING, timeout=30, what="b to get a's place")
+    assert time.monotonic() - t_stepped >= 1.0 and time.monotonic() - t_paused >= 1.5
+    assert a.state == PAUSED and a._released
+    a.resume()  # back in line: b holds the only place
+    assert a.state == QUEUED and a.snapshot().queue_position == 1
+    a.pause()  # paused again while it waits: out of the queue at once
+    assert a.state == PAUSED and a.snapshot().queue_position is None
+    for j in (a, b):
+        j.stop()
+        assert j.join(60) and j.state == STOPPED
+
+
 def test_a_short_pause_keeps_its_place(registries):
     reg = registries(max_concurrent=1, pause_hold_s=60)
     a = paused_run(reg, "a to start")
@@ -309,6 +334,22 @@ def test_a_slow_motion_set_mid_epoch_survives_a_restart(tmp_path):
         assert again.get(job.id).delay_s == 2.0
 
 
+def test_a_slow_motion_set_before_the_first_epoch_end_writes_no_resumable_file(tmp_path):
+    """Before its first epoch end a run has no resumable state: the mirror's (no Adam state, the seed's generator)
+    must not be saved as one; its pending file keeps the delay."""
+    with ending_like_a_server(autosave_dir=tmp_path) as reg:
+        job = reg.submit(tc(epochs=4, max_examples=640), mc(), start_paused=True)  # 20 steps an epoch
+        wait_until(lambda: job.trainer is not None, what="the trainer")
+        job.step_once(3)
+        wait_until(lambda: job.snapshot().step == 3, what="3 steps")
+        job.set_delay(0.5)
+        reg.flush()
+        assert not (tmp_path / f"{job.id}.pt").exists() and (tmp_path / f"{job.id}.pending.json").exists()
+    with ending_like_a_server(autosave_dir=tmp_path) as again:
+        back = again.get(job.id)
+        assert back.delay_s == 0.5 and back.state == INTERRUPTED and back.snapshot().extra.get("not_started")
+
+
 def test_restored_ended_jobs_keep_their_state_and_a_stopped_interrupted_one_stays_stopped(registries, tmp_path):
     reg = registries(autosave_dir=tmp_path, autosave_interval_s=0)
     done = reg.submit(tc(epochs=1), mc(), name="done")
@@ -347,8 +388,16 @@ def test_a_restored_run_that_cannot_be_attached_stays_stopped_once_stopped(regis
     back = second.get(job.id)
     assert back.state == INTERRUPTED
     assert "the dataset's files are gone" in back.snapshot().extra["restore_error"] and not back.has_weights
+    back.resume()  # it cannot run: failed here, but the file stays resumable for when the data is back
+    assert back.join(60) and back.state == FAILED and "could not be restored" in back.error
+    assert registries(autosave_dir=tmp_path).get(job.id).state == INTERRUPTED
     back.stop()
-    assert back.state == STOPPED and "autosave_error" not in back.snapshot().extra
+    assert "autosave_error" not in back.snapshot().extra
+    again = registries(autosave_dir=tmp_path).get(job.id)
+    assert again.state == INTERRUPTED  # (a failed run's Stop changes nothing)
+    again.snapshot()  # attach: fails again, still patched
+    again.stop()
+    assert again.state == STOPPED and "autosave_error" not in again.snapshot().extra
     monkeypatch.undo()
     third = registries(autosave_dir=tmp_path)
     assert third.get(job.id).state == STOPPED and third.get(job.id).has_weights

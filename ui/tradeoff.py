@@ -12,7 +12,7 @@ import streamlit as st
 import torch
 
 from ui.core import (SHIPPED_DIRS, USER_DIR, browser_id, claim, file_ref, file_stamp, get_dataset, get_registry,
-                     owns, presenting, safe_checkpoint_path, style_fig)
+                     owns, presenting, quoted, safe_checkpoint_path, style_fig)
 from ui.train_figures import INFERNO, log_kl
 from vae.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
 from vae.config import ModelConfig
@@ -183,7 +183,7 @@ def group_in_url(param: str, session_key: str, what: str, accept=lambda jobs: bo
             group = st.session_state[session_key] = wanted
         else:
             del st.query_params[param]
-            st.warning(f"The {what} in this link ({wanted[:40]}) is not on this server{hint}.")
+            st.warning(f"The {what} in this link ({quoted(wanted, 40)}) is not on this server{hint}.")
     jobs = group_jobs(group)
     if jobs:
         st.query_params[param] = group
@@ -202,8 +202,10 @@ def stop_group(group: str | None) -> int:
 
 
 def group_owned(jobs) -> bool:
-    """Whether this browser controls the group's runs (it submitted them)."""
-    return any(owns(j) for j in jobs)
+    """Whether this browser controls the group's runs (it submitted them; one run taken over on the Train page
+    does not make the group its own)."""
+    jobs = list(jobs)
+    return bool(jobs) and all(owns(j) for j in jobs)
 
 
 def group_progress(snaps) -> tuple[float, int, int]:

@@ -461,10 +461,10 @@ def _on_start():
             return
         _discard_fresh(job)
     elif job is not None and job.state in ACTIVE:  # a second run beside it: say where the first one went
-        was = job.state
+        paused, mine = held_paused(job.state, job), core.owns(job)
         if _submit(start_paused=False) is not None:
-            _msg("info", f"A new run started. “{job.name}” goes on {'paused ' if was == PAUSED else ''}in the "
-                         "background: pick it under **Run** to watch it again (or to stop it).")
+            _msg("info", f"A new run started. “{job.name}” goes on {'paused ' if paused else ''}in the background: "
+                         "pick it under **Run** to watch it again" + (" (or to stop it)." if mine else "."))
         return
     _submit(start_paused=False)
 
@@ -593,8 +593,8 @@ def controls(job: Job | None, state: str | None = None):
                          help="For lectures: slow the run down to watch single steps; Step runs one batch")
     cols = st.columns(5)
     cols[0].button("Start", key="btn_start", type="primary", icon=":material/play_arrow:", on_click=_on_start,
-                   width="stretch", help="Start a new run with the options in Configuration (a run on screen goes on in "
-                                         "the background: Resume goes on with a paused one)")
+                   width="stretch", help="Start a new run with the options in Configuration (a run on screen goes "
+                                         "on in the background: Resume goes on with a paused one)")
     paused = state == INTERRUPTED or held_paused(state, job)
     live = state in (*ACTIVE, INTERRUPTED) and mine
     cols[1].button("Resume" if paused else "Pause", key="btn_pause",

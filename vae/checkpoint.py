@@ -117,12 +117,26 @@ def save_checkpoint(path: str | os.PathLike, ckpt: dict, replace: bool = True) -
         if replace:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)
-            Path(tmp).unlink()
+            _place_new(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _place_new(tmp: str, path: Path) -> None:
+    """The written temp file as path, which must not exist (FileExistsError): a hard link fails if the name is
+    taken, where a rename would replace it. A folder without hard links (some network and FUSE mounts) gets an
+    exclusively created placeholder that the rename then replaces."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))  # FileExistsError if taken
+        os.replace(tmp, path)
+        return
+    Path(tmp).unlink()
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
@@ -210,7 +224,8 @@ def _check_metadata(ckpt: dict, name: str) -> None:
         ckpt["history"] = {}
     elif not (isinstance(hist, dict)
               and all(isinstance(hist.get(k, {}), dict)
-                      and all((k == "step" and _packed(v)) or (isinstance(v, list) and all(_history_value(x, str(key)) for x in v))
+                      and all((k == "step" and _packed(v))
+                              or (isinstance(v, list) and all(_history_value(x, str(key)) for x in v))
                               for key, v in hist.get(k, {}).items())
                       for k in ("step", "epoch"))
               and isinstance(hist.get("events", []), list)

@@ -284,6 +284,7 @@ class Job:
             seq = self._command("pause")
             self._cond.notify_all()
         self._wait_for(seq)
+        self.registry._schedule()  # its hold starts: the scheduler times it if runs wait (and drops it from the queue)
         self.registry._share_threads()  # its cores go to the others
 
     def resume(self):
@@ -322,6 +323,8 @@ class Job:
             interrupted = self.state == INTERRUPTED
         if interrupted:
             self.registry._requeue(self)
+        else:
+            self.registry._schedule()  # as for pause()
 
     def stop(self):
         with self._cond:
@@ -350,8 +353,12 @@ class Job:
             self._command("delay", seconds)
             self._cond.notify_all()
             self.registry._write_pending(self, refresh=True)  # a run yet to start keeps it across a restart
-            saved = self.trainer is not None or self._resume_state is not None
-        if saved:  # and one under way: its next autosave may be an epoch of slow steps away (23 steps of 2 s)
+            # and one under way: its next autosave may be an epoch of slow steps away (23 steps of 2 s). Only a
+            # resumable state is saved: the worker's last epoch end, or a restored run's own; before its first
+            # epoch end a running job has none (its pending file keeps the delay), and the mirror's is not one
+            saved = self._worker_state is not None or (self._conn is None and (self.trainer is not None or
+                                                                              self._resume_state is not None))
+        if saved:
             self.registry._autosave(self, background=True)
 
     def update(self, **changes) -> str:
@@ -740,6 +747,7 @@ class JobRegistry:
         # forgotten, must not block the queue for good); a lecture's pause is shorter
         self.pause_hold_s = float(pause_hold_s)
         self._release_timer: threading.Timer | None = None
+        self._release_due: float | None = None
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
         self._queue: list[Job] = []
@@ -856,6 +864,7 @@ class JobRegistry:
             j.stop()
         for j in self.jobs():
             j.join(timeout)
+        self._cancel_release_timer()
         self.flush(timeout)
 
     # ---- internals --------------------------------------------------------------------------------------------
@@ -863,6 +872,7 @@ class JobRegistry:
         """The interpreter is exiting (the server stops): end the job threads without marking their runs failed
         (the last autosave stands, resumable after a restart), before torch is torn down under them."""
         self._exiting = True
+        self._cancel_release_timer()
         jobs = self.jobs()
         for job in jobs:
             conn = job._conn
@@ -887,34 +897,51 @@ class JobRegistry:
             while self._queue and busy < self.max_concurrent:
                 if self._queue.pop(0)._start():
                     busy += 1
+            if self._queue:  # runs still wait: look again when the next paused run's hold is over
+                self._release_held(0)
 
     def _release_held(self, wanted: int) -> int:
         """Up to `wanted` places given up by runs paused for pause_hold_s or more (the longest paused first); arms
-        a timer for the next one that will be (called with the registry's lock held). Returns how many."""
-        now, n = time.monotonic(), 0
-        held = sorted((j for j in self._jobs.values()
-                       if j._occupies_slot and j.state == PAUSED and j._paused_at is not None),
-                      key=lambda j: j._paused_at)
-        for j in held:
-            if n == wanted:
-                return n
-            if now - j._paused_at < self.pause_hold_s:
-                self._arm_release(j._paused_at + self.pause_hold_s - now)
-                return n
-            with j._lock:
-                if j.state == PAUSED and j._occupies_slot:
-                    j._occupies_slot = False
-                    j._released = True
-                    j.extra["released"] = time.time()
-                    n += 1
+        the timer for the next hold to end (called with the registry's lock held). Returns how many."""
+        now, n, held = time.monotonic(), 0, []
+        for j in self._jobs.values():
+            with j._lock:  # resume() clears the time under this lock only
+                if j._occupies_slot and j.state == PAUSED and j._paused_at is not None:
+                    held.append((j._paused_at, j))
+        for paused_at, j in sorted(held, key=lambda t: t[0]):
+            if now - paused_at < self.pause_hold_s:
+                self._arm_release(paused_at + self.pause_hold_s)  # sorted: the others end later
+                break
+            if n < wanted:
+                with j._lock:
+                    if j.state == PAUSED and j._occupies_slot and j._paused_at == paused_at:
+                        j._occupies_slot = False
+                        j._released = True
+                        j.extra["released"] = time.time()
+                        n += 1
         return n
 
-    def _arm_release(self, delay: float):
-        if self._release_timer is not None and self._release_timer.is_alive():
-            return  # one timer at a time: when it fires, _schedule looks again and arms the next
-        self._release_timer = threading.Timer(delay + 0.05, self._schedule)
+    def _arm_release(self, due: float):
+        """A timer that runs the scheduler at time.monotonic() == due (one at a time: the earliest wanted)."""
+        if self._release_timer is not None and self._release_due is not None and self._release_due <= due:
+            return
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+        self._release_due = due
+        self._release_timer = threading.Timer(max(0.0, due - time.monotonic()) + 0.05, self._on_release_timer)
         self._release_timer.daemon = True
         self._release_timer.start()
+
+    def _on_release_timer(self):
+        with self._lock:
+            self._release_timer = self._release_due = None  # this one has fired: the next look may arm another
+        self._schedule()
+
+    def _cancel_release_timer(self):
+        with self._lock:
+            if self._release_timer is not None:
+                self._release_timer.cancel()
+            self._release_timer = self._release_due = None
 
     def _requeue_released(self, job: Job):
         """A run that gave its place away while paused was resumed: it waits for a place, at the queue's end."""
@@ -951,8 +978,10 @@ class JobRegistry:
         if job.trainer is None:
             if final:  # ended before it had a trainer (stopped, or failed at its start): nothing to resume
                 self._drop_pending(job)
-                if "restore_error" in job.extra:  # a restored run that cannot be attached (its dataset gone):
-                    self._rewrite_state(job)      # its file must still say how it ended, or it comes back
+                # a restored run that cannot be attached (its dataset gone), stopped: its file must say so, or it
+                # comes back; one that failed to resume for that reason stays resumable for when the data is back
+                if "restore_error" in job.extra and job.state == STOPPED:
+                    self._rewrite_state(job)
             return
         with job._lock:
             t = job.trainer
