@@ -138,9 +138,8 @@ def open_train(pg, url):
     assert speed.get_attribute("aria-valuetext") == "off", speed.get_attribute("aria-valuetext")
 
 
-def dashboard_run(pg, url: str, autosave: Path, epochs: int) -> dict:
-    """Start a run from the Train page and keep its live view open until it ends; the job's clock from its
-    autosave."""
+def start_run(pg, url: str, epochs: int) -> str:
+    """Start a run of the config for `epochs` from the Train page (slow motion off); returns its id."""
     open_train(pg, url)
     box = pg.locator(".st-key-cfg_epochs input").first
     box.fill(str(epochs))
@@ -148,7 +147,13 @@ def dashboard_run(pg, url: str, autosave: Path, epochs: int) -> dict:
     ready(pg)
     pg.locator(".st-key-btn_start button").first.click()
     pg.wait_for_function("() => new URL(location.href).searchParams.has('run')")
-    run_id = pg.evaluate("() => new URL(location.href).searchParams.get('run')")
+    return pg.evaluate("() => new URL(location.href).searchParams.get('run')")
+
+
+def dashboard_run(pg, url: str, autosave: Path, epochs: int) -> dict:
+    """Start a run from the Train page and keep its live view open until it ends; the job's clock from its
+    autosave."""
+    run_id = start_run(pg, url, epochs)
     seen, t_end = set(), time.monotonic() + 600
     while time.monotonic() < t_end:  # the live view must keep redrawing: count the progress texts it shows
         text = pg.evaluate("() => { const e = document.querySelector('[data-testid=stProgress]');"

@@ -20,7 +20,7 @@ import torch
 from playwright.sync_api import sync_playwright
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dashboard import CHROMIUM, CHROMIUM_ARGS, open_train, ready, start_server, stop_server  # noqa: E402
+from bench_dashboard import CHROMIUM, CHROMIUM_ARGS, ready, start_run, start_server, stop_server  # noqa: E402
 
 HZ = os.sysconf("SC_CLK_TCK")
 WINDOW_S = 8.0
@@ -84,14 +84,7 @@ def main():
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 900})
-            open_train(page, url)
-            box = page.locator(".st-key-cfg_epochs input").first
-            box.fill(str(EPOCHS))
-            box.press("Enter")
-            ready(page)
-            page.locator(".st-key-btn_start button").first.click()
-            page.wait_for_function("() => new URL(location.href).searchParams.has('run')")
-            run_id = page.evaluate("() => new URL(location.href).searchParams.get('run')")
+            run_id = start_run(page, url, EPOCHS)
             time.sleep(6)
             kids = descendants(server.pid)
             before = {k: cpu_s(k) for k in kids}
@@ -99,7 +92,8 @@ def main():
             worker = max(kids, key=lambda k: cpu_s(k) - before[k])  # the one training now (not the forkserver)
             chromium = [q for q in descendants(os.getpid()) if q != server.pid and q not in kids]
             autosave = tmp / "autosave" / f"{run_id}.pt"
-            print(f"load {' '.join(f'{x:.1f}' for x in os.getloadavg())}, job nice {os.environ.get('VAE_JOB_NICE', 10)}")
+            load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+            print(f"load {load}, job nice {os.environ.get('VAE_JOB_NICE', 10)}")
             for i, phase in enumerate(("open", "closed", "open", "closed")):
                 if phase == "closed":
                     page.goto("about:blank")
