@@ -383,6 +383,27 @@ def test_clearing_the_preset_keeps_the_options_and_breaks_nothing(registry):
     assert not at.exception and at.number_input(key="cfg_epochs").value == 77
 
 
+def test_a_link_to_a_run_opens_the_options_panel_with_that_runs_options(registry):
+    """A reload or a shared link (a new session) shows the run's own options, not the fast-demo preset's."""
+    from apptest_support import new_app_test
+
+    cfg = TrainConfig(dataset="digits", epochs=7, batch_size=32, max_examples=64, lr=2e-3, beta=2.5, seed=3,
+                      device="cpu")
+    job = registry.submit(cfg, model_config_for("digits", hidden=(48, 24), latent_dim=4), name="linked")
+    assert job.join(120)
+    at = new_app_test()
+    at.query_params["run"] = job.id
+    at.switch_page(PAGE).run()
+    assert not at.exception
+    got = {k: at.number_input(key=k).value for k in ("cfg_epochs", "cfg_batch_size", "cfg_latent_dim", "cfg_seed",
+                                                     "cfg_max_examples")}
+    assert got == {"cfg_epochs": 7, "cfg_batch_size": 32, "cfg_latent_dim": 4, "cfg_seed": 3, "cfg_max_examples": 64}
+    assert at.number_input(key="cfg_beta").value == 2.5 and at.text_input(key="cfg_hidden").value == "48,24"
+    assert at.selectbox(key="train_preset").value is None  # not a preset's options
+    fresh = open_page(PAGE)  # no link: the preset, as before
+    assert fresh.selectbox(key="train_preset").value == "fast demo" and fresh.number_input(key="cfg_epochs").value == 50
+
+
 def test_coming_back_from_another_page_shows_the_run_watched_before(registry):
     at = small_run(open_page(PAGE), epochs=5000)
     at.button(key="btn_start").click().run()

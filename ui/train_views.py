@@ -134,12 +134,38 @@ def _on_reapply():
         apply_preset(name)
 
 
+def run_values(train_config: dict, model_config: dict) -> dict:
+    """widget key -> value holding a run's own options (what Start would run again)."""
+    values = _defaults()
+    for k, f in TRAIN_FIELDS.items():
+        if f in train_config:
+            values[k] = train_config[f]
+    for k, f in MODEL_FIELDS.items():
+        if f in model_config:
+            values[k] = model_config[f]
+    values["cfg_hidden"] = ",".join(str(h) for h in model_config.get("hidden", (256, 128)))
+    values["cfg_max_examples"] = int(train_config.get("max_examples") or 0)
+    values["cfg_device"] = train_config.get("device", "auto")
+    return {k: float(v) if isinstance(v, float) else v for k, v in values.items()}
+
+
 def init_options():
-    """On a first visit, the options of the "fast demo" preset (and its pace). Called before the controls: a preset
-    sets the slow-motion slider, which cannot change once drawn."""
-    if "cfg_dataset" not in st.session_state:
-        apply_preset("fast demo")
-        st.session_state["train_preset"] = "fast demo"
+    """On a first visit, the options of the "fast demo" preset (and its pace); on a first visit by a link to a run
+    (a reload, a shared link), that run's own options, so that the panel shows what is on screen. Called before the
+    controls: a preset sets the slow-motion slider, which cannot change once drawn."""
+    if "cfg_dataset" in st.session_state:
+        return
+    job = registry().get(str(st.query_params.get("run") or ""))
+    snap = job.snapshot(steps=False) if job is not None else None
+    if snap is not None and snap.model_config:
+        values = run_values(snap.train_config, snap.model_config)
+        if values["cfg_device"] in ("auto", *available_devices()):
+            for k, v in values.items():
+                st.session_state[k] = v
+            st.session_state["_cfg_dataset_was"] = values["cfg_dataset"]
+            return
+    apply_preset("fast demo")
+    st.session_state["train_preset"] = "fast demo"
 
 
 def _on_dataset():
