@@ -225,8 +225,10 @@ def scatter_figure(codes: Codes, proj: Projection, n_ellipses: int = 0, selected
         fig.update_yaxes(range=[-0.6, 0.6], showticklabels=False)
         fig.update_xaxes(range=list(xlim))
     elif proj.linear:  # equal axes, so ellipses keep their shape; the plot area shrinks rather than the ranges grow
+        # (toward the top: in a narrow column the square sat mid-height, a blank band above it and its x axis
+        # below a projector's fold)
         fig.update_xaxes(range=list(xlim), constrain="domain")
-        fig.update_yaxes(range=list(ylim), scaleanchor="x", scaleratio=1, constrain="domain")
+        fig.update_yaxes(range=list(ylim), scaleanchor="x", scaleratio=1, constrain="domain", constraintoward="top")
     style_fig(fig, height)
     # the legend below the plot: the modebar (box / lasso select) lives above it
     return fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.14, x=0, itemsizing="constant"))
