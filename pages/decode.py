@@ -60,11 +60,13 @@ reset = s1.button("Reset the sliders to this start", key="dec_reset")
 if st.session_state.get("dec_signature") != signature or reset:
     # the sliders go to the start; on a page's first run, to the point in the URL (?z=, a reload or a shared link)
     # when it has one for this model's d dimensions
-    shared = None if reset or "dec_signature" in st.session_state else decode_point(st.query_params.get("z"), d)
-    if shared is None and not reset and "dec_signature" not in st.session_state and st.query_params.get("z"):
+    linked = not reset and "dec_signature" not in st.session_state and st.query_params.get("z")
+    asked = decode_point(st.query_params.get("z"), d, clip=False) if linked else None
+    shared = None if asked is None else np.clip(asked, -SLIDER_LIMIT, SLIDER_LIMIT)
+    if linked and asked is None:
         st.caption(f"?z={quoted(st.query_params['z'], 40)} is not a point of this model's {d} latent dimensions "
                    "(numbers, comma-separated): the sliders start from the start point instead")
-    elif shared is not None and np.any(np.abs(decode_point(st.query_params.get("z"), d, clip=False)) > SLIDER_LIMIT):
+    elif asked is not None and np.any(np.abs(asked) > SLIDER_LIMIT):
         st.caption(f"?z= has coordinates beyond the sliders' ±{SLIDER_LIMIT:g}: they start at the ends instead")
     st.session_state["dec_signature"] = signature
     for k in range(d):

@@ -48,9 +48,10 @@ def runs_box(where=st):
     with expander("All runs on this server", "exp_runs", icon=":material/list:", where=where):
         tv.runs_table()
         if job is not None and state not in ACTIVE:
+            mine = owns(job)
             st.button("Forget this run", key="btn_forget", icon=":material/delete:", on_click=tv._on_forget,
-                      disabled=not owns(job),
-                      help="Remove it from the list (and its autosave); saved checkpoints stay" if owns(job) else
+                      disabled=not mine,
+                      help="Remove it from the list (and its autosave); saved checkpoints stay" if mine else
                       "Only the browser that started the run can forget it (or one that took it over)")
 
 

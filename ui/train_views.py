@@ -156,9 +156,8 @@ def init_options():
     if "cfg_dataset" in st.session_state:
         return
     job = registry().get(str(st.query_params.get("run") or ""))
-    snap = job.snapshot(steps=False) if job is not None else None
-    if snap is not None and snap.model_config:
-        values = run_values(snap.train_config, snap.model_config)
+    if job is not None and job.model_config is not None:  # (its settings only: no history copied, none attached)
+        values = run_values(job.train_config.to_dict(), job.model_config.to_dict())
         if values["cfg_device"] in ("auto", *available_devices()):
             for k, v in values.items():
                 st.session_state[k] = v

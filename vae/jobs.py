@@ -300,10 +300,8 @@ class Job:
             self._paused_at = None
             self._rate.clear()
             self._cond.notify_all()
-            interrupted = self.state == INTERRUPTED
-        if back_in_line:
-            self.registry._requeue_released(self)
-        if interrupted:
+            requeue = back_in_line or self.state == INTERRUPTED
+        if requeue:
             self.registry._requeue(self)
         self.registry._share_threads()
 
@@ -943,13 +941,6 @@ class JobRegistry:
                 self._release_timer.cancel()
             self._release_timer = self._release_due = None
 
-    def _requeue_released(self, job: Job):
-        """A run that gave its place away while paused was resumed: it waits for a place, at the queue's end."""
-        with self._lock:
-            if job.state == QUEUED and job not in self._queue:
-                self._queue.append(job)
-        self._schedule()
-
     def _share_threads(self):
         """Tell each running worker its share of the cores (after a job starts, ends, pauses or resumes). Serialised,
         so that a stale count never lands after a newer one."""
@@ -962,10 +953,13 @@ class JobRegistry:
                             job._last_threads = n
 
     def _requeue(self, job: Job):
+        """A run resumed without a place: an interrupted one (restored, or stepped), or one that gave its place away
+        while paused (already QUEUED); it waits at the queue's end."""
         with self._lock:
             if job.state == INTERRUPTED:
                 job.state = QUEUED
                 job._stop = False
+            if job.state == QUEUED and job not in self._queue:
                 self._queue.append(job)
         self._schedule()
 
